@@ -1,0 +1,178 @@
+"""Layered run configuration: dataclass defaults -> optional YAML (--config file.yaml) -> --field value flags.
+
+Every script declares one dataclass that subclasses `RunConfig`; its defaults are a faithful run of the
+original tutorial. Unknown keys and values of the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input from the person running the script: reported as one line, exit status 2."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    """Knobs every script shares. Scripts add their hyper-parameters (lr, batch_size, epochs, ...)."""
+
+    seed: int = 0  # seeds model init, shuffling and augmentation
+    max_steps: int = 0  # stop after this many optimizer steps in total (0 = run every epoch)
+    limit_train: int = 0  # train on the first N samples of the (shuffled) train split (0 = all)
+    limit_eval: int = 0  # evaluate on the first N samples of val and of test (0 = all)
+    data: str = "auto"  # auto (local dir, then the HF hub) | local | hub | synthetic (smoke tests only)
+    data_dir: str = "data"  # root holding mnist/, cifar10/, imdb/, multi30k/ (see README, Data)
+    runs_dir: str = "runs"  # one JSON record per run is written here
+    device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda
+    eval_batch_size: int = 1000  # global batch for validation and test
+    save_model: bool = False  # also write the final weights to <runs_dir>/<run_id>.safetensors
+    tag: str = ""  # free text stored in the record (e.g. the bench matrix cell)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value, tp):
+    """Convert a YAML value or flag string to the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, value, args[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _apply(cfg, key: str, value, source: str):
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    if key not in fields:
+        valid = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown config key '{key}' in {source} (valid keys: {valid})")
+    hints = typing.get_type_hints(type(cfg))
+    setattr(cfg, key, _coerce(key, value, hints[key]))
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"--config {path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def parse_config(cls, argv: list[str]):
+    """Build `cls` from defaults, then `--config file.yaml`, then `--field value` / `--field=value` flags.
+
+    A bool flag given alone (`--save_model`) means true. `-h/--help` raises SystemExit after printing fields.
+    """
+    cfg = cls()
+    flags: list[tuple[str, object]] = []
+    yaml_path = None
+    bool_fields = {f.name for f in dataclasses.fields(cls) if typing.get_type_hints(cls)[f.name] is bool}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(describe(cfg))
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: flags look like --field value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if key in bool_fields and (nxt is None or nxt.startswith("--")):
+                value = "true"
+            elif nxt is None:
+                raise ConfigError(f"flag --{key} needs a value")
+            else:
+                value = nxt
+                i += 1
+        if key == "config":
+            yaml_path = value
+        else:
+            flags.append((key, value))
+        i += 1
+    if yaml_path is not None:
+        for key, value in load_yaml(yaml_path).items():
+            _apply(cfg, str(key), value, f"--config {yaml_path}")
+    for key, value in flags:
+        _apply(cfg, key, value, "flags")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig):
+    if cfg.data not in ("auto", "local", "hub", "synthetic"):
+        raise ConfigError(f"config key 'data': expected auto, local, hub or synthetic, got {cfg.data!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"config key 'device': expected auto, cpu or cuda, got {cfg.device!r}")
+    for key in ("max_steps", "limit_train", "limit_eval"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(cfg, key)}")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if hasattr(cfg, key) and getattr(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {getattr(cfg, key)}")
+    if hasattr(cfg, "lr") and not cfg.lr > 0:
+        raise ConfigError(f"config key 'lr': must be > 0, got {cfg.lr}")
+
+
+def describe(cfg) -> str:
+    hints = typing.get_type_hints(type(cfg))
+    lines = [f"{type(cfg).__module__} options (--field value, or a YAML file via --config):"]
+    for f in dataclasses.fields(cfg):
+        lines.append(f"  --{f.name:<18} {_type_name(hints[f.name]):<6} default {getattr(cfg, f.name)!r}")
+    return "\n".join(lines)

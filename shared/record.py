@@ -1,0 +1,202 @@
+"""Run records: one JSON file per run, written atomically by the main process, validated by a schema.
+
+This module imports neither torch nor accelerate, so the dashboard can read records on any laptop.
+
+Writing: the first write links a fully written temp file to `<run_id>.json` (`os.link` fails if the name
+exists, so no run ever overwrites another); later writes go temp file -> fsync -> `os.replace`. A writer
+killed at any instant leaves either the previous complete file or the new complete file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import secrets
+import tempfile
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("run_schema.json")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+STATUSES = ("running", "finished", "failed", "interrupted")
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_run_id(model: str) -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{model}-{stamp}-{secrets.token_hex(3)}"
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_temp(directory: Path, payload: bytes) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_new(path: Path, obj: dict):
+    """Create `path` atomically; FileExistsError if it already exists."""
+    payload = json.dumps(obj, indent=1, allow_nan=False).encode()
+    tmp = _write_temp(path.parent, payload)
+    try:
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+def write_replace(path: Path, obj: dict):
+    payload = json.dumps(obj, indent=1, allow_nan=False).encode()
+    tmp = _write_temp(path.parent, payload)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def finite(obj):
+    """JSON has no NaN/inf: store them as strings so a diverged run still has a valid record."""
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+class RunRecord:
+    """The record of one run. Only the main process creates one; every method rewrites the file atomically."""
+
+    def __init__(self, runs_dir: str | os.PathLike, body: dict):
+        self.dir = Path(runs_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        t = now_iso()
+        self.data = {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": None,
+            "status": "running",
+            "started_at": t,
+            "updated_at": t,
+            "ended_at": None,
+            "error": None,
+            **body,
+            "history": [],
+            "test": {},
+            "timing": {**body.get("timing", {}), "total_s": None},
+            "events": [],
+        }
+        for _ in range(5):
+            run_id = new_run_id(body["model"])
+            self.path = self.dir / f"{run_id}.json"
+            self.data["run_id"] = run_id
+            try:
+                write_new(self.path, self.data)
+                return
+            except FileExistsError:
+                continue
+        raise RuntimeError(f"could not find a free run id in {self.dir}")
+
+    @property
+    def run_id(self) -> str:
+        return self.data["run_id"]
+
+    def save(self):
+        self.data["updated_at"] = now_iso()
+        write_replace(self.path, finite(self.data))
+
+    def log_epoch(self, row: dict):
+        self.data["history"].append(row)
+        self.save()
+
+    def event(self, kind: str, **fields):
+        self.data["events"].append({"at": now_iso(), "kind": kind, **fields})
+        self.save()
+
+    def end(self, status: str, total_s: float | None = None, error: str | None = None, **extra):
+        assert status in STATUSES[1:]
+        self.data.update(status=status, ended_at=now_iso(), error=error, **extra)
+        if total_s is not None:
+            self.data["timing"]["total_s"] = total_s
+        self.save()
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def validate(record: dict) -> list[str]:
+    """Return schema violations as short strings (empty list = valid)."""
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = []
+    for e in sorted(validator.iter_errors(record), key=lambda e: list(e.absolute_path)):
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        errors.append(f"{where}: {e.message}")
+    return errors
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    """Read and validate one record; raises ValueError with a one-line reason."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"unreadable: {e}") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(record, dict):
+        raise ValueError("not a run record (top level is not an object)")
+    if record.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"unsupported schema_version {record.get('schema_version')!r} (expected {SCHEMA_VERSION})")
+    problems = validate(record)
+    if problems:
+        raise ValueError(f"does not match the run schema: {problems[0]}")
+    if not RUN_ID_RE.match(record["run_id"]) or f"{record['run_id']}.json" != path.name:
+        raise ValueError(f"run_id {record['run_id']!r} does not match the file name")
+    return record
+
+
+def load_runs(runs_dir: str | os.PathLike) -> tuple[list[dict], list[tuple[str, str]]]:
+    """All valid records in `runs_dir` (not recursive) and a list of (file name, reason) for the rest."""
+    runs, problems = [], []
+    d = Path(runs_dir)
+    if not d.is_dir():
+        return runs, problems
+    for path in sorted(d.glob("*.json")):
+        if path.name.startswith(".tmp-"):
+            continue
+        try:
+            runs.append(read_record(path))
+        except ValueError as e:
+            problems.append((path.name, str(e)))
+    return runs, problems

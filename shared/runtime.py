@@ -1,0 +1,339 @@
+"""Process set-up, clocks, the run record wiring and a clean shutdown: what every script repeats.
+
+The scripts keep their training loops; this module only holds plumbing nobody opens a script to learn.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import platform
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import __version__ as accelerate_version
+from accelerate.utils import gather_object
+
+from shared.config import RunConfig, UserError, parse_config
+from shared.record import RunRecord
+
+REPO = Path(__file__).resolve().parent.parent
+
+# What each clock in the record covers. Every clock is read after a device synchronize and a barrier,
+# so all ranks agree on the interval.
+CLOCKS = {
+    "time/train_s": "one epoch of training steps on all ranks: batch fetch + host-to-device copy + augmentation + forward + backward + optimizer",
+    "time/eval_s": "validation pass after the epoch (gather_for_metrics over the whole val split)",
+    "time/epoch_s": "time/train_s + time/eval_s (no checkpointing)",
+    "time/elapsed_s": "wall clock since the record was created, at the end of the epoch",
+    "total_s": "wall clock from process set-up to the end of the test pass; excludes interpreter and launcher start-up",
+    "test/time_s": "the final test pass",
+}
+
+
+class SetupError(UserError):
+    pass
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by SIGTERM so the run is recorded as `interrupted`."""
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
+    """An Accelerator that really uses every process the launcher started, or a clear error.
+
+    `batch_size` is the GLOBAL batch: `split_batches=True` cuts each batch across processes, so 1 and N
+    processes take the same optimizer steps on the same samples (the study doubled it on 2 GPUs instead).
+    """
+    env = os.environ
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise SetupError("--device cuda was asked for, but torch sees no CUDA device")
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    if cfg.device == "auto" and visible not in ("", "-1") and not cuda:
+        raise SetupError(
+            f"the launch config assigns GPUs (CUDA_VISIBLE_DEVICES={visible}) but torch sees no CUDA device; "
+            "use an accelerate_configs/cpu_*.yaml setup on this machine"
+        )
+    if "MASTER_ADDR" in env and "WORLD_SIZE" not in env and env.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        # accelerate's simple launcher (distributed_type: MULTI_CPU, or --cpu --num_processes N) exports
+        # MASTER_ADDR for N > 1 but starts ONE process unless mpirun is used: refuse instead of training alone.
+        raise SetupError(
+            "this launch asked for several CPU processes through accelerate's simple launcher "
+            "(distributed_type: MULTI_CPU or --cpu --num_processes N), which starts only one process without mpirun; "
+            "use accelerate_configs/cpu_2proc.yaml (multi-GPU launcher with use_cpu)"
+        )
+    acc = Accelerator(
+        # Without cpu=True on a machine with no CUDA, processes started by the multi-GPU launcher each come
+        # up as a single non-distributed process and train as independent copies.
+        cpu=cfg.device == "cpu" or not cuda,
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+        **kwargs,
+    )
+    world = int(env.get("WORLD_SIZE", "1"))
+    if acc.num_processes != world:
+        raise SetupError(
+            f"the launcher started WORLD_SIZE={world} processes but Accelerate sees {acc.num_processes} "
+            f"({acc.distributed_type}); the processes would train as independent copies"
+        )
+    if cfg.batch_size % acc.num_processes:
+        raise SetupError(f"batch_size {cfg.batch_size} (global) is not divisible by {acc.num_processes} processes")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return acc
+
+
+def load_config(cls, argv=None):
+    return parse_config(cls, sys.argv[1:] if argv is None else argv)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores)"
+
+
+def git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        if sha.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def environment() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "accelerate": accelerate_version,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "git_commit": git_commit(),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def setup_info(acc: Accelerator, cfg, strategy: str | None = None, **extra) -> dict:
+    """Collective: every rank must call it (device names are gathered from all ranks)."""
+    devices = gather_object([str(acc.device)])
+    names = gather_object([device_name(acc.device)])
+    backend = getattr(acc.state, "backend", None)
+    return {
+        "strategy": strategy or ("ddp" if acc.num_processes > 1 else "single"),
+        "distributed_type": str(acc.distributed_type).split(".")[-1],
+        "backend": str(backend) if backend else None,
+        "num_processes": acc.num_processes,
+        "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("ACCELERATE_NUM_MACHINES", "1")) or 1),
+        "devices": devices,
+        "device_names": names,
+        "mixed_precision": str(acc.mixed_precision),
+        "global_batch_size": cfg.batch_size,
+        "per_device_batch_size": cfg.batch_size // acc.num_processes,
+        "mesh_shape": None,
+        "microbatches": None,
+        **extra,
+    }
+
+
+# ----------------------------------------------------------------------------- clocks and meters
+
+
+def synced_clock(acc: Accelerator) -> float:
+    """perf_counter after all queued device work and all ranks are done: a clock every rank agrees on."""
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize(acc.device)
+    acc.wait_for_everyone()
+    return time.perf_counter()
+
+
+def reset_peak_memory(acc: Accelerator):
+    if acc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(acc.device)
+
+
+def peak_memory_gib(acc: Accelerator) -> float:
+    """Max over ranks of the peak CUDA allocation (GPU) or the process's peak RSS (CPU), in GiB."""
+    if acc.device.type == "cuda":
+        local = torch.cuda.max_memory_allocated(acc.device) / 2**30
+    else:
+        local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return float(acc.gather(torch.tensor([local], device=acc.device)).max())
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def params_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class BestCheckpoint:
+    """Keep the weights of the epoch with the lowest validation loss in memory; the tutorials test those.
+
+    Every rank holds identical weights under data parallelism, so each keeps its own copy: no communication.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.loss, self.epoch, self.state = enabled, float("inf"), None, None
+
+    def update(self, val_loss: float, model: torch.nn.Module, epoch: int):
+        if self.enabled and val_loss < self.loss:
+            self.loss, self.epoch = val_loss, epoch
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def restore(self, model: torch.nn.Module):
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.0f}"
+    return str(v)
+
+
+class Run:
+    """The record of this run on the main process (a no-op elsewhere) and its console lines.
+
+    Use as a context manager around training: an exception marks the record `failed` with its message,
+    SIGTERM / Ctrl-C mark it `interrupted`; the exception is re-raised so the process exits non-zero.
+    """
+
+    def __init__(self, acc, cfg, *, model: str, script: str, data, metrics: dict, primary_metric: str,
+                 model_info: dict, strategy: str | None = None, **setup_extra):
+        self.acc, self.cfg = acc, cfg
+        self.t0 = time.perf_counter()
+        setup = setup_info(acc, cfg, strategy, **setup_extra)
+        self.record = None
+        if acc.is_main_process:
+            self.record = RunRecord(cfg.runs_dir, {
+                "model": model,
+                "script": os.path.relpath(script, REPO) if os.path.isabs(script) else script,
+                "tag": cfg.tag,
+                "config": dict(vars(cfg)),
+                "setup": setup,
+                "environment": environment(),
+                "data": data.provenance(),
+                "model_info": model_info,
+                "metrics": metrics,
+                "primary_metric": primary_metric,
+                "timing": {"clocks": CLOCKS},
+            })
+        self.run_id = gather_object([self.record.run_id if self.record else ""])[0]
+        prov = data.provenance()
+        acc.print(f"run {self.run_id}: {model} | {setup['strategy']} x{acc.num_processes} on {setup['devices'][0]} "
+                  f"({setup['device_names'][0]}) | mixed precision {setup['mixed_precision']}")
+        acc.print(f"data {prov['name']} from {prov['source']} ({prov['location']}) | used {prov['used']} of {prov['splits']}")
+        if prov["synthetic"]:
+            acc.print("WARNING: SYNTHETIC data: shapes and throughput only, the metrics mean nothing")
+        acc.print("config " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
+        acc.print("model " + " ".join(f"{k}={_fmt(v)}" for k, v in model_info.items()))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or self.record is None or self.record.data["status"] != "running":
+            return False
+        if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+            self.record.end("interrupted", self.elapsed(), error=f"interrupted: {exc or 'KeyboardInterrupt'}")
+        else:
+            msg = str(exc).splitlines()[0] if str(exc) else ""
+            self.record.end("failed", self.elapsed(), error=f"{type(exc).__name__}: {msg}"[:2000])
+        return False
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def log_epoch(self, row: dict):
+        """One fixed-column console line and one history row, from the same dict."""
+        row = {**row, "time/elapsed_s": self.elapsed()}
+        self.acc.print(" | ".join(f"{k} {_fmt(v)}" for k, v in row.items()))
+        if self.record:
+            self.record.log_epoch(row)
+
+    def finish(self, test: dict, model: torch.nn.Module):
+        """Collective: records the test results and proves the ranks hold identical parameters."""
+        digest = params_sha256(self.acc.unwrap_model(model))
+        digests = gather_object([digest])
+        self.acc.print(" | ".join(f"{k} {_fmt(v)}" for k, v in test.items()))
+        if len(set(digests)) > 1:
+            self.acc.print(f"WARNING: parameters differ between ranks: {digests}")
+        if self.cfg.save_model:
+            self.acc.save_model(model, Path(self.cfg.runs_dir) / self.run_id, safe_serialization=True)
+        if self.record:
+            self.record.data["setup"]["params_sha256_per_rank"] = digests
+            self.record.data["test"] = test
+            self.record.end("finished", self.elapsed())
+        self.acc.print(f"finished in {self.elapsed():.1f} s; record {self.cfg.runs_dir}/{self.run_id}.json")
+
+
+def shutdown(acc: Accelerator):
+    """Release the wrapped model before the process group ends: gloo + DDP otherwise aborts at exit ~1 in 4.
+
+    The caller must `del` its own references to the model and optimizer first.
+    """
+    acc.wait_for_everyone()
+    acc.free_memory()
+    gc.collect()
+    acc.end_training()
+
+
+def entry(main):
+    """Run `main()`; bad input -> one line on stderr and exit 2; interruption -> 130/143; crash -> traceback, 1."""
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    try:
+        main()
+    except UserError as e:
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except Interrupted as e:
+        print(f"{prefix}interrupted ({e})", file=sys.stderr, flush=True)
+        code = 143
+    except KeyboardInterrupt:
+        print(f"{prefix}interrupted", file=sys.stderr, flush=True)
+        code = 130
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    else:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown on the error path: a live gloo/DDP state there can abort with SIGABRT and
+    # bury the message above under launcher noise. The record is already fsynced.
+    os._exit(code)
