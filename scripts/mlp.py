@@ -29,8 +29,16 @@ from shared.augment import normalize, random_crop, random_rotation
 from shared.config import RunConfig
 from shared.data import load_mnist, make_loader
 from shared.runtime import (
-    BestCheckpoint, Run, count_params, entry, load_config, make_accelerator, peak_memory_gib,
-    reset_peak_memory, shutdown, synced_clock,
+    BestCheckpoint,
+    Run,
+    count_params,
+    entry,
+    load_config,
+    make_accelerator,
+    peak_memory_gib,
+    reset_peak_memory,
+    shutdown,
+    synced_clock,
 )
 
 

@@ -1,0 +1,44 @@
+# The README's commands. Every target creates/refreshes the virtual environment first.
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+# torch + torchvision pair: on the project's CPU machines this is the only pair that imports together
+# (a CUDA build that also runs on the CPU); users with CUDA get the same normal wheels from PyPI.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Where the datasets live (mnist/, cifar10/, imdb/, multi30k/). On the project machines: ../shared/data.
+DATA_DIR   ?= $(or $(DISTBENCH_DATA_DIR),data)
+RUNS_DIR   ?= runs
+PROFILE    ?= auto
+PYTEST_ARGS ?=
+
+.PHONY: venv test bench-all bench-quality dashboard lint format clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: venv
+	DISTBENCH_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench-all: venv
+	$(BIN)/python bench/run.py --matrix bench/matrix.yaml --profile $(PROFILE) --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
+
+bench-quality: venv
+	$(BIN)/python bench/run.py --matrix bench/quality.yaml --profile full --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
+
+dashboard: venv
+	RUNS_DIR=$(RUNS_DIR) $(BIN)/streamlit run dashboard.py --server.headless true --server.address 127.0.0.1 \
+		--server.port $(or $(PORT),8501) --browser.gatherUsageStats false
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache
