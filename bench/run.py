@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import shutil
 import subprocess
@@ -154,12 +153,12 @@ def main():
           "same model, seed and global batch; efficiency = speedup / processes)")
     for model in models:
         print(f"\n{model}")
-        print(f"  {'setup':<22}{'seeds':>6}{'epoch s':>10}{'speedup':>9}{'effic.':>8}  {'final metric':<26}{'status'}")
+        print(f"  {'setup':<22}{'seeds':>6}{'epoch s':>10}{'speedup':>9}{'effic.':>8}  {'final metric':<44}{'status'}")
         rows = [r for r in results if r["model"] == model]
         for setup in setups:
             cell = [r for r in rows if r["setup"] == setup]
             if setup in skipped:
-                print(f"  {setup:<22}{'':>6}{'':>10}{'':>9}{'':>8}  {'':<26}skipped: {skipped[setup].split(': ', 1)[1]}")
+                print(f"  {setup:<22}{'':>6}{'':>10}{'':>9}{'':>8}  {'':<44}skipped: {skipped[setup].split(': ', 1)[1]}")
                 continue
             ok = [r for r in cell if r["status"] == "finished" and r["epoch_s"]]
             base = [r for r in rows if r["procs"] == 1 and r["status"] == "finished" and r["epoch_s"]
@@ -179,7 +178,7 @@ def main():
                     metric += f" (target {tgt} ok)"
             statuses = ",".join(sorted({r["status"] for r in cell})) or "-"
             print(f"  {setup:<22}{len(cell):>6}{t or float('nan'):>10.3g}{speed or float('nan'):>9.2f}"
-                  f"{(speed or float('nan')) / (cell[0]['procs'] if cell else 1):>8.2f}  {metric:<26}{statuses}")
+                  f"{(speed or float('nan')) / (cell[0]['procs'] if cell else 1):>8.2f}  {metric:<44}{statuses}")
     summary = {"batch": batch, "profile": profile, "cuda_devices": n_cuda, "cpu_cores": os.cpu_count(),
                "data_dir": args.data_dir, "skipped": skipped, "results": results, "missed_targets": missed}
     write_new(log_dir / "summary.json", summary)

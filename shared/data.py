@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,7 +111,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as f:
             buf = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read ({e}); the file is truncated or not gzip") from None
     if len(buf) < 8 or buf[0] != 0 or buf[1] != 0 or buf[2] != 8:
         raise DataError(f"{path}: not an idx file of uint8 (bad magic number)")
@@ -174,6 +176,102 @@ def load_mnist(cfg, val_ratio: float = 0.1) -> Data:
         test=_take(test, cfg.limit_eval),
         splits=splits,
         info={"classes": [str(i) for i in range(10)]},
+    )
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+CIFAR10_FILES = [f"train_{k}.npz" for k in range(5)] + ["test.npz"]
+CIFAR10_HUB = "uoft-cs/cifar10"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def read_npz(path: Path, names: tuple[str, ...] = ("images", "labels", "classes")) -> dict[str, np.ndarray]:
+    """The named arrays of an .npz file, without pickle; a damaged file is one DataError naming it."""
+    try:
+        # Arrays are decompressed lazily, so a corrupt member only fails on access: read them all inside.
+        with np.load(path, allow_pickle=False) as f:
+            missing = [n for n in names if n not in f.files]
+            if missing:
+                raise DataError(f"{path}: missing array(s) {', '.join(missing)} (has {', '.join(f.files)})")
+            return {n: f[n] for n in names}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise DataError(f"{path}: cannot read ({why}); the file is truncated or corrupt") from None
+
+
+def write_npz(path: Path, **arrays):
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def fetch_cifar10_from_hub(directory: Path):
+    """Write the hub copy in the local layout: train split in 5 files (in hub order), test in one."""
+    from datasets import load_dataset  # heavy import, only on this path
+
+    ds = load_dataset(CIFAR10_HUB)
+    classes = np.array(getattr(ds["train"].features["label"], "names", CIFAR10_CLASSES))
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, names in (("train", CIFAR10_FILES[:5]), ("test", CIFAR10_FILES[5:])):
+        images = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in ds[split]["img"]])
+        labels = np.asarray(ds[split]["label"], dtype=np.int64)
+        for name, idx in zip(names, np.array_split(np.arange(len(labels)), len(names)), strict=True):
+            write_npz(directory / name, images=images[idx], labels=labels[idx], classes=classes)
+
+
+def _read_cifar10(directory: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    xs, ys = [], []
+    for name in names:
+        arrays = read_npz(directory / name)
+        x, y, classes = arrays["images"], arrays["labels"], arrays["classes"]
+        if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3) or y.shape != (len(x),) or len(classes) != 10:
+            raise DataError(
+                f"{directory / name}: expected images uint8 (N, 32, 32, 3), labels (N,) and 10 classes, "
+                f"got {x.dtype} {tuple(x.shape)}, {tuple(y.shape)}, {len(classes)} classes"
+            )
+        if len(y) and (y.min() < 0 or y.max() > 9):
+            raise DataError(f"{directory / name}: labels outside 0..9 ({y.min()}..{y.max()})")
+        xs.append(x)
+        ys.append(y.astype(np.int64, copy=False))
+    return np.concatenate(xs), np.concatenate(ys), [str(c) for c in classes]
+
+
+def load_cifar10(cfg, val_ratio: float = 0.1) -> Data:
+    """CIFAR-10 as uint8 images (N, 3, 32, 32) and int64 labels; 50k train split 45,000 / 5,000, test 10,000."""
+    source, directory = resolve(cfg, "cifar10", CIFAR10_FILES, fetch_cifar10_from_hub, CIFAR10_HUB)
+    if source == "synthetic":
+        g = torch.Generator().manual_seed(SPLIT_SEED)
+        x_train = torch.randint(0, 256, (50000, 3, 32, 32), generator=g, dtype=torch.uint8)
+        y_train = torch.randint(0, 10, (50000,), generator=g)
+        x_test = torch.randint(0, 256, (10000, 3, 32, 32), generator=g, dtype=torch.uint8)
+        y_test = torch.randint(0, 10, (10000,), generator=g)
+        classes = list(CIFAR10_CLASSES)
+        location = "synthetic:cifar10-shapes"
+    else:
+        x_train, y_train, classes = _read_cifar10(directory, CIFAR10_FILES[:5])
+        x_test, y_test, _ = _read_cifar10(directory, CIFAR10_FILES[5:])
+        # HWC files -> NCHW tensors, made contiguous once here rather than on every batch.
+        x_train = torch.from_numpy(np.ascontiguousarray(x_train.transpose(0, 3, 1, 2)))
+        x_test = torch.from_numpy(np.ascontiguousarray(x_test.transpose(0, 3, 1, 2)))
+        y_train, y_test = torch.from_numpy(y_train), torch.from_numpy(y_test)
+        location = str(directory) if source == "local" else CIFAR10_HUB
+    n_train = int(round(len(x_train) * (1 - val_ratio)))
+    train_idx, val_idx = random_split(len(x_train), n_train)
+    train = {"x": x_train[train_idx], "y": y_train[train_idx]}
+    val = {"x": x_train[val_idx], "y": y_train[val_idx]}
+    test = {"x": x_test, "y": y_test}
+    splits = {"train": _length(train), "val": _length(val), "test": _length(test)}
+    return Data(
+        name="cifar10",
+        source=source,
+        location=location,
+        train=_take(train, cfg.limit_train),
+        val=_take(val, cfg.limit_eval),
+        test=_take(test, cfg.limit_eval),
+        splits=splits,
+        info={"classes": classes},
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-DATA_DIR = Path(os.environ.get("DISTBENCH_DATA_DIR", REPO / "data"))
+DATA_DIR = Path(os.environ.get("DISTBENCH_DATA_DIR", REPO / "data")).resolve()
 
 
 def free_port() -> int:

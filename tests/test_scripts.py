@@ -13,6 +13,10 @@ from tests.conftest import BIN, REPO, child_env, explain, free_port, launch, rec
 SCRIPTS = {
     "mlp": ("mnist", ["--limit_train", 640, "--max_steps", 6], 6000, 10000, ["val/acc", "test/acc"]),
     "conv_autoencoder": ("mnist", ["--limit_train", 640, "--max_steps", 6], 6000, 10000, ["val/psnr", "test/psnr"]),
+    "cnn": ("cifar10", ["--limit_train", 640, "--max_steps", 6], 5000, 10000, ["val/acc", "test/acc"]),
+    # the full 128.8M-parameter VGG11 at 32 px; evaluation limited to keep the test short on 2 cores
+    "vgg11": ("cifar10", ["--limit_train", 640, "--max_steps", 6, "--image_size", 32, "--batch_size", 16,
+                          "--limit_eval", 100], 100, 100, ["val/acc", "test/acc"]),
 }
 SETUPS = {"cpu_1proc": 1, "cpu_2proc": 2}
 

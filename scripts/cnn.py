@@ -1,0 +1,180 @@
+"""Small CNN on CIFAR-10: 3 conv layers, 541,094 parameters (udacity/deep-learning-v2-pytorch,
+convolutional-neural-networks/cifar-cnn/cifar10_cnn_solution).
+
+Defaults reproduce the tutorial: RandomHorizontalFlip + RandomRotation(10) on train, normalisation 0.5 / 0.5
+per channel, SGD lr 0.01 (no momentum), batch 20, 30 epochs, cross-entropy, the best-validation-loss epoch
+is tested. Split 45,000 / 5,000 / 10,000 (split seed 1234; the tutorial held out 20%, the study 10%).
+Upstream result: test loss 0.664, test accuracy 76% (per class 53% cat ... 88% automobile).
+
+Launch (same script everywhere; hardware lives in accelerate_configs/):
+    python scripts/cnn.py --data_dir ../shared/data
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/cnn.py --data_dir ../shared/data
+    accelerate launch --config_file accelerate_configs/gpu_2_ddp.yaml scripts/cnn.py
+
+`batch_size` is the global batch (split over processes). The study's settings: --optimizer adam --lr 0.01
+--batch_size 64 (1 GPU) / --batch_size 128 (2 GPUs, 64 per process) --epochs 20. That learning rate is
+100x too large for Adam here: the loss stays near ln 10 = 2.303 and accuracy near 10% (chance); the study
+reported it as a result (0.436 -> 0.100). Default SGD 0.01 converges.
+
+Expect: test accuracy about 0.70-0.76 after 30 epochs; metric: accuracy, overall and per class.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+
+from shared.augment import normalize, random_hflip, random_rotation
+from shared.config import ConfigError, RunConfig
+from shared.data import load_cifar10, make_loader
+from shared.runtime import (
+    BestCheckpoint,
+    Run,
+    count_params,
+    entry,
+    load_config,
+    make_accelerator,
+    peak_memory_gib,
+    reset_peak_memory,
+    shutdown,
+    synced_clock,
+)
+
+
+@dataclass
+class Config(RunConfig):
+    lr: float = 0.01  # learning rate
+    optimizer: str = "sgd"  # sgd (the tutorial, no momentum) | adam (the study's choice; diverges at lr 0.01)
+    batch_size: int = 20  # global batch (all processes together)
+    epochs: int = 30
+    dropout: float = 0.25  # before each fully connected layer
+    augment: bool = True  # random horizontal flip + rotation ±10° on the train split
+    select_best: bool = True  # test the epoch with the lowest validation loss, as the tutorial does
+
+
+METRICS = {
+    "train/loss": {"label": "train loss (cross-entropy)", "goal": "min"},
+    "val/loss": {"label": "validation loss (cross-entropy)", "goal": "min"},
+    "val/acc": {"label": "validation accuracy", "unit": "fraction", "goal": "max"},
+    "test/loss": {"label": "test loss (cross-entropy)", "goal": "min"},
+    "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max"},
+}
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def preprocess(x: torch.Tensor, cfg: Config, gen: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 (N, 3, 32, 32) -> normalised float; with `gen`, the tutorial's train augmentation first."""
+    x = x.float() / 255
+    if gen is not None and cfg.augment:
+        x = random_rotation(random_hflip(x, gen), 10.0, gen)
+    return normalize(x, MEAN, STD)
+
+
+def build_model(cfg: Config) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16x16x16
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 32x8x8
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 64x4x4
+        nn.Flatten(),
+        nn.Dropout(cfg.dropout), nn.Linear(64 * 4 * 4, 500), nn.ReLU(),
+        nn.Dropout(cfg.dropout), nn.Linear(500, 10),
+    )
+
+
+def train_one_epoch(model, loader, optimizer, accelerator, cfg, gen, step):
+    model.train()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    seen = torch.zeros((), device=accelerator.device)
+    for batch in loader:
+        logits = model(preprocess(batch["x"], cfg, gen))
+        loss = F.cross_entropy(logits, batch["y"])
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        # Accumulate on the device: no host sync per step, one reduction per epoch.
+        loss_sum += loss.detach() * len(batch["y"])
+        seen += len(batch["y"])
+        step += 1
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
+    loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), "sum")
+    return (loss_sum / seen).item(), int(seen.item()), step
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, cfg):
+    """Sample-weighted loss and accuracy over the whole split, each sample counted once across ranks."""
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    hits_per_class = torch.zeros(10, device=accelerator.device, dtype=torch.long)
+    per_class = torch.zeros(10, device=accelerator.device, dtype=torch.long)
+    n = 0
+    for batch in loader:
+        logits = model(preprocess(batch["x"], cfg))
+        losses = F.cross_entropy(logits, batch["y"], reduction="none")
+        preds, labels = logits.argmax(1), batch["y"]
+        losses, preds, labels = accelerator.gather_for_metrics((losses, preds, labels))  # drops last-batch padding
+        loss_sum += losses.double().sum()
+        hits_per_class += torch.bincount(labels[preds == labels], minlength=10)
+        per_class += torch.bincount(labels, minlength=10)
+        n += len(losses)
+    acc_per_class = (hits_per_class.double() / per_class.clamp(min=1)).tolist()
+    return {"loss": loss_sum.item() / n, "acc": hits_per_class.sum().item() / n, "n_samples": n, "acc_per_class": acc_per_class}
+
+
+def main():
+    cfg = load_config(Config)
+    if cfg.optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"config key 'optimizer': expected sgd or adam, got {cfg.optimizer!r}")
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    data = load_cifar10(cfg)
+    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
+    test_loader = make_loader(data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
+    model = build_model(cfg)
+    optimizer = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)(model.parameters(), lr=cfg.lr)
+    model_info = {"params": count_params(model), "steps_per_epoch": len(train_loader)}
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader
+    )
+    run = Run(accelerator, cfg, model="cnn", script=__file__, data=data, metrics=METRICS,
+              primary_metric="test/acc", model_info=model_info)
+    gen = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    best = BestCheckpoint(enabled=cfg.select_best)
+    step, samples = 0, 0
+    with run:
+        for epoch in range(1, cfg.epochs + 1):
+            train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
+            reset_peak_memory(accelerator)
+            t0 = synced_clock(accelerator)
+            train_loss, n_train, step = train_one_epoch(model, train_loader, optimizer, accelerator, cfg, gen, step)
+            t1 = synced_clock(accelerator)
+            val = evaluate(model, val_loader, accelerator, cfg)
+            t2 = synced_clock(accelerator)
+            samples += n_train
+            best.update(val["loss"], model, epoch)
+            run.log_epoch({
+                "epoch": epoch, "step": step, "samples_seen": samples,
+                "train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"], "val/n_samples": val["n_samples"],
+                "time/train_s": t1 - t0, "time/eval_s": t2 - t1, "time/epoch_s": t2 - t0,
+                "throughput/samples_per_s": n_train / (t1 - t0), "memory/peak_gib": peak_memory_gib(accelerator),
+            })
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+        best.restore(model)
+        t0 = synced_clock(accelerator)
+        test = evaluate(model, test_loader, accelerator, cfg)
+        run.finish({
+            "test/loss": test["loss"], "test/acc": test["acc"], "test/n_samples": test["n_samples"],
+            "test/acc_per_class": dict(zip(data.info["classes"], test["acc_per_class"], strict=True)),
+            "test/epoch": best.epoch or epoch, "test/time_s": synced_clock(accelerator) - t0,
+        }, model)
+    del model, optimizer
+    shutdown(accelerator)
+
+
+if __name__ == "__main__":
+    entry(main)
