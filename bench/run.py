@@ -58,9 +58,9 @@ def fmt_s(s: float) -> str:
     return f"{s / 60:.0f}m{s % 60:02.0f}s" if s >= 60 else f"{s:.0f}s"
 
 
-def launch(model, setup, seed, overrides, args, tag, log_path) -> tuple[int, float]:
+def launch(script, setup, seed, overrides, args, tag, log_path) -> tuple[int, float]:
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-           str(REPO / "accelerate_configs" / f"{setup}.yaml"), str(REPO / "scripts" / f"{model}.py"),
+           str(REPO / "accelerate_configs" / f"{setup}.yaml"), str(REPO / "scripts" / f"{script}.py"),
            "--data_dir", args.data_dir, "--runs_dir", args.runs_dir, "--seed", str(seed), "--tag", tag]
     for k, v in overrides.items():
         cmd += [f"--{k}", str(v)]
@@ -88,8 +88,11 @@ def final_metric(rec: dict) -> tuple[str, float | None]:
 
 
 def check_target(value, target: str) -> bool:
+    """`target` is ">= x" or "<= x"; `value` comes from the test results, else the last epoch's row."""
     op, ref = target.split()
-    return value is not None and (value >= float(ref) if op == ">=" else value <= float(ref))
+    if not isinstance(value, (int, float)):
+        return False
+    return value >= float(ref) if op == ">=" else value <= float(ref)
 
 
 def main():
@@ -128,12 +131,13 @@ def main():
     results, t_start = [], time.perf_counter()
     for i, (model, setup, seed) in enumerate(cells):
         overrides = {**prof.get("common", {}), **(prof["models"][model] or {})}
+        script = overrides.pop("script", model)  # a matrix entry may name a variant of a script
         tag = f"bench:{batch}:{profile}:{model}:{setup}:seed{seed}"
         elapsed = time.perf_counter() - t_start
         eta = elapsed / i * (len(cells) - i) if i else float("nan")
         print(f"[{bar(i, len(cells))}] {i + 1}/{len(cells)} ETA {fmt_s(eta) if i else '?'} | {model} {setup} seed {seed} ...",
               end="", flush=True)
-        rc, wall = launch(model, setup, seed, overrides, args, tag, log_dir / f"{model}-{setup}-seed{seed}.log")
+        rc, wall = launch(script, setup, seed, overrides, args, tag, log_dir / f"{model}-{setup}-seed{seed}.log")
         recs = [r for r in load_runs(args.runs_dir)[0] if r.get("tag") == tag]
         rec = recs[0] if len(recs) == 1 else None
         status = rec["status"] if rec else "no record"
@@ -143,6 +147,7 @@ def main():
         results.append({"model": model, "setup": setup, "seed": seed, "rc": rc, "wall_s": wall, "status": status,
                         "run_id": rec["run_id"] if rec else None, "epoch_s": epoch_time(rec) if rec else None,
                         "procs": setup_needs(setup)[0], "metric": key, "value": value,
+                        "values": {**rec["history"][-1], **rec["test"]} if rec and rec["history"] else {},
                         "global_batch": rec["setup"]["global_batch_size"] if rec else None})
         shown = f"{key} {value:.4g}" if value is not None else ""
         print(f" {status} in {wall:.0f}s {shown}" + ("" if status == "finished" else f" (log {log_dir})"), flush=True)
@@ -171,11 +176,11 @@ def main():
             metric = f"{ok[0]['metric']} {sum(vals) / len(vals):.4g}" if vals else "-"
             target = prof.get("targets", {}).get(model, {})
             for k, tgt in target.items():
-                if not all(check_target(r["value"] if r["metric"] == k else None, tgt) for r in ok):
+                if not ok or not all(check_target(r["values"].get(k), tgt) for r in ok):
                     missed.append(f"{model} {setup}: {k} misses target {tgt}")
-                    metric += f" (target {tgt} MISSED)"
+                    metric += f" ({k} {tgt} MISSED)"
                 else:
-                    metric += f" (target {tgt} ok)"
+                    metric += f" ({k} {tgt} ok)"
             statuses = ",".join(sorted({r["status"] for r in cell})) or "-"
             print(f"  {setup:<22}{len(cell):>6}{t or float('nan'):>10.3g}{speed or float('nan'):>9.2f}"
                   f"{(speed or float('nan')) / (cell[0]['procs'] if cell else 1):>8.2f}  {metric:<44}{statuses}")

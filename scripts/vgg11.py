@@ -107,6 +107,16 @@ class VGG11(nn.Sequential):
             nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5),
             nn.Linear(4096, num_classes),
         )
+        for m in self.modules():  # torchvision's initialisation of a fresh vgg11_bn
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
 
 
 def build_model(cfg: Config) -> VGG11:
