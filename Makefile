@@ -10,8 +10,11 @@ DATA_DIR   ?= $(or $(DISTBENCH_DATA_DIR),data)
 RUNS_DIR   ?= runs
 PROFILE    ?= auto
 PYTEST_ARGS ?=
+# Debian's Chromium, driven by Playwright in the dashboard's browser test (Playwright downloads no browser).
+CHROMIUM   ?= /usr/bin/chromium
+export CHROMIUM
 
-.PHONY: venv test bench-all bench-quality dashboard lint format clean
+.PHONY: venv test bench-all bench-quality bench-strategies dashboard lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,11 +27,23 @@ venv: $(BIN)/.installed
 test: venv
 	DISTBENCH_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The dashboard's browser test needs Chromium: installed with apt-get when missing (as root); otherwise that
+# test skips, and fails under CI (CI=true).
+.PHONY: browser
+test: browser
+browser:
+	@test -x $(CHROMIUM) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		|| echo "note: no $(CHROMIUM) and apt-get install chromium not possible here: the dashboard browser test will skip"
+
 bench-all: venv
 	$(BIN)/python bench/run.py --matrix bench/matrix.yaml --profile $(PROFILE) --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
 
 bench-quality: venv
 	$(BIN)/python bench/run.py --matrix bench/quality.yaml --profile full --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
+
+bench-strategies: venv
+	$(BIN)/python bench/strategies.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
 
 dashboard: venv
 	RUNS_DIR=$(RUNS_DIR) $(BIN)/streamlit run dashboard.py --server.headless true --server.address 127.0.0.1 \

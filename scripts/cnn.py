@@ -6,9 +6,10 @@ per channel, SGD lr 0.01 (no momentum), batch 20, 30 epochs, cross-entropy, the 
 is tested. Split 45,000 / 5,000 / 10,000 (split seed 1234; the tutorial held out 20%, the study 10%).
 Upstream result: test loss 0.664, test accuracy 76% (per class 53% cat ... 88% automobile).
 
-Launch (same script everywhere; hardware lives in accelerate_configs/):
+Launch (same script everywhere; hardware lives in accelerate_configs/, strategies in README "Strategies"):
     python scripts/cnn.py --data_dir ../shared/data
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/cnn.py --data_dir ../shared/data
+    accelerate launch --config_file accelerate_configs/cpu_2proc_pipeline.yaml scripts/cnn.py --strategy pipeline --data_dir ../shared/data
     accelerate launch --config_file accelerate_configs/gpu_2_ddp.yaml scripts/cnn.py
 
 `batch_size` is the global batch (split over processes). The study's settings: --optimizer adam --lr 0.01
@@ -29,6 +30,7 @@ from accelerate.utils import set_seed
 from shared.augment import normalize, random_hflip, random_rotation
 from shared.config import ConfigError, RunConfig
 from shared.data import load_cifar10, make_loader
+from shared.parallel import Parallel
 from shared.runtime import (
     BestCheckpoint,
     Run,
@@ -62,6 +64,8 @@ METRICS = {
     "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max"},
 }
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+# model_split / pipeline stages start at these layers, best first: 2 stages cut before conv 3 (~half the FLOPs)
+SPLIT_POINTS = ["6", "3", "11"]
 
 
 def preprocess(x: torch.Tensor, cfg: Config, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -74,54 +78,67 @@ def preprocess(x: torch.Tensor, cfg: Config, gen: torch.Generator | None = None)
 
 def build_model(cfg: Config) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16x16x16
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 32x8x8
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 64x4x4
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 16x16x16
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 32x8x8
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 64x4x4
         nn.Flatten(),
-        nn.Dropout(cfg.dropout), nn.Linear(64 * 4 * 4, 500), nn.ReLU(),
-        nn.Dropout(cfg.dropout), nn.Linear(500, 10),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(64 * 4 * 4, 500),
+        nn.ReLU(),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(500, 10),
     )
 
 
-def train_one_epoch(model, loader, optimizer, accelerator, cfg, gen, step):
+def train_one_epoch(model, loader, optimizer, par, cfg, gen, step):
     model.train()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    seen = torch.zeros((), device=accelerator.device)
+    loss_sum = torch.zeros((), device=par.device)
+    seen = torch.zeros((), device=par.device)
     for batch in loader:
-        logits = model(preprocess(batch["x"], cfg, gen))
-        loss = F.cross_entropy(logits, batch["y"])
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        # loss_fn(model(x), y) + accelerator.backward, or a pipeline schedule's forward/backward over micro-batches
+        loss = par.forward_backward(model, preprocess(batch["x"], cfg, gen), batch["y"], F.cross_entropy)
         optimizer.step()
         # Accumulate on the device: no host sync per step, one reduction per epoch.
-        loss_sum += loss.detach() * len(batch["y"])
+        loss_sum += loss * len(batch["y"])
         seen += len(batch["y"])
         step += 1
         if cfg.max_steps and step >= cfg.max_steps:
             break
-    loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), "sum")
+    loss_sum, seen = par.reduce_sum(torch.stack([loss_sum, seen]))
     return (loss_sum / seen).item(), int(seen.item()), step
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, cfg):
+def evaluate(model, loader, par, cfg):
     """Sample-weighted loss and accuracy over the whole split, each sample counted once across ranks."""
     model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    hits_per_class = torch.zeros(10, device=accelerator.device, dtype=torch.long)
-    per_class = torch.zeros(10, device=accelerator.device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=par.device, dtype=torch.float64)
+    hits_per_class = torch.zeros(10, device=par.device, dtype=torch.long)
+    per_class = torch.zeros(10, device=par.device, dtype=torch.long)
     n = 0
     for batch in loader:
         logits = model(preprocess(batch["x"], cfg))
         losses = F.cross_entropy(logits, batch["y"], reduction="none")
         preds, labels = logits.argmax(1), batch["y"]
-        losses, preds, labels = accelerator.gather_for_metrics((losses, preds, labels))  # drops last-batch padding
+        losses, preds, labels = par.gather_for_metrics((losses, preds, labels))  # drops last-batch padding
         loss_sum += losses.double().sum()
         hits_per_class += torch.bincount(labels[preds == labels], minlength=10)
         per_class += torch.bincount(labels, minlength=10)
         n += len(losses)
     acc_per_class = (hits_per_class.double() / per_class.clamp(min=1)).tolist()
-    return {"loss": loss_sum.item() / n, "acc": hits_per_class.sum().item() / n, "n_samples": n, "acc_per_class": acc_per_class}
+    return {
+        "loss": loss_sum.item() / n,
+        "acc": hits_per_class.sum().item() / n,
+        "n_samples": n,
+        "acc_per_class": acc_per_class,
+    }
 
 
 def main():
@@ -129,20 +146,34 @@ def main():
     if cfg.optimizer not in ("sgd", "adam"):
         raise ConfigError(f"config key 'optimizer': expected sgd or adam, got {cfg.optimizer!r}")
     accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed)
+    par = Parallel(accelerator, cfg, SPLIT_POINTS)  # checks the strategy before anything is built
+    set_seed(cfg.seed)  # every rank builds the same full model; pipeline stages are cut out of it
     data = load_cifar10(cfg)
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
     test_loader = make_loader(data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
     model = build_model(cfg)
-    optimizer = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)(model.parameters(), lr=cfg.lr)
-    model_info = {"params": count_params(model), "steps_per_epoch": len(train_loader)}
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader
+    optimizer = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)(
+        model.parameters(), lr=cfg.lr
     )
-    run = Run(accelerator, cfg, model="cnn", script=__file__, data=data, metrics=METRICS,
-              primary_metric="test/acc", model_info=model_info)
-    gen = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    n_params = count_params(model)
+    model, optimizer, train_loader, val_loader, test_loader = (
+        par.prepare(  # accelerator.prepare, per strategy
+            model, optimizer, train_loader, val_loader, test_loader
+        )
+    )
+    run = Run(
+        accelerator,
+        cfg,
+        model="cnn",
+        script=__file__,
+        data=data,
+        metrics=METRICS,
+        primary_metric="test/acc",
+        model_info={"params": n_params, "steps_per_epoch": len(train_loader)},
+        par=par,
+    )
+    gen = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + par.data_rank)
     best = BestCheckpoint(enabled=cfg.select_best)
     step, samples = 0, 0
     with run:
@@ -150,30 +181,46 @@ def main():
             train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
             reset_peak_memory(accelerator)
             t0 = synced_clock(accelerator)
-            train_loss, n_train, step = train_one_epoch(model, train_loader, optimizer, accelerator, cfg, gen, step)
+            train_loss, n_train, step = train_one_epoch(model, train_loader, optimizer, par, cfg, gen, step)
             t1 = synced_clock(accelerator)
-            val = evaluate(model, val_loader, accelerator, cfg)
+            val = evaluate(model, val_loader, par, cfg)
             t2 = synced_clock(accelerator)
             samples += n_train
             best.update(val["loss"], model, epoch)
-            run.log_epoch({
-                "epoch": epoch, "step": step, "samples_seen": samples,
-                "train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"], "val/n_samples": val["n_samples"],
-                "time/train_s": t1 - t0, "time/eval_s": t2 - t1, "time/epoch_s": t2 - t0,
-                "throughput/samples_per_s": n_train / (t1 - t0), "memory/peak_gib": peak_memory_gib(accelerator),
-            })
+            run.log_epoch(
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "samples_seen": samples,
+                    "train/loss": train_loss,
+                    "val/loss": val["loss"],
+                    "val/acc": val["acc"],
+                    "val/n_samples": val["n_samples"],
+                    "time/train_s": t1 - t0,
+                    "time/eval_s": t2 - t1,
+                    "time/epoch_s": t2 - t0,
+                    "throughput/samples_per_s": n_train / (t1 - t0),
+                    "memory/peak_gib": peak_memory_gib(accelerator),
+                }
+            )
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         best.restore(model)
         t0 = synced_clock(accelerator)
-        test = evaluate(model, test_loader, accelerator, cfg)
-        run.finish({
-            "test/loss": test["loss"], "test/acc": test["acc"], "test/n_samples": test["n_samples"],
-            "test/acc_per_class": dict(zip(data.info["classes"], test["acc_per_class"], strict=True)),
-            "test/epoch": best.epoch or epoch, "test/time_s": synced_clock(accelerator) - t0,
-        }, model)
+        test = evaluate(model, test_loader, par, cfg)
+        run.finish(
+            {
+                "test/loss": test["loss"],
+                "test/acc": test["acc"],
+                "test/n_samples": test["n_samples"],
+                "test/acc_per_class": dict(zip(data.info["classes"], test["acc_per_class"], strict=True)),
+                "test/epoch": best.epoch or epoch,
+                "test/time_s": synced_clock(accelerator) - t0,
+            },
+            model,
+        )
     del model, optimizer
-    shutdown(accelerator)
+    shutdown(accelerator, par)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ here 54,000 train / 6,000 val / 10,000 test (split seed 1234) so reconstruction 
 held-out images. The tutorial prints sum(loss x batch) / n_batches, about 20x the per-pixel MSE: it ends
 at 0.1652, i.e. about 0.0083 per-pixel MSE.
 
-Launch (same script everywhere; hardware lives in accelerate_configs/):
+Launch (same script everywhere; hardware lives in accelerate_configs/, strategies in README "Strategies"):
     python scripts/conv_autoencoder.py --data_dir ../shared/data
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/conv_autoencoder.py --data_dir ../shared/data
+    python scripts/conv_autoencoder.py --strategy model_split --data_dir ../shared/data   # encoder | decoder
     accelerate launch --config_file accelerate_configs/gpu_2_ddp.yaml scripts/conv_autoencoder.py
 
 `batch_size` is the global batch (split over processes). The study's settings: --batch_size 64 on 1 GPU,
@@ -29,6 +30,7 @@ from accelerate.utils import set_seed
 
 from shared.config import RunConfig
 from shared.data import load_mnist, make_loader
+from shared.parallel import Parallel
 from shared.runtime import (
     BestCheckpoint,
     Run,
@@ -60,6 +62,10 @@ METRICS = {
 }
 
 
+# model_split / pipeline stages start at these layers, best first: 2 stages = encoder | decoder
+SPLIT_POINTS = ["6", "3", "8"]
+
+
 def preprocess(x: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 1, 28, 28) -> float in [0, 1], as ToTensor; the target is the input itself."""
     return x.float() / 255
@@ -68,44 +74,50 @@ def preprocess(x: torch.Tensor) -> torch.Tensor:
 def build_model() -> nn.Sequential:
     return nn.Sequential(
         # encoder: 1x28x28 -> 4x7x7
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
         # decoder: 4x7x7 -> 1x28x28
-        nn.ConvTranspose2d(4, 16, 2, stride=2), nn.ReLU(),
-        nn.ConvTranspose2d(16, 1, 2, stride=2), nn.Sigmoid(),
+        nn.ConvTranspose2d(4, 16, 2, stride=2),
+        nn.ReLU(),
+        nn.ConvTranspose2d(16, 1, 2, stride=2),
+        nn.Sigmoid(),
     )
 
 
-def train_one_epoch(model, loader, optimizer, accelerator, cfg, step):
+def train_one_epoch(model, loader, optimizer, par, cfg, step):
     model.train()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    seen = torch.zeros((), device=accelerator.device)
+    loss_sum = torch.zeros((), device=par.device)
+    seen = torch.zeros((), device=par.device)
     for batch in loader:
         x = preprocess(batch["x"])
-        loss = F.mse_loss(model(x), x)
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        # loss_fn(model(x), x) + accelerator.backward, or a pipeline schedule's forward/backward over micro-batches
+        loss = par.forward_backward(model, x, x, F.mse_loss)
         optimizer.step()
         # Accumulate on the device: no host sync per step, one reduction per epoch.
-        loss_sum += loss.detach() * len(x)
+        loss_sum += loss * len(x)
         seen += len(x)
         step += 1
         if cfg.max_steps and step >= cfg.max_steps:
             break
-    loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), "sum")
+    loss_sum, seen = par.reduce_sum(torch.stack([loss_sum, seen]))
     return (loss_sum / seen).item(), int(seen.item()), step
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator):
+def evaluate(model, loader, par):
     """Per-pixel MSE over the whole split (every image has 784 pixels, so the mean of per-image MSEs)."""
     model.eval()
-    se_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    se_sum = torch.zeros((), device=par.device, dtype=torch.float64)
     n = 0
     for batch in loader:
         x = preprocess(batch["x"])
         per_image = F.mse_loss(model(x), x, reduction="none").flatten(1).mean(1)
-        per_image = accelerator.gather_for_metrics(per_image)  # drops the padding of the last batch
+        per_image = par.gather_for_metrics(per_image)  # drops the padding of the last batch
         se_sum += per_image.double().sum()
         n += len(per_image)
     mse = se_sum.item() / n
@@ -115,19 +127,31 @@ def evaluate(model, loader, accelerator):
 def main():
     cfg = load_config(Config)
     accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed)
+    par = Parallel(accelerator, cfg, SPLIT_POINTS)  # checks the strategy before anything is built
+    set_seed(cfg.seed)  # every rank builds the same full model; pipeline stages are cut out of it
     data = load_mnist(cfg)
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
     test_loader = make_loader(data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
     model = build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    model_info = {"params": count_params(model), "steps_per_epoch": len(train_loader)}
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader
+    n_params = count_params(model)
+    model, optimizer, train_loader, val_loader, test_loader = (
+        par.prepare(  # accelerator.prepare, per strategy
+            model, optimizer, train_loader, val_loader, test_loader
+        )
     )
-    run = Run(accelerator, cfg, model="conv_autoencoder", script=__file__, data=data, metrics=METRICS,
-              primary_metric="test/loss", model_info=model_info)
+    run = Run(
+        accelerator,
+        cfg,
+        model="conv_autoencoder",
+        script=__file__,
+        data=data,
+        metrics=METRICS,
+        primary_metric="test/loss",
+        model_info={"params": n_params, "steps_per_epoch": len(train_loader)},
+        par=par,
+    )
     best = BestCheckpoint(enabled=cfg.select_best)
     step, samples = 0, 0
     with run:
@@ -135,29 +159,45 @@ def main():
             train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
             reset_peak_memory(accelerator)
             t0 = synced_clock(accelerator)
-            train_loss, n_train, step = train_one_epoch(model, train_loader, optimizer, accelerator, cfg, step)
+            train_loss, n_train, step = train_one_epoch(model, train_loader, optimizer, par, cfg, step)
             t1 = synced_clock(accelerator)
-            val = evaluate(model, val_loader, accelerator)
+            val = evaluate(model, val_loader, par)
             t2 = synced_clock(accelerator)
             samples += n_train
             best.update(val["loss"], model, epoch)
-            run.log_epoch({
-                "epoch": epoch, "step": step, "samples_seen": samples,
-                "train/loss": train_loss, "val/loss": val["loss"], "val/psnr": val["psnr"], "val/n_samples": val["n_samples"],
-                "time/train_s": t1 - t0, "time/eval_s": t2 - t1, "time/epoch_s": t2 - t0,
-                "throughput/samples_per_s": n_train / (t1 - t0), "memory/peak_gib": peak_memory_gib(accelerator),
-            })
+            run.log_epoch(
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "samples_seen": samples,
+                    "train/loss": train_loss,
+                    "val/loss": val["loss"],
+                    "val/psnr": val["psnr"],
+                    "val/n_samples": val["n_samples"],
+                    "time/train_s": t1 - t0,
+                    "time/eval_s": t2 - t1,
+                    "time/epoch_s": t2 - t0,
+                    "throughput/samples_per_s": n_train / (t1 - t0),
+                    "memory/peak_gib": peak_memory_gib(accelerator),
+                }
+            )
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         best.restore(model)
         t0 = synced_clock(accelerator)
-        test = evaluate(model, test_loader, accelerator)
-        run.finish({
-            "test/loss": test["loss"], "test/psnr": test["psnr"], "test/n_samples": test["n_samples"],
-            "test/epoch": best.epoch or epoch, "test/time_s": synced_clock(accelerator) - t0,
-        }, model)
+        test = evaluate(model, test_loader, par)
+        run.finish(
+            {
+                "test/loss": test["loss"],
+                "test/psnr": test["psnr"],
+                "test/n_samples": test["n_samples"],
+                "test/epoch": best.epoch or epoch,
+                "test/time_s": synced_clock(accelerator) - t0,
+            },
+            model,
+        )
     del model, optimizer
-    shutdown(accelerator)
+    shutdown(accelerator, par)
 
 
 if __name__ == "__main__":

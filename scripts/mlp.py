@@ -5,9 +5,11 @@ RandomRotation(±5°) + RandomCrop(28, padding 2), normalisation 0.1307 / 0.3081
 transforms, Adam lr 1e-3, batch 64, 10 epochs, the best-validation-loss epoch is tested.
 Upstream result: test loss 0.052, test accuracy 98.37%.
 
-Launch (same script everywhere; hardware lives in accelerate_configs/):
+Launch (same script everywhere; hardware lives in accelerate_configs/, strategies in README "Strategies"):
     python scripts/mlp.py --data_dir ../shared/data
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/mlp.py --data_dir ../shared/data
+    accelerate launch --config_file accelerate_configs/cpu_2proc_fsdp.yaml scripts/mlp.py --data_dir ../shared/data
+    accelerate launch --config_file accelerate_configs/cpu_2proc_pipeline.yaml scripts/mlp.py --strategy pipeline --data_dir ../shared/data
     accelerate launch --config_file accelerate_configs/gpu_2_ddp.yaml scripts/mlp.py
 
 `batch_size` is the global batch (split over processes), so 1 and N processes take the same steps.
@@ -28,6 +30,7 @@ from accelerate.utils import set_seed
 from shared.augment import normalize, random_crop, random_rotation
 from shared.config import RunConfig
 from shared.data import load_mnist, make_loader
+from shared.parallel import Parallel
 from shared.runtime import (
     BestCheckpoint,
     Run,
@@ -59,6 +62,8 @@ METRICS = {
     "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max"},
 }
 MEAN, STD = 0.1307, 0.3081
+# model_split / pipeline stages start at these layers, best first: 2 stages cut before Linear(250, 100)
+SPLIT_POINTS = ["3", "5"]
 
 
 def preprocess(x: torch.Tensor, cfg: Config, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -72,44 +77,45 @@ def preprocess(x: torch.Tensor, cfg: Config, gen: torch.Generator | None = None)
 def build_model() -> nn.Sequential:
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(28 * 28, 250), nn.ReLU(),
-        nn.Linear(250, 100), nn.ReLU(),
+        nn.Linear(28 * 28, 250),
+        nn.ReLU(),
+        nn.Linear(250, 100),
+        nn.ReLU(),
         nn.Linear(100, 10),
     )
 
 
-def train_one_epoch(model, loader, optimizer, accelerator, cfg, gen, step):
+def train_one_epoch(model, loader, optimizer, par, cfg, gen, step):
     model.train()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    seen = torch.zeros((), device=accelerator.device)
+    loss_sum = torch.zeros((), device=par.device)
+    seen = torch.zeros((), device=par.device)
     for batch in loader:
-        logits = model(preprocess(batch["x"], cfg, gen))
-        loss = F.cross_entropy(logits, batch["y"])
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        # loss_fn(model(x), y) + accelerator.backward, or a pipeline schedule's forward/backward over micro-batches
+        loss = par.forward_backward(model, preprocess(batch["x"], cfg, gen), batch["y"], F.cross_entropy)
         optimizer.step()
         # Accumulate on the device: no host sync per step, one reduction per epoch.
-        loss_sum += loss.detach() * len(batch["y"])
+        loss_sum += loss * len(batch["y"])
         seen += len(batch["y"])
         step += 1
         if cfg.max_steps and step >= cfg.max_steps:
             break
-    loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), "sum")
+    loss_sum, seen = par.reduce_sum(torch.stack([loss_sum, seen]))
     return (loss_sum / seen).item(), int(seen.item()), step
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, cfg):
+def evaluate(model, loader, par, cfg):
     """Sample-weighted loss and accuracy over the whole split, each sample counted once across ranks."""
     model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    correct = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=par.device, dtype=torch.float64)
+    correct = torch.zeros((), device=par.device, dtype=torch.long)
     n = 0
     for batch in loader:
         logits = model(preprocess(batch["x"], cfg))
         losses = F.cross_entropy(logits, batch["y"], reduction="none")
         hits = logits.argmax(1) == batch["y"]
-        losses, hits = accelerator.gather_for_metrics((losses, hits))  # drops the padding of the last batch
+        losses, hits = par.gather_for_metrics((losses, hits))  # drops the padding of the last batch
         loss_sum += losses.double().sum()
         correct += hits.sum()
         n += len(losses)
@@ -119,20 +125,32 @@ def evaluate(model, loader, accelerator, cfg):
 def main():
     cfg = load_config(Config)
     accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed)
+    par = Parallel(accelerator, cfg, SPLIT_POINTS)  # checks the strategy before anything is built
+    set_seed(cfg.seed)  # every rank builds the same full model; pipeline stages are cut out of it
     data = load_mnist(cfg)
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
     test_loader = make_loader(data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
     model = build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    model_info = {"params": count_params(model), "steps_per_epoch": len(train_loader)}
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader
+    n_params = count_params(model)
+    model, optimizer, train_loader, val_loader, test_loader = (
+        par.prepare(  # accelerator.prepare, per strategy
+            model, optimizer, train_loader, val_loader, test_loader
+        )
     )
-    run = Run(accelerator, cfg, model="mlp", script=__file__, data=data, metrics=METRICS,
-              primary_metric="test/acc", model_info=model_info)
-    gen = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    run = Run(
+        accelerator,
+        cfg,
+        model="mlp",
+        script=__file__,
+        data=data,
+        metrics=METRICS,
+        primary_metric="test/acc",
+        model_info={"params": n_params, "steps_per_epoch": len(train_loader)},
+        par=par,
+    )
+    gen = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + par.data_rank)
     best = BestCheckpoint(enabled=cfg.select_best)
     step, samples = 0, 0
     with run:
@@ -140,29 +158,45 @@ def main():
             train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
             reset_peak_memory(accelerator)
             t0 = synced_clock(accelerator)
-            train_loss, n_train, step = train_one_epoch(model, train_loader, optimizer, accelerator, cfg, gen, step)
+            train_loss, n_train, step = train_one_epoch(model, train_loader, optimizer, par, cfg, gen, step)
             t1 = synced_clock(accelerator)
-            val = evaluate(model, val_loader, accelerator, cfg)
+            val = evaluate(model, val_loader, par, cfg)
             t2 = synced_clock(accelerator)
             samples += n_train
             best.update(val["loss"], model, epoch)
-            run.log_epoch({
-                "epoch": epoch, "step": step, "samples_seen": samples,
-                "train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"], "val/n_samples": val["n_samples"],
-                "time/train_s": t1 - t0, "time/eval_s": t2 - t1, "time/epoch_s": t2 - t0,
-                "throughput/samples_per_s": n_train / (t1 - t0), "memory/peak_gib": peak_memory_gib(accelerator),
-            })
+            run.log_epoch(
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "samples_seen": samples,
+                    "train/loss": train_loss,
+                    "val/loss": val["loss"],
+                    "val/acc": val["acc"],
+                    "val/n_samples": val["n_samples"],
+                    "time/train_s": t1 - t0,
+                    "time/eval_s": t2 - t1,
+                    "time/epoch_s": t2 - t0,
+                    "throughput/samples_per_s": n_train / (t1 - t0),
+                    "memory/peak_gib": peak_memory_gib(accelerator),
+                }
+            )
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         best.restore(model)
         t0 = synced_clock(accelerator)
-        test = evaluate(model, test_loader, accelerator, cfg)
-        run.finish({
-            "test/loss": test["loss"], "test/acc": test["acc"], "test/n_samples": test["n_samples"],
-            "test/epoch": best.epoch or epoch, "test/time_s": synced_clock(accelerator) - t0,
-        }, model)
+        test = evaluate(model, test_loader, par, cfg)
+        run.finish(
+            {
+                "test/loss": test["loss"],
+                "test/acc": test["acc"],
+                "test/n_samples": test["n_samples"],
+                "test/epoch": best.epoch or epoch,
+                "test/time_s": synced_clock(accelerator) - t0,
+            },
+            model,
+        )
     del model, optimizer
-    shutdown(accelerator)
+    shutdown(accelerator, par)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ machines are offline; the record says which (`model_info.init`).
 
 `--image_size 32` skips the resize (random crop padding 4): the fast variant for CPUs and quick runs.
 
-Launch (same script everywhere; hardware lives in accelerate_configs/):
+Launch (same script everywhere; hardware lives in accelerate_configs/, strategies in README "Strategies"):
     python scripts/vgg11.py --data_dir ../shared/data --image_size 32
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/vgg11.py --data_dir ../shared/data --image_size 32
+    accelerate launch --config_file accelerate_configs/gpu_2_fsdp.yaml scripts/vgg11.py --pretrained
+    accelerate launch --config_file accelerate_configs/gpu_2_pipeline.yaml scripts/vgg11.py --strategy pipeline --pretrained
     accelerate launch --config_file accelerate_configs/gpu_2_ddp.yaml scripts/vgg11.py --pretrained
 
 `batch_size` is the global batch (split over processes). The study's settings: --pretrained --freeze
@@ -36,6 +38,7 @@ from accelerate.utils import set_seed
 from shared.augment import normalize, random_crop, random_hflip, random_rotation
 from shared.config import RunConfig
 from shared.data import load_cifar10, make_loader
+from shared.parallel import Parallel
 from shared.runtime import (
     BestCheckpoint,
     Run,
@@ -75,6 +78,9 @@ METRICS = {
 }
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as the pretrained weights expect
 VGG11_CFG = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+# model_split / pipeline stages start here, best first. 2 stages: before conv 5, about half the FLOPs at 224 px;
+# at 32 px the classifier (120M multiply-adds, 120M of the 129M parameters) makes it about 30 / 70.
+SPLIT_POINTS = ["features.15", "features.8", "classifier.0"]
 
 
 def preprocess(x: torch.Tensor, cfg: Config, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -83,7 +89,9 @@ def preprocess(x: torch.Tensor, cfg: Config, gen: torch.Generator | None = None)
     if cfg.image_size != x.shape[-1]:
         x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
     if gen is not None and cfg.augment:
-        x = random_crop(random_hflip(random_rotation(x, 5.0, gen), gen), cfg.image_size, cfg.crop_padding, gen)
+        x = random_crop(
+            random_hflip(random_rotation(x, 5.0, gen), gen), cfg.image_size, cfg.crop_padding, gen
+        )
     return normalize(x, MEAN, STD)
 
 
@@ -103,8 +111,12 @@ class VGG11(nn.Sequential):
         self.avgpool = nn.AdaptiveAvgPool2d(7)
         self.flatten = nn.Flatten()
         self.classifier = nn.Sequential(
-            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5),
-            nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(512 * 7 * 7, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
             nn.Linear(4096, num_classes),
         )
         for m in self.modules():  # torchvision's initialisation of a fresh vgg11_bn
@@ -125,8 +137,12 @@ def build_model(cfg: Config) -> VGG11:
         try:
             from torchvision.models import VGG11_BN_Weights
 
-            with contextlib.redirect_stderr(io.StringIO()):  # torch.hub prints "Downloading: ..." before failing
-                state = VGG11_BN_Weights.IMAGENET1K_V1.get_state_dict(progress=False)  # hub cache, else download
+            with contextlib.redirect_stderr(
+                io.StringIO()
+            ):  # torch.hub prints "Downloading: ..." before failing
+                state = VGG11_BN_Weights.IMAGENET1K_V1.get_state_dict(
+                    progress=False
+                )  # hub cache, else download
         except Exception as e:  # noqa: BLE001 - offline, no cache, corrupt file: one clear line
             raise SetupError(
                 f"--pretrained: ImageNet vgg11_bn weights are neither in the torch hub cache "
@@ -141,45 +157,49 @@ def build_model(cfg: Config) -> VGG11:
     return model
 
 
-def train_one_epoch(model, loader, optimizer, accelerator, cfg, gen, step):
+def train_one_epoch(model, loader, optimizer, par, cfg, gen, step):
     model.train()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    seen = torch.zeros((), device=accelerator.device)
+    loss_sum = torch.zeros((), device=par.device)
+    seen = torch.zeros((), device=par.device)
     for batch in loader:
-        logits = model(preprocess(batch["x"], cfg, gen))
-        loss = F.cross_entropy(logits, batch["y"])
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        # loss_fn(model(x), y) + accelerator.backward, or a pipeline schedule's forward/backward over micro-batches
+        loss = par.forward_backward(model, preprocess(batch["x"], cfg, gen), batch["y"], F.cross_entropy)
         optimizer.step()
         # Accumulate on the device: no host sync per step, one reduction per epoch.
-        loss_sum += loss.detach() * len(batch["y"])
+        loss_sum += loss * len(batch["y"])
         seen += len(batch["y"])
         step += 1
         if cfg.max_steps and step >= cfg.max_steps:
             break
-    loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), "sum")
+    loss_sum, seen = par.reduce_sum(torch.stack([loss_sum, seen]))
     return (loss_sum / seen).item(), int(seen.item()), step
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, cfg):
+def evaluate(model, loader, par, cfg):
     """Sample-weighted loss and accuracy over the whole split, each sample counted once across ranks."""
     model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    hits_per_class = torch.zeros(10, device=accelerator.device, dtype=torch.long)
-    per_class = torch.zeros(10, device=accelerator.device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=par.device, dtype=torch.float64)
+    hits_per_class = torch.zeros(10, device=par.device, dtype=torch.long)
+    per_class = torch.zeros(10, device=par.device, dtype=torch.long)
     n = 0
     for batch in loader:
         logits = model(preprocess(batch["x"], cfg))
         losses = F.cross_entropy(logits, batch["y"], reduction="none")
         preds, labels = logits.argmax(1), batch["y"]
-        losses, preds, labels = accelerator.gather_for_metrics((losses, preds, labels))  # drops last-batch padding
+        losses, preds, labels = par.gather_for_metrics((losses, preds, labels))  # drops last-batch padding
         loss_sum += losses.double().sum()
         hits_per_class += torch.bincount(labels[preds == labels], minlength=10)
         per_class += torch.bincount(labels, minlength=10)
         n += len(losses)
     acc_per_class = (hits_per_class.double() / per_class.clamp(min=1)).tolist()
-    return {"loss": loss_sum.item() / n, "acc": hits_per_class.sum().item() / n, "n_samples": n, "acc_per_class": acc_per_class}
+    return {
+        "loss": loss_sum.item() / n,
+        "acc": hits_per_class.sum().item() / n,
+        "n_samples": n,
+        "acc_per_class": acc_per_class,
+    }
 
 
 def main():
@@ -187,26 +207,41 @@ def main():
     if cfg.crop_padding < 0:
         cfg.crop_padding = 10 if cfg.image_size >= 224 else 4
     accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed)
+    par = Parallel(accelerator, cfg, SPLIT_POINTS)  # checks the strategy before anything is built
+    set_seed(cfg.seed)  # every rank builds the same full model; pipeline stages are cut out of it
     data = load_cifar10(cfg)
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
     test_loader = make_loader(data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
     model = build_model(cfg)
-    optimizer = torch.optim.Adam([
-        {"params": [p for p in model.features.parameters() if p.requires_grad], "lr": cfg.features_lr},
-        {"params": [p for p in model.classifier.parameters() if p.requires_grad], "lr": cfg.lr},
-    ])
-    model_info = {
-        "params": count_params(model), "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "init": "imagenet (torchvision vgg11_bn)" if cfg.pretrained else "random", "steps_per_epoch": len(train_loader),
-    }
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader
+    optimizer = torch.optim.Adam(
+        [
+            {"params": [p for p in model.features.parameters() if p.requires_grad], "lr": cfg.features_lr},
+            {"params": [p for p in model.classifier.parameters() if p.requires_grad], "lr": cfg.lr},
+        ]
     )
-    run = Run(accelerator, cfg, model="vgg11", script=__file__, data=data, metrics=METRICS,
-              primary_metric="test/acc", model_info=model_info)
-    gen = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    model_info = {
+        "params": count_params(model),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "init": "imagenet (torchvision vgg11_bn)" if cfg.pretrained else "random",
+    }
+    model, optimizer, train_loader, val_loader, test_loader = (
+        par.prepare(  # accelerator.prepare, per strategy
+            model, optimizer, train_loader, val_loader, test_loader
+        )
+    )
+    run = Run(
+        accelerator,
+        cfg,
+        model="vgg11",
+        script=__file__,
+        data=data,
+        metrics=METRICS,
+        primary_metric="test/acc",
+        model_info={**model_info, "steps_per_epoch": len(train_loader)},
+        par=par,
+    )
+    gen = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + par.data_rank)
     best = BestCheckpoint(enabled=cfg.select_best)
     step, samples = 0, 0
     with run:
@@ -214,30 +249,46 @@ def main():
             train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
             reset_peak_memory(accelerator)
             t0 = synced_clock(accelerator)
-            train_loss, n_train, step = train_one_epoch(model, train_loader, optimizer, accelerator, cfg, gen, step)
+            train_loss, n_train, step = train_one_epoch(model, train_loader, optimizer, par, cfg, gen, step)
             t1 = synced_clock(accelerator)
-            val = evaluate(model, val_loader, accelerator, cfg)
+            val = evaluate(model, val_loader, par, cfg)
             t2 = synced_clock(accelerator)
             samples += n_train
             best.update(val["loss"], model, epoch)
-            run.log_epoch({
-                "epoch": epoch, "step": step, "samples_seen": samples,
-                "train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"], "val/n_samples": val["n_samples"],
-                "time/train_s": t1 - t0, "time/eval_s": t2 - t1, "time/epoch_s": t2 - t0,
-                "throughput/samples_per_s": n_train / (t1 - t0), "memory/peak_gib": peak_memory_gib(accelerator),
-            })
+            run.log_epoch(
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "samples_seen": samples,
+                    "train/loss": train_loss,
+                    "val/loss": val["loss"],
+                    "val/acc": val["acc"],
+                    "val/n_samples": val["n_samples"],
+                    "time/train_s": t1 - t0,
+                    "time/eval_s": t2 - t1,
+                    "time/epoch_s": t2 - t0,
+                    "throughput/samples_per_s": n_train / (t1 - t0),
+                    "memory/peak_gib": peak_memory_gib(accelerator),
+                }
+            )
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         best.restore(model)
         t0 = synced_clock(accelerator)
-        test = evaluate(model, test_loader, accelerator, cfg)
-        run.finish({
-            "test/loss": test["loss"], "test/acc": test["acc"], "test/n_samples": test["n_samples"],
-            "test/acc_per_class": dict(zip(data.info["classes"], test["acc_per_class"], strict=True)),
-            "test/epoch": best.epoch or epoch, "test/time_s": synced_clock(accelerator) - t0,
-        }, model)
+        test = evaluate(model, test_loader, par, cfg)
+        run.finish(
+            {
+                "test/loss": test["loss"],
+                "test/acc": test["acc"],
+                "test/n_samples": test["n_samples"],
+                "test/acc_per_class": dict(zip(data.info["classes"], test["acc_per_class"], strict=True)),
+                "test/epoch": best.epoch or epoch,
+                "test/time_s": synced_clock(accelerator) - t0,
+            },
+            model,
+        )
     del model, optimizer
-    shutdown(accelerator)
+    shutdown(accelerator, par)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+STRATEGIES = ("auto", "single", "ddp", "fsdp", "model_split", "pipeline", "hybrid")
+SCHEDULES = ("gpipe", "1f1b")
+
 
 class UserError(Exception):
     """Bad input from the person running the script: reported as one line, exit status 2."""
@@ -33,6 +36,14 @@ class RunConfig:
     data_dir: str = "data"  # root holding mnist/, cifar10/, imdb/, multi30k/ (see README, Data)
     runs_dir: str = "runs"  # one JSON record per run is written here
     device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda
+    # Parallelism (README, Strategies). fsdp comes from the launch config; the others are chosen here.
+    strategy: str = "auto"  # auto (fsdp if the launch config is FSDP, ddp if >1 process, else single) | single | ddp | fsdp | model_split | pipeline | hybrid
+    microbatches: int = 0  # splits of each replica's batch; 0 = 4 for pipeline/hybrid, 1 otherwise (>1 = gradient accumulation)
+    schedule: str = ""  # pipeline/hybrid schedule: gpipe | 1f1b ("" = gpipe)
+    pp_size: int = 0  # hybrid: pipeline stages per replica (0 = 2); the rest of the processes are replicas
+    split_devices: str = (
+        ""  # model_split: one device per stage, e.g. cuda:0,cuda:1 ("" = 2 GPUs if present, else cpu,cpu)
+    )
     eval_batch_size: int = 1000  # global batch for validation and test
     save_model: bool = False  # also write the final weights to <runs_dir>/<run_id>.safetensors
     tag: str = ""  # free text stored in the record (e.g. the bench matrix cell)
@@ -166,6 +177,15 @@ def validate(cfg: RunConfig):
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if hasattr(cfg, key) and getattr(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}': must be > 0, got {getattr(cfg, key)}")
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"config key 'strategy': expected one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}"
+        )
+    if cfg.schedule not in ("", *SCHEDULES):
+        raise ConfigError(f"config key 'schedule': expected {' or '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    for key in ("microbatches", "pp_size"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(cfg, key)}")
     if hasattr(cfg, "lr") and not cfg.lr > 0:
         raise ConfigError(f"config key 'lr': must be > 0, got {cfg.lr}")
 

@@ -24,6 +24,7 @@ from accelerate import __version__ as accelerate_version
 from accelerate.utils import gather_object
 
 from shared.config import RunConfig, UserError, parse_config
+from shared.parallel import SetupError, check_setup, launch_is_fsdp
 from shared.record import RunRecord
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,10 +39,6 @@ CLOCKS = {
     "total_s": "wall clock from process set-up to the end of the test pass; excludes interpreter and launcher start-up",
     "test/time_s": "the final test pass",
 }
-
-
-class SetupError(UserError):
-    pass
 
 
 class Interrupted(BaseException):
@@ -71,7 +68,11 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
             f"the launch config assigns GPUs (CUDA_VISIBLE_DEVICES={visible}) but torch sees no CUDA device; "
             "use an accelerate_configs/cpu_*.yaml setup on this machine"
         )
-    if "MASTER_ADDR" in env and "WORLD_SIZE" not in env and env.get("ACCELERATE_USE_CPU", "").lower() == "true":
+    if (
+        "MASTER_ADDR" in env
+        and "WORLD_SIZE" not in env
+        and env.get("ACCELERATE_USE_CPU", "").lower() == "true"
+    ):
         # accelerate's simple launcher (distributed_type: MULTI_CPU, or --cpu --num_processes N) exports
         # MASTER_ADDR for N > 1 but starts ONE process unless mpirun is used: refuse instead of training alone.
         raise SetupError(
@@ -79,6 +80,14 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
             "(distributed_type: MULTI_CPU or --cpu --num_processes N), which starts only one process without mpirun; "
             "use accelerate_configs/cpu_2proc.yaml (multi-GPU launcher with use_cpu)"
         )
+    world = int(env.get("WORLD_SIZE", "1"))
+    # Before anything is built: is --strategy possible with this launch? (Parallel re-checks against the model.)
+    plan = check_setup(
+        cfg,
+        world,
+        fsdp_launch=launch_is_fsdp(),
+        n_gpus=torch.cuda.device_count() if cuda and cfg.device != "cpu" else 0,
+    )
     acc = Accelerator(
         # Without cpu=True on a machine with no CUDA, processes started by the multi-GPU launcher each come
         # up as a single non-distributed process and train as independent copies.
@@ -86,16 +95,43 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
         **kwargs,
     )
-    world = int(env.get("WORLD_SIZE", "1"))
     if acc.num_processes != world:
         raise SetupError(
             f"the launcher started WORLD_SIZE={world} processes but Accelerate sees {acc.num_processes} "
             f"({acc.distributed_type}); the processes would train as independent copies"
         )
-    if cfg.batch_size % acc.num_processes:
-        raise SetupError(f"batch_size {cfg.batch_size} (global) is not divisible by {acc.num_processes} processes")
+    if plan.strategy == "fsdp":
+        _enable_fsdp(acc)
     signal.signal(signal.SIGTERM, _on_sigterm)
     return acc
+
+
+def _enable_fsdp(acc: Accelerator):
+    """Make sure Accelerate will shard with FSDP2; on CPU, switch its FSDP plugin on by hand.
+
+    Relies on Accelerate internals (1.15, accelerate/state.py): AcceleratorState upgrades MULTI_GPU and the
+    like to FSDP when the launcher exported ACCELERATE_USE_FSDP, but never MULTI_CPU, so on a CPU the plugin is
+    silently ignored and `prepare` wraps the model in DDP. Both shared states must be flipped: preparing the
+    optimizer re-creates AcceleratorState from PartialState's, which would undo a one-sided flip
+    (../shared/ENVIRONMENT.md, Part 2 section 4). Parallel.prepare then verifies the shards on any device.
+    """
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP and acc.device.type == "cpu":
+        plugin = (
+            getattr(acc.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+        )  # reads the FSDP_* env
+        PartialState().distributed_type = DistributedType.FSDP
+        acc.state.distributed_type = DistributedType.FSDP
+        acc.state.fsdp_plugin = plugin
+    if acc.distributed_type != DistributedType.FSDP or not acc.is_fsdp2:
+        version = getattr(getattr(acc.state, "fsdp_plugin", None), "fsdp_version", None)
+        raise SetupError(
+            f"the launch config asks for FSDP but Accelerate set up {acc.distributed_type} "
+            f"(fsdp_version {version}); this project shards with FSDP2: set fsdp_version: 2"
+        )
 
 
 def load_config(cls, argv=None):
@@ -116,10 +152,18 @@ def device_name(device: torch.device) -> str:
 
 def git_commit() -> str | None:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
+        )
         if sha.returncode:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -138,24 +182,38 @@ def environment() -> dict:
     }
 
 
-def setup_info(acc: Accelerator, cfg, strategy: str | None = None, **extra) -> dict:
+def num_machines() -> int:
+    """Hosts in this launch: torchrun exports GROUP_WORLD_SIZE (the number of node groups) to every worker."""
+    env = os.environ
+    if "GROUP_WORLD_SIZE" in env:
+        return int(env["GROUP_WORLD_SIZE"])
+    return max(
+        1,
+        int(env.get("WORLD_SIZE", "1"))
+        // max(1, int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1")))),
+    )
+
+
+def setup_info(acc: Accelerator, cfg, strategy: str | None = None, par=None, **extra) -> dict:
     """Collective: every rank must call it (device names are gathered from all ranks)."""
     devices = gather_object([str(acc.device)])
     names = gather_object([device_name(acc.device)])
     backend = getattr(acc.state, "backend", None)
+    dp = par.plan.dp if par else acc.num_processes
     return {
         "strategy": strategy or ("ddp" if acc.num_processes > 1 else "single"),
         "distributed_type": str(acc.distributed_type).split(".")[-1],
         "backend": str(backend) if backend else None,
         "num_processes": acc.num_processes,
-        "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("ACCELERATE_NUM_MACHINES", "1")) or 1),
+        "num_machines": num_machines(),
         "devices": devices,
         "device_names": names,
         "mixed_precision": str(acc.mixed_precision),
         "global_batch_size": cfg.batch_size,
-        "per_device_batch_size": cfg.batch_size // acc.num_processes,
+        "per_device_batch_size": cfg.batch_size // dp,  # per data-parallel replica (pipeline stages share it)
         "mesh_shape": None,
         "microbatches": None,
+        **(par.setup_info() if par else {}),
         **extra,
     }
 
@@ -189,9 +247,10 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def params_sha256(model: torch.nn.Module) -> str:
+def params_sha256(state: dict) -> str:
+    """Digest of a state dict (names and bytes), to compare what ranks hold without moving the tensors."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(state.items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -200,7 +259,8 @@ def params_sha256(model: torch.nn.Module) -> str:
 class BestCheckpoint:
     """Keep the weights of the epoch with the lowest validation loss in memory; the tutorials test those.
 
-    Every rank holds identical weights under data parallelism, so each keeps its own copy: no communication.
+    Each rank copies what it holds and restores it: the full model (single, ddp, model_split), its FSDP
+    shards (DTensors) or its pipeline stage. No communication; tests/test_parallel.py restores under each.
     """
 
     def __init__(self, enabled: bool = True):
@@ -232,31 +292,56 @@ class Run:
     SIGTERM / Ctrl-C mark it `interrupted`; the exception is re-raised so the process exits non-zero.
     """
 
-    def __init__(self, acc, cfg, *, model: str, script: str, data, metrics: dict, primary_metric: str,
-                 model_info: dict, strategy: str | None = None, **setup_extra):
-        self.acc, self.cfg = acc, cfg
+    def __init__(
+        self,
+        acc,
+        cfg,
+        *,
+        model: str,
+        script: str,
+        data,
+        metrics: dict,
+        primary_metric: str,
+        model_info: dict,
+        strategy: str | None = None,
+        par=None,
+        **setup_extra,
+    ):
+        self.acc, self.cfg, self.par = acc, cfg, par
         self.t0 = time.perf_counter()
-        setup = setup_info(acc, cfg, strategy, **setup_extra)
+        if par is None and (cfg.strategy not in ("auto", "single", "ddp") or launch_is_fsdp()):
+            wanted = "fsdp" if launch_is_fsdp() else cfg.strategy
+            raise SetupError(
+                f"this script does not support the {wanted} strategy yet (it does not use shared.parallel)"
+            )
+        setup = setup_info(acc, cfg, strategy, par, **setup_extra)
         self.record = None
         if acc.is_main_process:
-            self.record = RunRecord(cfg.runs_dir, {
-                "model": model,
-                "script": os.path.relpath(script, REPO) if os.path.isabs(script) else script,
-                "tag": cfg.tag,
-                "config": dict(vars(cfg)),
-                "setup": setup,
-                "environment": environment(),
-                "data": data.provenance(),
-                "model_info": model_info,
-                "metrics": metrics,
-                "primary_metric": primary_metric,
-                "timing": {"clocks": CLOCKS},
-            })
+            self.record = RunRecord(
+                cfg.runs_dir,
+                {
+                    "model": model,
+                    "script": os.path.relpath(script, REPO) if os.path.isabs(script) else script,
+                    "tag": cfg.tag,
+                    "config": dict(vars(cfg)),
+                    "setup": setup,
+                    "environment": environment(),
+                    "data": data.provenance(),
+                    "model_info": model_info,
+                    "metrics": metrics,
+                    "primary_metric": primary_metric,
+                    "timing": {"clocks": CLOCKS},
+                },
+            )
         self.run_id = gather_object([self.record.run_id if self.record else ""])[0]
         prov = data.provenance()
-        acc.print(f"run {self.run_id}: {model} | {setup['strategy']} x{acc.num_processes} on {setup['devices'][0]} "
-                  f"({setup['device_names'][0]}) | mixed precision {setup['mixed_precision']}")
-        acc.print(f"data {prov['name']} from {prov['source']} ({prov['location']}) | used {prov['used']} of {prov['splits']}")
+        acc.print(
+            f"run {self.run_id}: {model} | {setup['strategy']} x{acc.num_processes} on {setup['devices'][0]} "
+            f"({setup['device_names'][0]}) | mixed precision {setup['mixed_precision']}"
+        )
+        acc.print(
+            f"data {prov['name']} from {prov['source']} ({prov['location']}) | used {prov['used']} of {prov['splits']}"
+        )
         if prov["synthetic"]:
             acc.print("WARNING: SYNTHETIC data: shapes and throughput only, the metrics mean nothing")
         acc.print("config " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
@@ -286,26 +371,40 @@ class Run:
             self.record.log_epoch(row)
 
     def finish(self, test: dict, model: torch.nn.Module):
-        """Collective: records the test results and proves the ranks hold identical parameters."""
-        digest = params_sha256(self.acc.unwrap_model(model))
-        digests = gather_object([digest])
+        """Collective: records the test results and proves the ranks hold the parameters they should."""
+        par = self.par
+        state = par.local_state_dict(model) if par else self.acc.unwrap_model(model).state_dict()
+        digests = gather_object([params_sha256(state)])
+        groups = par.same_params_groups() if par else [list(range(len(digests)))]
         self.acc.print(" | ".join(f"{k} {_fmt(v)}" for k, v in test.items()))
-        if len(set(digests)) > 1:
-            self.acc.print(f"WARNING: parameters differ between ranks: {digests}")
+        if any(len({digests[r] for r in g}) > 1 for g in groups):
+            self.acc.print(
+                f"WARNING: parameters differ between ranks that should hold the same ones: {digests}"
+            )
         if self.cfg.save_model:
-            self.acc.save_model(model, Path(self.cfg.runs_dir) / self.run_id, safe_serialization=True)
+            directory = Path(self.cfg.runs_dir) / self.run_id
+            if par:
+                par.save_model(model, directory)
+            else:
+                self.acc.save_model(model, directory, safe_serialization=True)
         if self.record:
             self.record.data["setup"]["params_sha256_per_rank"] = digests
+            self.record.data["setup"]["params_sha256_scope"] = (
+                par.digest_scope() if par else "each rank's full model"
+            )
             self.record.data["test"] = test
             self.record.end("finished", self.elapsed())
         self.acc.print(f"finished in {self.elapsed():.1f} s; record {self.cfg.runs_dir}/{self.run_id}.json")
 
 
-def shutdown(acc: Accelerator):
+def shutdown(acc: Accelerator, par=None):
     """Release the wrapped model before the process group ends: gloo + DDP otherwise aborts at exit ~1 in 4.
 
-    The caller must `del` its own references to the model and optimizer first.
+    The caller must `del` its own references to the model and optimizer first; `par` drops a pipeline's
+    schedule and stage.
     """
+    if par is not None:
+        par.close()
     acc.wait_for_everyone()
     acc.free_memory()
     gc.collect()

@@ -33,21 +33,49 @@ def require_dataset(name: str) -> Path:
 
 
 def child_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    # one thread per process: predictable on 2 cores, and no oversubscription when launches overlap other work
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            **extra,
+        }
+    )
     return env
 
 
-def launch(setup: str | None, script: str, *args, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(
+    setup: str | None, script: str, *args, timeout: float = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file accelerate_configs/<setup>.yaml scripts/<script>.py args`, or plain
     `python scripts/<script>.py args` when setup is None."""
     if setup is None:
         cmd = [sys.executable, str(REPO / "scripts" / f"{script}.py")]
     else:
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs" / f"{setup}.yaml"),
-               "--main_process_port", str(free_port()), str(REPO / "scripts" / f"{script}.py")]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env=env or child_env())
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(REPO / "accelerate_configs" / f"{setup}.yaml"),
+            "--main_process_port",
+            str(free_port()),
+            str(REPO / "scripts" / f"{script}.py"),
+        ]
+    return subprocess.run(
+        cmd + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env or child_env(),
+    )
 
 
 def records(runs_dir: Path) -> list[dict]:
