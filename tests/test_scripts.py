@@ -12,11 +12,37 @@ from tests.conftest import BIN, REPO, child_env, explain, free_port, launch, rec
 # script -> (dataset folder, tiny args, expected full val / test sizes, the metric keys the record declares)
 SCRIPTS = {
     "mlp": ("mnist", ["--limit_train", 640, "--max_steps", 6], 6000, 10000, ["val/acc", "test/acc"]),
-    "conv_autoencoder": ("mnist", ["--limit_train", 640, "--max_steps", 6], 6000, 10000, ["val/psnr", "test/psnr"]),
+    "conv_autoencoder": (
+        "mnist",
+        ["--limit_train", 640, "--max_steps", 6],
+        6000,
+        10000,
+        ["val/psnr", "test/psnr"],
+    ),
     "cnn": ("cifar10", ["--limit_train", 640, "--max_steps", 6], 5000, 10000, ["val/acc", "test/acc"]),
     # the full 128.8M-parameter VGG11 at 32 px; evaluation limited to keep the test short on 2 cores
-    "vgg11": ("cifar10", ["--limit_train", 640, "--max_steps", 6, "--image_size", 32, "--batch_size", 16,
-                          "--limit_eval", 100], 100, 100, ["val/acc", "test/acc"]),
+    "vgg11": (
+        "cifar10",
+        ["--limit_train", 640, "--max_steps", 6, "--image_size", 32, "--batch_size", 16, "--limit_eval", 100],
+        100,
+        100,
+        ["val/acc", "test/acc"],
+    ),
+    "nbow": (
+        "imdb",
+        ["--limit_train", 640, "--max_steps", 6, "--batch_size", 64],
+        6250,
+        25000,
+        ["val/acc", "test/acc"],
+    ),
+    # greedy decoding for BLEU is the slow part on 2 cores: evaluation limited
+    "seq2seq": (
+        "multi30k",
+        ["--limit_train", 640, "--max_steps", 6, "--limit_eval", 100],
+        100,
+        100,
+        ["val/ppl", "test/ppl", "test/bleu"],
+    ),
 }
 SETUPS = {"cpu_1proc": 1, "cpu_2proc": 2}
 
@@ -52,8 +78,26 @@ def test_smoke(script, setup, tmp_path):
 def _train(setup, tmp_path, name, *extra):
     root = require_dataset("mnist")
     out = tmp_path / name
-    proc = launch(setup, "mlp", "--data_dir", root, "--runs_dir", out, "--limit_train", 1280, "--limit_eval", 200,
-                  "--max_steps", 15, "--augment", "false", "--select_best", "false", "--save_model", *extra)
+    proc = launch(
+        setup,
+        "mlp",
+        "--data_dir",
+        root,
+        "--runs_dir",
+        out,
+        "--limit_train",
+        1280,
+        "--limit_eval",
+        200,
+        "--max_steps",
+        15,
+        "--augment",
+        "false",
+        "--select_best",
+        "false",
+        "--save_model",
+        *extra,
+    )
     assert proc.returncode == 0, explain(proc)
     (rec,) = records(out)
     return load_file(out / rec["run_id"] / "model.safetensors"), rec
@@ -86,7 +130,10 @@ def test_one_and_two_processes_reach_the_same_parameters(tmp_path):
 def test_bad_input_one_line_no_running_record(script, args, needle, tmp_path):
     (tmp_path / "bad.yaml").write_text("lr: [0.1\n")
     (tmp_path / "empty").mkdir()
-    args = [str(tmp_path / "bad.yaml") if a == "MALFORMED" else str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    args = [
+        str(tmp_path / "bad.yaml") if a == "MALFORMED" else str(tmp_path / "empty") if a == "EMPTY" else a
+        for a in args
+    ]
     runs = tmp_path / "runs"
     proc = launch(None, script, "--runs_dir", runs, *args, env=child_env())
     assert proc.returncode == 2, explain(proc)
@@ -104,7 +151,9 @@ def test_launcher_world_size_mismatch_is_refused(monkeypatch):
     from shared.config import RunConfig
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(runtime, "Accelerator", lambda **kw: SimpleNamespace(num_processes=1, distributed_type="NO"))
+    monkeypatch.setattr(
+        runtime, "Accelerator", lambda **kw: SimpleNamespace(num_processes=1, distributed_type="NO")
+    )
     cfg = RunConfig()
     cfg.batch_size = 64
     with pytest.raises(runtime.SetupError, match="WORLD_SIZE=2 .* independent copies"):
@@ -114,9 +163,52 @@ def test_launcher_world_size_mismatch_is_refused(monkeypatch):
 def test_simple_launcher_multi_cpu_trap_is_refused(tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts ONE process: the script must say so, not train alone."""
     root = require_dataset("mnist")
-    proc = subprocess.run([str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-                           str(REPO / "scripts" / "mlp.py"), "--data_dir", str(root), "--runs_dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, env=child_env(), cwd=REPO)
+    proc = subprocess.run(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+            str(REPO / "scripts" / "mlp.py"),
+            "--data_dir",
+            str(root),
+            "--runs_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+        cwd=REPO,
+    )
     assert proc.returncode != 0, explain(proc)
     assert "starts only one process" in proc.stderr
+    assert records(tmp_path) == []
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "accelerate_configs").glob("*.yaml")))
+def test_every_launch_config_is_accepted_by_accelerate(config):
+    """`accelerate launch --config_file` rejects unknown keys; every shipped setup must load unchanged."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(REPO / "accelerate_configs" / config))
+    assert cfg.num_processes >= 1 and cfg.distributed_type
+
+
+def test_gpu_config_without_cuda_fails_loudly(tmp_path):
+    """A GPU setup on a machine without CUDA must not silently train on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    root = require_dataset("mnist")
+    proc = launch("gpu_1", "mlp", "--data_dir", root, "--runs_dir", tmp_path, "--max_steps", 1)
+    assert proc.returncode != 0, explain(proc)  # the script exits 2; accelerate's launcher reports 1
+    assert (
+        "error: the launch config assigns GPUs (CUDA_VISIBLE_DEVICES=0) but torch sees no CUDA device"
+        in proc.stderr
+    )
     assert records(tmp_path) == []

@@ -1,0 +1,348 @@
+"""LSTM encoder-decoder on Multi30k German -> English: 2 x 512 LSTMs, 256-d embeddings
+(bentrevett/pytorch-seq2seq, notebook 1 "Sequence to Sequence Learning with Neural Networks").
+
+Defaults reproduce the tutorial: lower-cased tokens with <sos>/<eos>, vocabularies from train with min_freq 2,
+29,000 / 1,014 / 1,000 sentence pairs, encoder and decoder dropout 0.5, all weights uniform(-0.08, 0.08),
+teacher forcing 0.5 (one coin per time step for the whole batch), Adam lr 1e-3, batch 128, gradient norm
+clipped to 1.0, 10 epochs, cross-entropy over non-pad target tokens, the best-validation-loss epoch is tested.
+Validation and test run with teacher forcing off. Tokens come from a regex tokenizer (shared/text.py
+`word_punct`), not the tutorial's spaCy models, so the vocabularies differ a little: de 7,882 / en 5,898
+(tutorial 7,853 / 5,893). Parameters = 256 de + 769 en + 7,356,416 = 13,909,770 (tutorial 13,898,501).
+Upstream result: test loss 3.780, PPL 43.8, BLEU 0.1376.
+
+BLEU: greedy decoding of the 1,000 test sentences (stop at <eos>, at most 25 tokens as the tutorial's
+translate_sentence) on the main process; both sides tokenized with `word_punct` and scored by
+sacrebleu's BLEU(tokenize="none", smooth_method="none"): the tutorial's HF `evaluate` "bleu" with a
+spaCy tokenizer is the same formula (4-gram, no smoothing, one reference). Reported as a fraction (0-1).
+
+Launch (same script everywhere; hardware lives in accelerate_configs/):
+    python scripts/seq2seq.py --data_dir ../shared/data
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/seq2seq.py --data_dir ../shared/data
+    accelerate launch --config_file accelerate_configs/gpu_2_ddp.yaml scripts/seq2seq.py
+
+`batch_size` is the global batch (split over processes). The study's settings: --batch_size 512 (1 GPU) /
+--batch_size 1024 (2 GPUs, 512 per process), --epochs 10.
+
+Expect: the tutorial's test PPL 43.8 and BLEU 0.138 after 10 epochs (no full run of this script recorded yet;
+after 20 steps: val PPL 178). Metric: perplexity = exp(mean cross-entropy per target token, test split).
+Time, 2-core AMD EPYC CPU shared with other jobs, 1 process: about 2 s per step with OMP_NUM_THREADS=1
+(227 steps, ~8 min per epoch, ~80 min for 10); with 2 OpenMP threads and the other core busy, 4-18 s per step.
+The tutorial took 16 s per epoch on one GPU.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from sacrebleu.metrics import BLEU
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from shared.config import RunConfig
+from shared.data import make_loader
+from shared.runtime import (
+    BestCheckpoint,
+    Run,
+    count_params,
+    entry,
+    load_config,
+    make_accelerator,
+    peak_memory_gib,
+    reset_peak_memory,
+    shutdown,
+    synced_clock,
+)
+from shared.text import load_multi30k, pad_pair_collate, word_punct
+
+
+@dataclass
+class Config(RunConfig):
+    lr: float = 1e-3  # Adam learning rate
+    batch_size: int = 128  # global batch (all processes together)
+    epochs: int = 10
+    embedding_dim: int = 256  # encoder and decoder embeddings
+    hidden_dim: int = 512  # LSTM hidden and cell size
+    n_layers: int = 2
+    dropout: float = 0.5  # on the embeddings and between the LSTM layers
+    teacher_forcing: float = 0.5  # probability of feeding the true previous token (training only)
+    clip: float = 1.0  # max global gradient norm
+    max_decode_len: int = 25  # greedy decoding for BLEU: at most this many tokens (the tutorial's 25)
+    # The encoder reads the padding (no packing, as the tutorial), so the loss depends on how far each batch
+    # pads: evaluate with the tutorial's batch of 128 rather than the shared default of 1000.
+    eval_batch_size: int = 128  # global batch for validation and test
+    select_best: bool = True  # test the epoch with the lowest validation loss, as the tutorial does
+
+
+METRICS = {
+    "train/loss": {"label": "train loss (cross-entropy per target token)", "goal": "min"},
+    "val/loss": {"label": "validation loss (cross-entropy per target token)", "goal": "min"},
+    "val/ppl": {"label": "validation perplexity (exp of the loss)", "goal": "min"},
+    "test/loss": {"label": "test loss (cross-entropy per target token)", "goal": "min"},
+    "test/ppl": {"label": "test perplexity (exp of the loss)", "goal": "min"},
+    "test/bleu": {
+        "label": "test BLEU-4, greedy decoding (sacrebleu, word_punct tokens)",
+        "unit": "fraction",
+        "goal": "max",
+    },
+}
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab_size: int, cfg: Config):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim)
+        self.rnn = nn.LSTM(
+            cfg.embedding_dim, cfg.hidden_dim, cfg.n_layers, dropout=cfg.dropout, batch_first=True
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, src, lengths=None):
+        embedded = self.dropout(self.embedding(src))
+        if lengths is not None:  # decoding: the states at each sentence's own end, as translating one by one
+            embedded = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (hidden, cell) = self.rnn(embedded)
+        return hidden, cell
+
+
+class Decoder(nn.Module):
+    def __init__(self, vocab_size: int, cfg: Config):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim)
+        self.rnn = nn.LSTM(
+            cfg.embedding_dim, cfg.hidden_dim, cfg.n_layers, dropout=cfg.dropout, batch_first=True
+        )
+        self.fc_out = nn.Linear(cfg.hidden_dim, vocab_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, token, hidden, cell):
+        """One time step: token (B,) -> logits (B, V) and the new states."""
+        embedded = self.dropout(self.embedding(token.unsqueeze(1)))
+        output, (hidden, cell) = self.rnn(embedded, (hidden, cell))
+        return self.fc_out(output.squeeze(1)), hidden, cell
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, src_vocab: int, trg_vocab: int, cfg: Config):
+        super().__init__()
+        self.encoder, self.decoder = Encoder(src_vocab, cfg), Decoder(trg_vocab, cfg)
+
+    def forward(self, src, trg, teacher_force: list[bool]):
+        """Logits (B, T-1, V) for trg[:, 1:]. After step t the decoder is fed trg[:, t] if teacher_force[t-1],
+        else its own prediction."""
+        hidden, cell = self.encoder(src)
+        token, outputs = trg[:, 0], []
+        for t in range(1, trg.shape[1]):
+            logits, hidden, cell = self.decoder(token, hidden, cell)
+            outputs.append(logits)
+            token = trg[:, t] if teacher_force[t - 1] else logits.argmax(1)
+        return torch.stack(outputs, 1)
+
+
+def build_model(cfg: Config, info: dict) -> Seq2Seq:
+    model = Seq2Seq(info["src_vocab_size"], info["trg_vocab_size"], cfg)
+    for p in model.parameters():
+        nn.init.uniform_(p, -0.08, 0.08)  # every weight and bias, as the tutorial's init_weights
+    return model
+
+
+def train_one_epoch(model, loader, optimizer, accelerator, cfg, pad, gen, step):
+    model.train()
+    stats = torch.zeros(3, device=accelerator.device)  # loss summed over tokens, tokens, sentences
+    for batch in loader:
+        src, trg = batch["src"], batch["trg"]
+        # The tutorial's coin per time step for the whole batch (random.random() < ratio), from a generator
+        # re-seeded by (seed, step): every rank draws the same coin for time step t, although each rank pads
+        # its shard to its own length (Accelerate shards the batch indices; each rank collates its own rows).
+        gen.manual_seed(cfg.seed * 1_000_003 + step)
+        teacher_force = (torch.rand(trg.shape[1] - 1, generator=gen) < cfg.teacher_forcing).tolist()
+        logits = model(src, trg, teacher_force)
+        target = trg[:, 1:]
+        summed = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=pad, reduction="sum")
+        n_tokens = (target != pad).sum()
+        # Mean over the tokens of the GLOBAL batch: DDP averages gradients over ranks, so each rank divides
+        # its sum by the global count / world size. Per-rank means would weight short shards' tokens more.
+        loss = summed * accelerator.num_processes / accelerator.reduce(n_tokens, "sum")
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        # Accumulate on the device: no host sync per step, one reduction per epoch.
+        stats[0] += summed.detach()
+        stats[1] += n_tokens
+        stats[2] += len(trg)
+        step += 1
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
+    loss_sum, n_tokens, seen = accelerator.reduce(stats, "sum").tolist()
+    return loss_sum / n_tokens, int(seen), step
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, pad):
+    """Per-token loss with teacher forcing off (the tutorial's evaluate) over the whole split, each sentence
+    counted once across ranks: per-sentence sums of loss and of tokens are gathered, not batch means."""
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    n_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    n = 0
+    for batch in loader:
+        trg = batch["trg"]
+        logits = model(batch["src"], trg, [False] * (trg.shape[1] - 1))
+        target = trg[:, 1:]
+        losses = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=pad, reduction="none").sum(1)
+        counts = (target != pad).sum(1)
+        losses, counts = accelerator.gather_for_metrics(
+            (losses, counts)
+        )  # drops the padding of the last batch
+        loss_sum += losses.double().sum()
+        n_tokens += counts.sum()
+        n += len(losses)
+    loss = loss_sum.item() / n_tokens.item()
+    return {"loss": loss, "ppl": math.exp(loss), "n_samples": n, "n_tokens": int(n_tokens.item())}
+
+
+@torch.no_grad()
+def bleu(model, data, cfg, device) -> dict:
+    """Greedy translations of the whole test split on this process, scored with corpus BLEU."""
+    model.eval()
+    info = data.info
+    src_vocab, trg_vocab, eos = info["src_vocab"], info["trg_vocab"], info["eos_index"]
+    loader = make_loader(
+        data.test,
+        cfg.eval_batch_size,
+        shuffle=False,
+        seed=cfg.seed,
+        collate_fn=pad_pair_collate(info["src_pad_index"], info["trg_pad_index"]),
+    )
+    hyps, refs = [], []
+    for batch in loader:
+        hidden, cell = model.encoder(batch["src"].to(device), batch["src_lengths"])
+        token = torch.full((len(batch["src"]),), info["sos_index"], device=device)
+        done, out = torch.zeros_like(token, dtype=torch.bool), []
+        for _ in range(cfg.max_decode_len):
+            logits, hidden, cell = model.decoder(token, hidden, cell)
+            token = logits.argmax(1)
+            out.append(token)
+            done |= token == eos
+            if done.all():
+                break
+        for ids in torch.stack(out, 1).tolist():
+            hyps.append(" ".join(trg_vocab.decode(ids[: ids.index(eos)] if eos in ids else ids)))
+        refs += [" ".join(word_punct(text)) for text in batch["trg_text"]]
+    metric = BLEU(
+        tokenize="none", smooth_method="none"
+    )  # tokens are already split; no smoothing, as HF "bleu"
+    score = metric.corpus_score(hyps, [refs])
+    examples = [
+        {"source": " ".join(src_vocab.decode(src[1:-1])), "reference": ref, "hypothesis": hyp}
+        for src, ref, hyp in zip(data.test["src"][:5], refs[:5], hyps[:5], strict=True)
+    ]
+    detail = {
+        "precisions": [p / 100 for p in score.precisions],
+        "brevity_penalty": score.bp,
+        "hyp_len": score.sys_len,
+        "ref_len": score.ref_len,
+        "signature": str(metric.get_signature()),
+    }
+    return {"bleu": score.score / 100, "detail": detail, "examples": examples}
+
+
+def main():
+    cfg = load_config(Config)
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    data = load_multi30k(cfg)
+    pad = data.info["trg_pad_index"]
+    collate = pad_pair_collate(data.info["src_pad_index"], pad)
+    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, collate_fn=collate)
+    val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, collate_fn=collate)
+    test_loader = make_loader(
+        data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, collate_fn=collate
+    )
+    model = build_model(cfg, data.info)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model_info = {
+        "params": count_params(model),
+        "src_vocab_size": data.info["src_vocab_size"],
+        "trg_vocab_size": data.info["trg_vocab_size"],
+        "steps_per_epoch": len(train_loader),
+    }
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader
+    )
+    run = Run(
+        accelerator,
+        cfg,
+        model="seq2seq",
+        script=__file__,
+        data=data,
+        metrics=METRICS,
+        primary_metric="test/ppl",
+        model_info=model_info,
+    )
+    gen = torch.Generator()  # teacher-forcing coins: a CPU generator, so drawing them never syncs the device
+    best = BestCheckpoint(enabled=cfg.select_best)
+    step, samples = 0, 0
+    with run:
+        for epoch in range(1, cfg.epochs + 1):
+            train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
+            reset_peak_memory(accelerator)
+            t0 = synced_clock(accelerator)
+            train_loss, n_train, step = train_one_epoch(
+                model, train_loader, optimizer, accelerator, cfg, pad, gen, step
+            )
+            t1 = synced_clock(accelerator)
+            val = evaluate(model, val_loader, accelerator, pad)
+            t2 = synced_clock(accelerator)
+            samples += n_train
+            best.update(val["loss"], model, epoch)
+            run.log_epoch(
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "samples_seen": samples,
+                    "train/loss": train_loss,
+                    "val/loss": val["loss"],
+                    "val/ppl": val["ppl"],
+                    "val/n_samples": val["n_samples"],
+                    "time/train_s": t1 - t0,
+                    "time/eval_s": t2 - t1,
+                    "time/epoch_s": t2 - t0,
+                    "throughput/samples_per_s": n_train / (t1 - t0),
+                    "memory/peak_gib": peak_memory_gib(accelerator),
+                }
+            )
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+        best.restore(model)
+        t0 = synced_clock(accelerator)
+        test = evaluate(model, test_loader, accelerator, pad)
+        # BLEU on the main process only, with the unwrapped model over the whole test split: 1,000 short
+        # sentences decode in seconds, and nothing needs gathering or de-duplicating across ranks.
+        scored = (
+            bleu(accelerator.unwrap_model(model), data, cfg, accelerator.device)
+            if accelerator.is_main_process
+            else {}
+        )
+        run.finish(
+            {
+                "test/loss": test["loss"],
+                "test/ppl": test["ppl"],
+                "test/n_samples": test["n_samples"],
+                "test/n_tokens": test["n_tokens"],
+                "test/bleu": scored.get("bleu"),
+                "test/bleu_detail": scored.get("detail"),
+                "test/examples": scored.get("examples"),
+                "test/epoch": best.epoch or epoch,
+                "test/time_s": synced_clock(accelerator) - t0,
+            },
+            model,
+        )
+    del model, optimizer
+    shutdown(accelerator)
+
+
+if __name__ == "__main__":
+    entry(main)
