@@ -1,33 +1,315 @@
-"""Training-run dashboard (placeholder until the dashboard issue): lists the run records in $RUNS_DIR.
+"""Training-run dashboard: our run records beside the study's published results, filtered and compared.
 
-    make dashboard            # serves http://127.0.0.1:8501
-    RUNS_DIR=/path/to/runs make dashboard
+    make dashboard                                   # http://127.0.0.1:8501, reads runs/
+    make dashboard RUNS_DIR=/path/to/runs PORT=8600
+
+Environment: RUNS_DIR (default runs/), REFERENCE_DIR (the study's files; default reference/seed_results next
+to this file, empty for none), DASHBOARD_STALE_S (heartbeat age in seconds after which a `running` record
+shows as crashed, default 600), DASHBOARD_REFRESH_S (live refresh period while a run is running, default 10).
+Filters and view settings live in the URL's query parameters, so a link reproduces the view.
 """
 
+import datetime as dt
 import os
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from shared.record import load_runs
+from shared import dashboard_views as dv
+
+RUNS_DIR = os.environ.get("RUNS_DIR", "runs")
+REFERENCE_DIR = os.environ.get("REFERENCE_DIR", str(Path(__file__).with_name("reference") / "seed_results"))
+STALE_S = float(os.environ.get("DASHBOARD_STALE_S", dv.STALE_S))
+REFRESH_S = float(os.environ.get("DASHBOARD_REFRESH_S", 10))
+FILTERS = {
+    "model": "Model",
+    "setup": "Setup",
+    "strategy": "Strategy",
+    "hardware": "Hardware",
+    "status": "Status",
+    "source": "Data source",
+}
 
 st.set_page_config(page_title="distbench runs", layout="wide")
-st.title("Training runs")
-runs_dir = os.environ.get("RUNS_DIR", "runs")
-runs, problems = load_runs(runs_dir)
-for name, reason in problems:
-    st.warning(f"{name}: {reason}")
-if not runs:
-    st.info(f"No run records in {runs_dir!r} yet. Run `make bench-all` or a script, then reload.")
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def load(runs_dir: str, reference_dir: str, signature: tuple):
+    """Keyed on every file's name, mtime and size: a new epoch in any record reloads, nothing else does."""
+    runs, problems = dv.load_folder(runs_dir, reference_dir)
+    return runs, problems, dv.history_frame(runs)
+
+
+def url_state(key: str, options: list, default, multi: bool = False):
+    """Seed widget `key` from the URL the first time the session sees it; drop values that are no longer options."""
+    if key not in st.session_state:
+        given = st.query_params.get_all(key)
+        st.session_state[key] = (
+            [v for v in given if v in options] if multi else next((v for v in given if v in options), default)
+        )
+    elif multi:
+        st.session_state[key] = [v for v in st.session_state[key] if v in options]
+    elif st.session_state[key] not in options:
+        st.session_state[key] = default
+
+
+def to_url(key: str, value, default=None):
+    values = [str(v) for v in value] if isinstance(value, list) else [] if value == default else [str(value)]
+    if st.query_params.get_all(key) != values:
+        if values:
+            st.query_params[key] = values
+        else:
+            del st.query_params[key]
+
+
+def select(container, label: str, key: str, options: list, default, **kw):
+    url_state(key, options, default)
+    value = container.selectbox(label, options, key=key, **kw)
+    to_url(key, value, default)
+    return value
+
+
+def show(fig, name: str):
+    """A figure with its PNG (Plotly's camera button) and a self-contained HTML download."""
+    st.plotly_chart(
+        fig,
+        key=f"fig_{name}",
+        config={**dv.PNG, "toImageButtonOptions": {**dv.PNG["toImageButtonOptions"], "filename": name}},
+    )
+    st.download_button(
+        "HTML",
+        data=lambda: fig.to_html(include_plotlyjs=True),
+        file_name=f"{name}.html",
+        mime="text/html",
+        on_click="ignore",
+        key=f"dl_{name}",
+        icon=":material/download:",
+    )
+
+
+# ----------------------------------------------------------------------------- data
+signature = dv.folder_signature(RUNS_DIR, REFERENCE_DIR)
+runs, problems, hist_all = load(RUNS_DIR, REFERENCE_DIR, signature)
+by_id = {r["run_id"]: r for r in runs}
+
+st.title("distbench: when does distributed training pay off?")
+st.caption(
+    f"Run records from `{RUNS_DIR}`; the study's published results from `{REFERENCE_DIR or '(none)'}`."
+)
+notices = st.container()  # fixed slots, so the tabs below keep their place (and the open tab) across reruns
+with notices:
+    if problems:
+        st.warning(
+            f"{len(problems)} file(s) could not be read and are not shown:\n"
+            + "\n".join(f"- `{name}`: {reason}" for name, reason in problems)
+        )
+    if not runs:
+        st.info(
+            f"No run records in `{RUNS_DIR}` yet. Run `make bench-all` or one script (README), then reload."
+        )
+        st.stop()
+    if not any(r["kind"] == "ours" for r in runs):
+        st.info(f"No run records of ours in `{RUNS_DIR}` yet: only the study's published results are shown.")
+
+# ----------------------------------------------------------------------------- filters
+with st.sidebar:
+    st.header("Filters")
+    stale_s = st.number_input(
+        "Heartbeat timeout (s)",
+        min_value=1.0,
+        value=STALE_S,
+        step=60.0,
+        key="stale_s",
+        help="A `running` record not updated for this long is shown as crashed.",
+    )
+    df_all = dv.runs_frame(runs, dt.datetime.now(dt.timezone.utc), stale_s)
+    chosen = {}
+    for col, label in FILTERS.items():
+        options = sorted(df_all[col].fillna("?").astype(str).unique())
+        url_state(col, options, [], multi=True)
+        chosen[col] = st.multiselect(label, options, key=col, placeholder="all")
+        to_url(col, chosen[col])
+    st.caption("Filters and view settings are kept in the page address: copy it to share this view.")
+df = dv.apply_filters(df_all, chosen)
+if df.empty:
+    st.info("No run matches the filters.")
     st.stop()
-rows = []
-for r in runs:
-    key = r.get("primary_metric", "")
-    rows.append({
-        "run": r["run_id"], "model": r["model"], "strategy": r["setup"]["strategy"],
-        "processes": r["setup"]["num_processes"], "device": r["setup"]["device_names"][0] if r["setup"].get("device_names") else "",
-        "data": r["data"]["source"] + (" (SYNTHETIC)" if r["data"]["synthetic"] else ""), "status": r["status"],
-        "epochs": len(r["history"]), "median epoch s": pd.Series([h["time/train_s"] for h in r["history"]]).median(),
-        key: r["test"].get(key),
-    })
-st.dataframe(pd.DataFrame(rows), width="stretch")
+hist = hist_all[hist_all["run_id"].isin(df["run_id"])]
+info = dv.metric_info([by_id[r] for r in df["run_id"]])
+
+# ----------------------------------------------------------------------------- headline numbers
+ours = df[df["kind"] == "ours"]
+cols = st.columns(5)
+cols[0].metric("runs shown", len(df), help=f"{len(ours)} ours, {len(df) - len(ours)} from the study")
+cols[1].metric("models", df["model"].nunique())
+cols[2].metric("running", int((df["status"] == "running").sum()))
+cols[3].metric("crashed / failed", int(df["status"].isin(["crashed", "failed"]).sum()))
+best = ours.loc[ours["workers"] > 1, "speedup"].max()
+cols[4].metric("best speedup (ours)", f"{best:.2f}x" if pd.notna(best) else "—")
+badges = st.container()
+if note := dv.synthetic_note(df):
+    badges.badge("SYNTHETIC data", icon=":material/warning:", color="orange")
+    badges.caption(note)
+if (df["kind"] == "study").any():
+    badges.badge("reference: the study's published results", icon=":material/menu_book:", color="violet")
+    badges.caption(
+        "Hardware: Colab T4 for 1 GPU, Kaggle T4 x2 for 2 GPUs, so its speedups mix two machines; the "
+        "global batch doubled on 2 GPUs; per-rank metrics were never reduced (rank 0 shown); no "
+        "set_epoch. See reference/README.md."
+    )
+running = df_all[df_all["status"] == "running"]
+if len(running):
+    deadline = min(
+        dv.parse_time(t) or dt.datetime.max.replace(tzinfo=dt.timezone.utc) for t in running["updated_at"]
+    ) + dt.timedelta(seconds=stale_s)
+    badges.badge(f"live: {len(running)} run(s) running", icon=":material/sync:", color="green")
+
+    @st.fragment(run_every=REFRESH_S)
+    def watch():
+        """Cheap check every few seconds; the whole page reruns only when a file changed or a heartbeat went stale."""
+        if (
+            dv.folder_signature(RUNS_DIR, REFERENCE_DIR) != signature
+            or dt.datetime.now(dt.timezone.utc) > deadline
+        ):
+            st.rerun()
+        st.caption(f"Refreshing every {REFRESH_S:g} s; last checked {dt.datetime.now():%H:%M:%S}.")
+
+    with badges:
+        watch()
+
+# ----------------------------------------------------------------------------- charts
+tabs = st.tabs(
+    ["Overview", "Epoch time", "Scaling", "Curves", "Throughput & memory", "Baseline", "Config diff", "Seeds"]
+)
+with tabs[0]:
+    summary = dv.overview(df)
+    st.dataframe(
+        summary,
+        hide_index=True,
+        width="stretch",
+        height=dv.table_height(len(summary)),
+        column_config={
+            c: st.column_config.NumberColumn(format="%.4g")
+            for c in ("best epoch s", "speedup", "efficiency", "metric mean", "metric std")
+        },
+    )
+    st.caption(
+        "One row per model, setup, hardware, global batch and data source. Best epoch s = the lowest "
+        "median training seconds per epoch over its runs; speedup and efficiency as in Scaling."
+    )
+with tabs[1]:
+    log_y = st.toggle(
+        "log scale",
+        key="log_time",
+        help="Seconds per epoch differ by orders of magnitude between hardware and data sizes.",
+    )
+    show(dv.fig_epoch_time(df, log_y), "epoch_time")
+    st.caption(
+        "Median `time/train_s` per run (training steps only; evaluation and start-up excluded), "
+        "averaged over seeds; error bars = std over seeds."
+    )
+with tabs[2]:
+    left, right = st.columns(2)
+    with left:
+        show(dv.fig_scaling(df, "speedup"), "speedup")
+    with right:
+        show(dv.fig_scaling(df, "efficiency"), "efficiency")
+    st.caption(
+        "Speedup = median epoch train time of the 1-device runs with the same model, hardware, global "
+        "batch, data kind, train samples and max_steps / this run's; efficiency = speedup / devices. Runs "
+        "without such a baseline are not drawn. The study's runs are compared as it did: with its Colab "
+        "1-GPU run."
+    )
+keys = dv.curve_keys(hist, info)  # the history metrics the runs shown carry (none before a first epoch)
+y = "train/loss" if "train/loss" in keys else next(iter(keys), None)
+with tabs[3]:
+    if not keys:
+        st.info("No run shown has finished an epoch yet.")
+    else:
+        c1, c2, c3 = st.columns(3)
+        y = select(c1, "Metric", "metric", keys, y, format_func=lambda k: dv.metric_choice(k, info))
+        x = select(c2, "x axis", "x", list(dv.X_AXES), "epoch")
+        steps = [f"{v / 100:g}" for v in range(0, 100, 5)]
+        url_state("ema", steps, "0.6")
+        weight = float(c3.select_slider("EMA smoothing", steps, key="ema"))
+        to_url("ema", f"{weight:g}", "0.6")
+        show(dv.fig_curves(hist, df, y, x, weight, info), "curves")
+        drawn = set(hist.dropna(subset=[dv.X_AXES[x]])["run_id"]) if dv.X_AXES[x] in hist else set()
+        missing = sorted(set(df["run_id"]) - drawn)
+        st.caption(
+            "Faint points: raw values; lines: debiased EMA. Non-finite losses (diverged) are not drawn."
+            + (
+                f" Not on this axis ({len(missing)} runs without `{dv.X_AXES[x]}`): {', '.join(missing)}."
+                if missing
+                else ""
+            )
+        )
+with tabs[4]:
+    show(dv.fig_per_run(df, "throughput", "Throughput (median over epochs)", "samples/s"), "throughput")
+    show(dv.fig_per_run(df, "peak_gib", "Peak memory (max over epochs and ranks)", "GiB"), "memory")
+    st.caption(
+        "Memory: peak CUDA allocation on GPUs, peak process RSS on the CPU. The study's files record "
+        "neither throughput nor memory."
+    )
+with tabs[5]:
+    ids = list(
+        df.assign(study=df["kind"] != "ours").sort_values(["study", "workers", "model", "run_id"])["run_id"]
+    )
+    labels = dict(zip(df["run_id"], df["label"], strict=True))
+    base_id = select(st, "Baseline run", "baseline", ids, dv.default_baseline(df), format_func=labels.get)
+    same_model = [r for r in ids if r != base_id and by_id[r]["model"] == by_id[base_id]["model"]]
+    table = dv.baseline_table(by_id, df_all, base_id, same_model, info)
+    st.dataframe(
+        table,
+        hide_index=True,
+        width="stretch",
+        height=dv.table_height(len(table), 25),
+        column_config={
+            c: st.column_config.NumberColumn(format="%.4g") for c in ("value", "baseline", "delta", "ratio")
+        },
+    )
+    st.caption(
+        "Every run of the baseline's model against it: delta = run - baseline, ratio = run / baseline, "
+        "for every number both carry; better/worse follows each metric's declared goal."
+    )
+with tabs[6]:
+    kept = [r for r in st.session_state.get("diff_runs", []) if r in ids]
+    st.session_state["diff_runs"] = kept or [base_id, *same_model][:6]  # until the user picks
+    picked = st.multiselect("Runs to compare", ids, key="diff_runs", format_func=labels.get)
+    diff = dv.config_diff([by_id[r] for r in picked])
+    if len(picked) < 2:
+        st.info("Pick two or more runs.")
+    elif diff.empty:
+        st.success("These runs have identical configurations.")
+    else:
+        st.dataframe(diff, width="stretch", height=dv.table_height(len(diff)))
+        st.caption(f"Only the {len(diff)} keys whose values differ (— = key absent).")
+with tabs[7]:
+    groups = dv.seed_groups(df) if keys else {}
+    if not groups:
+        st.info(
+            "No experiment shown has more than one run. `make bench-all` with the full profile runs three "
+            "seeds of each."
+        )
+    else:
+        band = select(st, "Metric", "band", keys, y, format_func=lambda k: dv.metric_choice(k, info))
+        show(dv.fig_seed_bands(hist, groups, band, info), "seeds")
+        st.caption(
+            "A group = runs whose configuration differs only in the seed (same setup, hardware and "
+            "data); line = mean per epoch, band = ± one standard deviation over the group's runs."
+        )
+
+# ----------------------------------------------------------------------------- raw table
+st.subheader("Runs")
+raw = df.drop(columns=["baseline_group", "label"]).sort_values(["model", "kind", "workers", "run_id"])
+st.dataframe(raw, hide_index=True, width="stretch")
+st.download_button(
+    "Filtered table (CSV)",
+    raw.to_csv(index=False),
+    file_name="runs.csv",
+    mime="text/csv",
+    on_click="ignore",
+    key="dl_csv",
+    icon=":material/download:",
+)

@@ -1,0 +1,528 @@
+"""dashboard.py through streamlit.testing's AppTest, on a folder of real short runs plus the study's files.
+
+The runs folder is built once per session by launching the real scripts (1 process, 2 seeds; 2 processes
+through `accelerate launch`; synthetic data; the autoencoder), then adding what real short runs cannot
+produce on demand, each derived from a real record and named as such: a `running` record with a stale
+heartbeat, a live one, a diverged one ("nan" losses), and broken files (truncated JSON, foreign JSON, wrong
+schema_version, schema violation, a broken study file). Every view is checked on the figure JSON and table
+contents the page sends, and filters are changed through the widgets and the URL.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import datetime as dt
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from shared import dashboard_views as dv
+from tests.conftest import DATA_DIR, REPO, child_env, explain, launch, require_dataset
+
+STUDY = REPO / "reference" / "seed_results"
+COMMON = ("--limit_train", 640, "--limit_eval", 200, "--epochs", 3)
+LAUNCHES = {  # name -> (accelerate config or None for plain python, script, extra flags)
+    "seed0": (None, "mlp", ("--seed", 0, "--tag", "bench:fixture:quick:mlp:cpu_1proc:seed0")),
+    "seed1": (None, "mlp", ("--seed", 1, "--tag", "bench:fixture:quick:mlp:cpu_1proc:seed1")),
+    "ddp": ("cpu_2proc", "mlp", ("--seed", 0, "--tag", "bench:fixture:quick:mlp:cpu_2proc:seed0")),
+    "synthetic": (None, "mlp", ("--data", "synthetic", "--tag", "fixture:synthetic")),
+    "ae": (
+        None,
+        "conv_autoencoder",
+        ("--tag", "fixture:ae", "--limit_train", 320, "--limit_eval", 100, "--epochs", 2),
+    ),
+}
+BROKEN = {
+    "truncated.json": "not valid JSON",
+    "foreign.json": "unsupported schema_version None",
+    "wrong_version.json": "unsupported schema_version 2",
+    "bad_schema.json": "does not match the run schema",
+    "Broken_2GPU.json": "different lengths",
+}
+_BUILT: dict = {}
+
+
+def _now(**delta) -> str:
+    return (dt.datetime.now(dt.timezone.utc) + dt.timedelta(**delta)).isoformat(timespec="milliseconds")
+
+
+def _derive(src: dict, run_id: str, runs: Path, **changes) -> dict:
+    rec = json.loads(json.dumps(src))
+    rec.update(run_id=run_id, **changes)
+    (runs / f"{run_id}.json").write_text(json.dumps(rec))
+    return rec
+
+
+def build_fixture(root: Path) -> dict:
+    """Launch the real runs and add the derived and broken files. Built once per session. The 2-process run
+    has the 2 cores to itself, then the 1-process ones go two at a time; one thread per process throughout,
+    as `accelerate launch` sets for the 2-process run, so the timings stay comparable."""
+    if _BUILT:
+        return _BUILT
+    require_dataset("mnist")
+    runs, ref = root / "runs", root / "reference"
+    runs.mkdir()
+
+    def one(item):
+        name, (setup, script, extra) = item
+        proc = launch(
+            setup,
+            script,
+            "--data_dir",
+            DATA_DIR,
+            "--runs_dir",
+            runs,
+            *COMMON,
+            *extra,
+            env=child_env(OMP_NUM_THREADS="1"),
+        )
+        assert proc.returncode == 0, f"{name}: {explain(proc)}"
+
+    one(("ddp", LAUNCHES["ddp"]))
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(one, [(k, v) for k, v in LAUNCHES.items() if k != "ddp"]))
+    by_tag = {r["tag"]: r for r in (json.loads(p.read_text()) for p in runs.glob("*.json"))}
+    ids = {
+        name: by_tag[extra[extra.index("--tag") + 1]]["run_id"] for name, (_, _, extra) in LAUNCHES.items()
+    }
+    seed0 = by_tag[LAUNCHES["seed0"][2][-1]]
+    first = {
+        "history": seed0["history"][:1],
+        "test": {},
+        "ended_at": None,
+        "tag": "fixture:derived",
+        "config": {**seed0["config"], "seed": 7},
+    }
+    _derive(seed0, "mlp-fixture-stale", runs, status="running", updated_at=_now(hours=-2), **first)
+    _derive(
+        seed0,
+        "mlp-fixture-live",
+        runs,
+        status="running",
+        updated_at=_now(),
+        **{**first, "config": {**seed0["config"], "epochs": 5}},
+    )
+    diverged = json.loads(json.dumps(seed0["history"]))
+    diverged[1].update({"train/loss": "nan", "val/loss": "inf"})
+    _derive(
+        seed0,
+        "mlp-fixture-diverged",
+        runs,
+        status="failed",
+        error="loss became nan",
+        history=diverged,
+        test={},
+        tag="fixture:diverged",
+        config={**seed0["config"], "lr": 10.0},
+    )
+    text = json.dumps(seed0)
+    (runs / "truncated.json").write_text(text[: len(text) // 2])
+    (runs / "foreign.json").write_text(json.dumps({"name": "not a run record", "values": [1, 2, 3]}))
+    (runs / "wrong_version.json").write_text(
+        json.dumps({**seed0, "schema_version": 2, "run_id": "wrong_version"})
+    )
+    (runs / "bad_schema.json").write_text(json.dumps({**seed0, "run_id": "bad_schema", "setup": "ddp"}))
+    shutil.copy(STUDY / "MLP_10epochs_1GPU.json", runs)  # a study file in the runs folder is read as one
+    shutil.copytree(STUDY, ref)
+    broken = json.loads((STUDY / "CNN_20epochs_2GPU.json").read_text())
+    next(iter(broken.values()))["train_losses"].pop()
+    (ref / "Broken_2GPU.json").write_text(json.dumps(broken))
+    _BUILT.update(runs=runs, reference=ref, ids=ids)
+    return _BUILT
+
+
+@pytest.fixture(scope="session")
+def fixture_dirs(tmp_path_factory):
+    return build_fixture(tmp_path_factory.mktemp("dashboard"))
+
+
+def render(dirs: dict, monkeypatch, query: dict | None = None, runs: Path | None = None, **env) -> AppTest:
+    monkeypatch.setenv("RUNS_DIR", str(runs or dirs["runs"]))
+    monkeypatch.setenv("REFERENCE_DIR", str(dirs["reference"]))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    at = AppTest.from_file(str(REPO / "dashboard.py"), default_timeout=60)
+    for k, v in (query or {}).items():
+        at.query_params[k] = v
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+@pytest.fixture(scope="module")
+def page(fixture_dirs):
+    with pytest.MonkeyPatch.context() as mp:
+        yield render(fixture_dirs, mp)
+
+
+def decode(obj):
+    """Plotly sends numpy arrays as typed arrays ({"dtype", "bdata"}): turn them back into lists."""
+    if isinstance(obj, dict):
+        if set(obj) >= {"dtype", "bdata"}:
+            return np.frombuffer(base64.b64decode(obj["bdata"]), dtype=obj["dtype"]).tolist()
+        return {k: decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode(v) for v in obj]
+    return obj
+
+
+def figure(at: AppTest, title: str) -> dict:
+    specs = [decode(json.loads(c.proto.spec)) for c in at.get("plotly_chart")]
+    found = [s for s in specs if s["layout"]["title"]["text"].startswith(title)]
+    assert found, f"no figure titled {title!r} in {[s['layout']['title']['text'] for s in specs]}"
+    return found[0]
+
+
+def table(at: AppTest, column: str):
+    found = [d.value for d in at.dataframe if column in d.value.columns]
+    assert found, f"no table with column {column!r}"
+    return found[0]
+
+
+def records(dirs: dict) -> dict[str, dict]:
+    out = {}
+    for p in dirs["runs"].glob("*.json"):
+        try:
+            rec = json.loads(p.read_text())
+        except ValueError:
+            continue
+        if rec.get("schema_version") == 1 and isinstance(rec.get("setup"), dict):
+            out[rec["run_id"]] = rec
+    return out
+
+
+def median_train_s(rec: dict) -> float:
+    return statistics.median(h["time/train_s"] for h in rec["history"])
+
+
+def widget(at: AppTest, kind: str, key: str):
+    return next(w for w in at.get(kind) if w.key == key)
+
+
+# ----------------------------------------------------------------------------- the default page
+
+
+def test_page_loads_and_lists_every_broken_file_with_its_reason(page):
+    assert page.title[0].value.startswith("distbench")
+    notice = page.warning[0].value
+    for name, reason in BROKEN.items():
+        line = next((x for x in notice.splitlines() if name in x), None)
+        assert line and reason in line, (name, notice)
+    assert "MLP_10epochs_1GPU" not in notice  # a study file in the runs folder is read, not rejected
+    assert len(notice.splitlines()) == 1 + len(BROKEN)
+
+
+def test_overview_table_per_model(page, fixture_dirs):
+    t = table(page, "best epoch s")
+    recs = records(fixture_dirs)
+    ours = t[t["source"] != "published"].set_index(["model", "setup", "source"])
+    assert ours.loc[("mlp", "cpu_1proc", "local"), "runs"] == 2
+    best = min(median_train_s(recs[fixture_dirs["ids"][k]]) for k in ("seed0", "seed1"))
+    assert ours.loc[("mlp", "cpu_1proc", "local"), "best epoch s"] == pytest.approx(best)
+    assert ours.loc[("mlp", "cpu_2proc", "local"), "speedup"] > 0
+    assert ours.loc[("mlp", "cpu_2proc", "local"), "efficiency"] == pytest.approx(
+        ours.loc[("mlp", "cpu_2proc", "local"), "speedup"] / 2
+    )
+    assert ours.loc[("conv_autoencoder", "single x1 cpu", "local"), "metric"] == "test/loss"
+    assert ours.loc[("mlp", "single x1 cpu", "local"), "status"] == "1 crashed, 1 failed, 1 running"
+    assert ours.loc[("mlp", "single x1 cpu", "synthetic"), "status"] == "1 finished"
+    study = t[t["source"] == "published"]
+    assert set(study["model"]) == {"mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"}
+    assert set(study["hardware"]) == {"Colab T4", "Kaggle T4 x2"}
+
+
+def test_epoch_time_bars_by_setup(page, fixture_dirs):
+    fig = figure(page, "Training time per epoch by setup")
+    bars = {(tr["name"], x): y for tr in fig["data"] for x, y in zip(tr["x"], tr["y"], strict=True)}
+    recs = records(fixture_dirs)
+    ddp = recs[fixture_dirs["ids"]["ddp"]]
+    hw = ddp["setup"]["device_names"][0]
+    assert bars[(hw, "cpu_2proc")] == pytest.approx(median_train_s(ddp))
+    seeds = [median_train_s(recs[fixture_dirs["ids"][k]]) for k in ("seed0", "seed1")]
+    assert bars[(hw, "cpu_1proc")] == pytest.approx(statistics.mean(seeds))
+    assert bars[("Colab T4", "single x1 gpu")] and bars[("Kaggle T4 x2", "ddp x2 gpu")]
+
+
+def test_speedup_and_efficiency_against_the_ideal_line(page, fixture_dirs):
+    recs = records(fixture_dirs)
+    ddp = recs[fixture_dirs["ids"]["ddp"]]
+    base = statistics.median(
+        median_train_s(r)
+        for r in recs.values()
+        if r["model"] == "mlp"
+        and r["setup"]["num_processes"] == 1
+        and not r["data"]["synthetic"]
+        and r["data"]["used"]["train"] == 640
+        and r["history"]
+    )
+    expected = base / median_train_s(ddp)
+    for title, value in (("Speedup vs devices", expected), ("Scaling efficiency", expected / 2)):
+        fig = figure(page, title)
+        ideal = next(tr for tr in fig["data"] if tr["name"] == "ideal")
+        assert ideal["x"] == [1, 2] and ideal["y"] == ([1, 2] if title.startswith("Speedup") else [1, 1])
+        points = {
+            h: y
+            for tr in fig["data"]
+            if tr["name"] != "ideal"
+            for h, y in zip(tr["hovertext"], tr["y"], strict=True)
+        }
+        assert points[ddp["run_id"]] == pytest.approx(value)
+        # the study's 2-GPU MLP, compared as the study did (its Colab 1-GPU run), is drawn too
+        assert "study-MLP_10epochs_2GPU_DDP" in points
+
+
+def test_curves_raw_points_faint_and_diverged_values_not_drawn(page, fixture_dirs):
+    fig = figure(page, "train/loss vs epoch")  # models differ in what train/loss is: the key is the label
+    lines = {tr["name"]: tr for tr in fig["data"] if tr["mode"] == "lines"}
+    raw = {tr["name"].removesuffix(" (raw)"): tr for tr in fig["data"] if tr["mode"] == "markers"}
+    seed0 = records(fixture_dirs)[fixture_dirs["ids"]["seed0"]]
+    assert raw[seed0["run_id"]]["y"] == [h["train/loss"] for h in seed0["history"]]
+    assert raw[seed0["run_id"]]["opacity"] < 0.5
+    assert raw["mlp-fixture-diverged"]["x"] == [1, 3]  # epoch 2 is "nan": not drawn
+    assert "study-CNN_20epochs_2GPU" in lines and "study-Broken_2GPU" not in lines
+    assert any(name.endswith("[SYNTHETIC]") for name in lines)
+
+
+def test_throughput_and_peak_memory(page, fixture_dirs):
+    recs = records(fixture_dirs)
+    ddp = recs[fixture_dirs["ids"]["ddp"]]
+    thr = figure(page, "Throughput")
+    values = {y: x for tr in thr["data"] for x, y in zip(tr["x"], tr["y"], strict=True)}
+    assert values[ddp["run_id"]] == pytest.approx(
+        statistics.median(h["throughput/samples_per_s"] for h in ddp["history"])
+    )
+    assert not any(k.startswith("study-") for k in values)  # the study recorded no throughput
+    mem = figure(page, "Peak memory")
+    values = {y: x for tr in mem["data"] for x, y in zip(tr["x"], tr["y"], strict=True)}
+    assert values[ddp["run_id"]] == pytest.approx(max(h["memory/peak_gib"] for h in ddp["history"]))
+
+
+def test_baseline_deltas_and_ratios_for_every_metric(page, fixture_dirs):
+    t = table(page, "vs baseline")
+    base_id = widget(page, "selectbox", "baseline").value
+    recs = records(fixture_dirs)
+    # the default baseline: a finished 1-process run of ours, of the model with the most runs
+    assert recs[base_id]["setup"]["num_processes"] == 1 and recs[base_id]["status"] == "finished"
+    assert recs[base_id]["model"] == "mlp"
+    ddp = recs[fixture_dirs["ids"]["ddp"]]
+    rows = t[t["run"] == ddp["run_id"]].set_index("metric")
+    assert {
+        "time/train_s (median)",
+        "speedup",
+        "test/acc",
+        "last epoch val/loss",
+        "memory/peak_gib (max)",
+    } <= set(rows.index)
+    mlp = {r for r, rec in recs.items() if rec["model"] == "mlp"}
+    assert all(r in mlp or r.startswith("study-MLP") for r in t["run"])  # the baseline's model only
+    acc = rows.loc["test/acc"]
+    assert acc["value"] == ddp["test"]["test/acc"] and acc["baseline"] == recs[base_id]["test"]["test/acc"]
+    assert acc["delta"] == pytest.approx(acc["value"] - acc["baseline"])
+    assert acc["ratio"] == pytest.approx(acc["value"] / acc["baseline"])
+    t_row = rows.loc["time/train_s (median)"]
+    assert t_row["vs baseline"] == ("better" if t_row["delta"] < 0 else "worse")
+
+
+def test_seed_bands_mean_and_std(page, fixture_dirs):
+    fig = figure(page, "Mean ± std across seeds")
+    name = next(tr["name"] for tr in fig["data"] if "cpu_1proc" in tr["name"] and tr.get("mode"))
+    assert name.endswith("(n=2)")
+    mean = next(tr for tr in fig["data"] if tr["name"] == name)
+    band = next(tr for tr in fig["data"] if tr["name"] == f"{name} ± std")
+    recs = records(fixture_dirs)
+    losses = [[h["train/loss"] for h in recs[fixture_dirs["ids"][k]]["history"]] for k in ("seed0", "seed1")]
+    assert mean["y"] == pytest.approx([statistics.mean(v) for v in zip(*losses, strict=True)])
+    upper = band["y"][: len(mean["y"])]
+    assert upper == pytest.approx(
+        [statistics.mean(v) + statistics.stdev(v) for v in zip(*losses, strict=True)]
+    )
+    assert band["fill"] == "toself"
+
+
+def test_crashed_live_and_synthetic_badges(page):
+    raw = table(page, "heartbeat_age_s").set_index("run_id")
+    assert raw.loc["mlp-fixture-stale", "status"] == "crashed"
+    assert raw.loc["mlp-fixture-live", "status"] == "running"
+    badges = " ".join(m.value for m in page.markdown)
+    assert "live: 1 run(s) running" in badges and "SYNTHETIC" in badges and "published results" in badges
+    assert any(c.value.startswith("Refreshing every") for c in page.caption)
+    assert raw["synthetic"].sum() == 1
+    metrics = {m.label: m.value for m in page.metric}
+    assert metrics["running"] == "1" and metrics["crashed / failed"] == "2"  # stale + diverged
+
+
+def test_raw_table_and_downloads(page, fixture_dirs):
+    raw = table(page, "heartbeat_age_s")
+    assert len(raw) == len(records(fixture_dirs)) + 14  # the 13 study files hold 14 runs
+    keys = {b.key for b in page.get("download_button")}
+    assert keys == {
+        "dl_csv",
+        "dl_epoch_time",
+        "dl_speedup",
+        "dl_efficiency",
+        "dl_curves",
+        "dl_throughput",
+        "dl_memory",
+        "dl_seeds",
+    }
+
+
+# ----------------------------------------------------------------------------- interaction
+
+
+def test_filter_change_updates_charts_and_the_url(fixture_dirs, monkeypatch):
+    at = render(fixture_dirs, monkeypatch)
+    before = {tr["name"] for tr in figure(at, "train/loss vs epoch")["data"]}
+    widget(at, "multiselect", "model").set_value(["conv_autoencoder"]).run()
+    assert not at.exception
+    after = {
+        tr["name"]
+        for tr in figure(at, "train loss (per-pixel MSE) vs epoch")["data"]
+        if tr["mode"] == "lines"
+    }
+    assert (
+        after
+        == {
+            fixture_dirs["ids"]["ae"],
+            "study-ConvAutoencoder_10epochs_1GPU",
+            "study-ConvAutoencoder_10epochs_2GPU",
+        }
+        and after < before
+    )
+    assert at.query_params["model"] == "conv_autoencoder"
+    widget(at, "multiselect", "model").set_value([]).run()
+    widget(at, "multiselect", "status").set_value(["crashed"]).run()
+    raw = table(at, "heartbeat_age_s")
+    assert set(raw["run_id"]) == {"mlp-fixture-stale"} and "model" not in at.query_params
+    widget(at, "number_input", "stale_s").set_value(1e7).run()  # a long enough timeout: no longer crashed
+    raw = table(at, "heartbeat_age_s").set_index("run_id")
+    assert (
+        raw.loc["mlp-fixture-stale", "status"] == "running"
+        and widget(at, "multiselect", "status").value == []
+    )
+
+
+def test_filters_and_view_settings_from_a_shared_link(fixture_dirs, monkeypatch):
+    at = render(
+        fixture_dirs,
+        monkeypatch,
+        query={"model": "mlp", "source": "synthetic", "metric": "val/acc", "x": "samples seen", "ema": "0"},
+    )
+    assert widget(at, "multiselect", "model").value == ["mlp"]
+    fig = figure(at, "validation accuracy vs samples seen")
+    syn = records(fixture_dirs)[fixture_dirs["ids"]["synthetic"]]
+    line = next(tr for tr in fig["data"] if tr["mode"] == "lines")
+    assert line["name"] == f"{syn['run_id']} [SYNTHETIC]"
+    assert line["x"] == [h["samples_seen"] for h in syn["history"]]
+    assert line["y"] == [h["val/acc"] for h in syn["history"]]  # EMA 0 = raw
+
+
+def test_curve_axes_and_smoothing(fixture_dirs, monkeypatch):
+    at = render(fixture_dirs, monkeypatch, query={"model": "mlp"})
+    widget(at, "toggle", "log_time").set_value(True).run()
+    assert figure(at, "Training time per epoch")["layout"]["yaxis"]["type"] == "log"
+    widget(at, "selectbox", "x").select("samples seen").run()
+    names = {tr["name"] for tr in figure(at, "train loss")["data"]}
+    assert not any(n.startswith("study-") for n in names)  # the study logged no samples count
+    assert any("study-MLP" in c.value for c in at.caption)  # ... and the page says which runs are missing
+    widget(at, "selectbox", "x").select("wall-clock seconds").run()
+    widget(at, "select_slider", "ema").set_value("0.9").run()
+    fig = figure(at, "train loss (cross-entropy) vs wall-clock seconds (EMA 0.9)")
+    seed1 = records(fixture_dirs)[fixture_dirs["ids"]["seed1"]]
+    line = next(tr for tr in fig["data"] if tr["name"] == seed1["run_id"])
+    assert line["x"] == [h["time/elapsed_s"] for h in seed1["history"]]
+    assert line["y"] == pytest.approx(dv.ema([h["train/loss"] for h in seed1["history"]], 0.9))
+    assert at.query_params["ema"] == "0.9" and at.query_params["x"] == "wall-clock seconds"
+
+
+def test_choose_baseline_and_diff_configs(fixture_dirs, monkeypatch):
+    ids = fixture_dirs["ids"]
+    at = render(fixture_dirs, monkeypatch, query={"model": "mlp"})
+    widget(at, "selectbox", "baseline").select(ids["ddp"]).run()
+    t = table(at, "vs baseline")
+    row = t[(t["run"] == ids["seed0"]) & (t["metric"] == "speedup")].iloc[0]
+    assert row["baseline"] > 0 and row["ratio"] == pytest.approx(row["value"] / row["baseline"])
+    assert at.query_params["baseline"] == ids["ddp"]
+    widget(at, "multiselect", "diff_runs").set_value([ids["seed0"], ids["seed1"]]).run()
+    diff = table(at, ids["seed1"])
+    assert set(diff.index) == {"config.seed", "config.tag"}
+    assert list(diff.loc["config.seed"]) == ["0", "1"]
+    widget(at, "multiselect", "diff_runs").set_value([ids["seed0"], ids["ddp"]]).run()
+    diff = table(at, ids["ddp"])
+    assert {"setup.strategy", "setup.num_processes", "setup.per_device_batch_size"} <= set(diff.index)
+    assert "config.lr" not in diff.index
+
+
+def test_no_runs_is_a_friendly_stop(fixture_dirs, monkeypatch, tmp_path):
+    at = render(fixture_dirs, monkeypatch, runs=tmp_path, REFERENCE_DIR="")
+    assert "No run records" in at.info[0].value and not at.get("plotly_chart")
+    at = render({**fixture_dirs, "reference": STUDY}, monkeypatch, runs=tmp_path)
+    assert "only the study's published results" in at.info[0].value
+    assert len(table(at, "heartbeat_age_s")) == 14 and not at.warning
+
+
+# ----------------------------------------------------------------------------- helpers of the views
+
+
+def test_numbers_ema_and_setup_names():
+    assert (
+        dv.number("nan") != dv.number("nan") and dv.number("inf") == float("inf") and dv.number("x") is None
+    )
+    assert dv.number(True) is None and dv.number(3) == 3.0
+    assert dv.ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull towards 0
+    smoothed = dv.ema([0.0, float("nan"), 10.0], 0.5)
+    assert smoothed[1] != smoothed[1] and 0 < smoothed[2] < 10
+    rec = {
+        "tag": "bench:b:quick:mlp:cpu_2proc:seed3",
+        "config": {},
+        "setup": {"strategy": "ddp", "num_processes": 2, "devices": ["cpu:0", "cpu:0"]},
+    }
+    assert dv.setup_name(rec) == "cpu_2proc" and dv.seed_of(rec) == 3
+    assert dv.setup_name({**rec, "tag": None}) == "ddp x2 cpu"
+    split = {"setup": {"strategy": "model_split", "num_processes": 1, "devices": ["cuda:0", "cuda:1"]}}
+    assert dv.workers(split) == 2
+    split = {
+        "setup": {"strategy": "model_split", "num_processes": 1, "devices": ["cpu"], "mesh_shape": {"mp": 2}}
+    }
+    assert dv.workers(split) == 2 and dv.setup_name(split) == "model_split x2 cpu"
+    hybrid = {
+        "setup": {
+            "strategy": "hybrid",
+            "num_processes": 4,
+            "devices": ["cpu"] * 4,
+            "mesh_shape": {"dp": 2, "pp": 2},
+        }
+    }
+    assert dv.workers(hybrid) == 4
+
+
+def test_stale_heartbeat_is_crashed():
+    now = dt.datetime.now(dt.timezone.utc)
+    rec = {"status": "running", "updated_at": (now - dt.timedelta(seconds=700)).isoformat()}
+    assert dv.effective_status(rec, now, 600) == "crashed"
+    assert dv.effective_status(rec, now, 800) == "running"
+    assert dv.effective_status({**rec, "status": "finished"}, now, 1) == "finished"
+
+
+def test_the_page_imports_no_torch():
+    """STYLE.md: the dashboard starts in a second on a laptop without a GPU stack."""
+    code = (
+        "import sys, shared.dashboard_views, shared.reference; "
+        "print(sorted(m for m in ('torch', 'accelerate') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+    tree = ast.parse((REPO / "dashboard.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {
+        n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+    }
+    assert not {m for m in imported if m and m.split(".")[0] in ("torch", "accelerate")}

@@ -1,0 +1,245 @@
+"""End to end: `make dashboard` on 127.0.0.1, opened in a real headless Chromium (Debian's, driven by Playwright).
+
+On the same folder of real short runs as tests/test_dashboard.py: the page loads, every view renders with no
+exception box, a filter change in the sidebar updates a chart and the address, the downloads work, a shared
+link restores the view; a screenshot of each view goes to docs/screenshots/ (linked from the README).
+Needs /usr/bin/chromium (`make browser` installs it; Playwright downloads no browser). Without it the test
+skips, and fails under CI (CI=true), where the browser is part of what `make test` installs.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, free_port
+from tests.test_dashboard import build_fixture
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# ../shared/ENVIRONMENT.md section 6: these flags make Debian's Chromium start headless in a container.
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SHOTS = REPO / "docs" / "screenshots"
+STALE_S = 600
+VIEWS = {
+    "Overview": "overview",
+    "Epoch time": "epoch_time",
+    "Scaling": "scaling",
+    "Curves": "curves",
+    "Throughput & memory": "throughput_memory",
+    "Baseline": "baseline",
+    "Config diff": "config_diff",
+    "Seeds": "seeds",
+}
+
+
+def need_browser():
+    if not os.access(CHROMIUM, os.X_OK):
+        msg = f"no Chromium at {CHROMIUM}: run `make browser` (apt-get install chromium) or set CHROMIUM"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`make dashboard` on a free port, as a user starts it; the whole process group is stopped afterwards."""
+    need_browser()
+    dirs = build_fixture(tmp_path_factory.mktemp("dashboard_e2e"))
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {
+        **os.environ,
+        "REFERENCE_DIR": str(dirs["reference"]),
+        "DASHBOARD_REFRESH_S": "1",
+        "DASHBOARD_STALE_S": str(STALE_S),
+    }
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["make", "-s", "dashboard", f"RUNS_DIR={dirs['runs']}", f"PORT={port}"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"make dashboard exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no health answer in 90 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.3)
+        yield url, dirs
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100}, accept_downloads=True)
+    page.goto(url)
+    page.wait_for_selector("h1:has-text('distbench')", timeout=60_000)
+    page.wait_for_selector("[data-testid='stDataFrame']", timeout=60_000)
+    return page
+
+
+def panel(page):
+    return page.locator("[role='tabpanel']:visible").first
+
+
+def show_tab(page, label: str):
+    page.get_by_role("tab", name=label).click()
+    p = panel(page)
+    p.locator(
+        ".js-plotly-plot .main-svg, [data-testid='stDataFrame'], [data-testid='stAlert']"
+    ).first.wait_for(timeout=30_000)
+    page.wait_for_timeout(500)  # Plotly finishes its layout after the element appears
+    return p
+
+
+def legend(page) -> list[str]:
+    return panel(page).locator(".js-plotly-plot .legendtext").all_text_contents()
+
+
+def test_page_views_filter_downloads_and_screenshots(server, browser, tmp_path):
+    url, dirs = server
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = open_page(browser, url)
+    assert page.locator(".stException, [data-testid='stException']").count() == 0
+    assert "could not be read" in page.locator("[data-testid='stAlert']").first.inner_text()
+    page.screenshot(path=SHOTS / "page.png")
+
+    page.set_viewport_size({"width": 1400, "height": 2000})  # a whole view fits: no inner scrolling
+    for label, name in VIEWS.items():
+        p = show_tab(page, label)
+        p.screenshot(path=SHOTS / f"{name}.png")
+        assert page.locator(".stException, [data-testid='stException']").count() == 0, label
+
+    show_tab(page, "Curves")
+    before = legend(page)
+    assert any(n.startswith("mlp-") for n in before) and any(n.startswith("study-") for n in before)
+    model = page.locator("[data-testid='stSidebar'] [data-testid='stMultiSelect']").filter(has_text="Model")
+    model.locator("input").click()
+    page.keyboard.type("conv_autoencoder")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => location.search.includes('model=conv_autoencoder')", timeout=30_000)
+    deadline = time.monotonic() + 30
+
+    def conv_only(names):
+        return names and all(n.startswith(("conv_autoencoder-", "study-ConvAutoencoder")) for n in names)
+
+    while not conv_only(after := legend(page)) and time.monotonic() < deadline:  # until the rerun has drawn
+        page.wait_for_timeout(300)
+    assert conv_only(after), after
+    assert dirs["ids"]["ae"] in after
+    panel(page).screenshot(path=SHOTS / "curves_filtered.png")
+    assert page.locator(".stException, [data-testid='stException']").count() == 0
+
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Filtered table (CSV)").click()
+    rows = list(csv.DictReader(open(dl.value.path())))
+    assert rows and {r["model"] for r in rows} == {"conv_autoencoder"}
+    with page.expect_download() as dl:
+        panel(page).get_by_role("button", name="HTML").click()
+    html = Path(dl.value.path()).read_text()
+    assert (
+        dirs["ids"]["ae"] in html and "Plotly.newPlot" in html and "<script src=" not in html
+    )  # plotly.js inline: opens offline
+    page.close()
+
+    shared = open_page(browser, f"{url}/?model=mlp&x=samples+seen&ema=0")  # a shared link restores the view
+    show_tab(shared, "Curves")
+    assert "vs samples seen" in panel(shared).locator(".js-plotly-plot .gtitle").first.text_content()
+    names = legend(shared)
+    assert names and all(n.startswith("mlp-") for n in names)
+    shared.close()
+
+
+def metrics(page) -> dict[str, int]:
+    out = {}
+    for m in page.locator("[data-testid='stMetric']").all():
+        label = m.locator("[data-testid='stMetricLabel']").inner_text().strip()
+        value = m.locator("[data-testid='stMetricValue']").inner_text().strip()
+        if value.isdigit():
+            out[label] = int(value)
+    return out
+
+
+def wait_until(page, condition, what: str, timeout_s: float = 30):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"page did not show {what} within {timeout_s:g} s"
+        page.wait_for_timeout(300)
+
+
+def test_page_refreshes_itself_and_a_stale_heartbeat_turns_crashed(server, browser):
+    """No reload: a new `running` record appears, then shows as crashed once its heartbeat passes the timeout."""
+    url, dirs = server
+    page = open_page(browser, url)
+    before = metrics(page)
+    assert before["running"] >= 1  # the fixture's live run: the page watches the folder
+    rec = json.loads((dirs["runs"] / "mlp-fixture-live.json").read_text())
+    path = dirs["runs"] / "mlp-fixture-going-stale.json"
+    beat = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=STALE_S - 5)  # goes stale in 5 s
+    rec.update(run_id=path.stem, updated_at=beat.isoformat(timespec="milliseconds"))
+    tmp = path.with_suffix(".part")
+    try:
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, path)  # atomic, like the record writer
+        wait_until(
+            page,
+            lambda: (
+                metrics(page).get("runs shown") == before["runs shown"] + 1
+                and metrics(page).get("running") == before["running"] + 1
+            ),
+            "the new running run",
+        )
+        wait_until(
+            page,
+            lambda: (
+                metrics(page).get("running") == before["running"]
+                and metrics(page).get("crashed / failed") == before["crashed / failed"] + 1
+            ),
+            "it crashed",
+        )
+        assert page.locator(".stException, [data-testid='stException']").count() == 0
+    finally:
+        path.unlink(missing_ok=True)
+        page.close()
