@@ -29,8 +29,12 @@ from shared.record import load_runs, write_new  # noqa: E402
 
 def cuda_device_count() -> int:
     """Ask a child interpreter, so this runner never initialises CUDA itself."""
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return int(out.stdout.strip() or 0) if out.returncode == 0 else 0
 
 
@@ -40,12 +44,12 @@ def setup_needs(setup: str) -> tuple[int, bool]:
     return int(cfg.get("num_processes", 1)) * 1, not cfg.get("use_cpu", False)
 
 
-def skip_reason(setup: str, n_cuda: int) -> str | None:
+def skip_reason(setup: str, n_cuda: int, flags: dict) -> str | None:
+    """Why this machine cannot run `setup`, or None. CPU setups always run (oversubscribed if need be)."""
     procs, cuda = setup_needs(setup)
-    if cuda and n_cuda < procs:
-        return f"{setup}: needs {procs} CUDA device{'s' * (procs > 1)}, found {n_cuda}"
-    if not cuda and (os.cpu_count() or 1) < procs:
-        return f"{setup}: needs {procs} CPU cores, found {os.cpu_count()}"
+    devices = 2 if flags.get("strategy") == "model_split" else procs  # one process driving two GPUs
+    if cuda and n_cuda < devices:
+        return f"{setup}: needs {devices} CUDA device{'s' * (devices > 1)}, found {n_cuda}"
     return None
 
 
@@ -59,9 +63,21 @@ def fmt_s(s: float) -> str:
 
 
 def launch(script, setup, seed, overrides, args, tag, log_path) -> tuple[int, float]:
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-           str(REPO / "accelerate_configs" / f"{setup}.yaml"), str(REPO / "scripts" / f"{script}.py"),
-           "--data_dir", args.data_dir, "--runs_dir", args.runs_dir, "--seed", str(seed), "--tag", tag]
+    cmd = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / f"{setup}.yaml"),
+        str(REPO / "scripts" / f"{script}.py"),
+        "--data_dir",
+        args.data_dir,
+        "--runs_dir",
+        args.runs_dir,
+        "--seed",
+        str(seed),
+        "--tag",
+        tag,
+    ]
     for k, v in overrides.items():
         cmd += [f"--{k}", str(v)]
     t0 = time.perf_counter()
@@ -69,7 +85,9 @@ def launch(script, setup, seed, overrides, args, tag, log_path) -> tuple[int, fl
         log.write(" ".join(cmd) + "\n")
         log.flush()
         try:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=args.timeout).returncode
+            rc = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=args.timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = 124
     return rc, time.perf_counter() - t0
@@ -116,59 +134,113 @@ def main():
         sys.exit(f"error: profile {profile!r} not in {args.matrix} (has {', '.join(matrix['profiles'])})")
     prof = matrix["profiles"][profile]
     models = [m for m in prof["models"] if not args.models or m in args.models.split(",")]
-    setups = [s for s in matrix["setups"] if not args.setups or s in args.setups.split(",")]
+    # a setup is an accelerate_configs/<name>.yaml, optionally with script flags (strategies Accelerate has no key for)
+    setup_flags = {}
+    for entry in matrix["setups"]:
+        name, flags = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+        setup_flags[name] = flags or {}
+    setups = [s for s in setup_flags if not args.setups or s in args.setups.split(",")]
+    excluded = {
+        (m, s): ex["reason"] for ex in matrix.get("exclude", []) for m in ex["models"] for s in ex["setups"]
+    }
     seeds = prof.get("seeds", matrix.get("seeds", [0]))
     batch = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     log_dir = Path(args.runs_dir) / "bench" / batch
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    print(f"bench {batch}: profile {profile}, {len(models)} models x {len(setups)} setups x {len(seeds)} seeds; "
-          f"{n_cuda} CUDA devices, {os.cpu_count()} CPU cores; data {args.data_dir}; logs {log_dir}")
-    skipped = {s: r for s in setups if (r := skip_reason(s, n_cuda))}
+    print(
+        f"bench {batch}: profile {profile}, {len(models)} models x {len(setups)} setups x {len(seeds)} seeds; "
+        f"{n_cuda} CUDA devices, {os.cpu_count()} CPU cores; data {args.data_dir}; logs {log_dir}"
+    )
+    skipped = {s: r for s in setups if (r := skip_reason(s, n_cuda, setup_flags[s]))}
     for reason in skipped.values():
         print(f"  skip {reason}")
-    cells = [(m, s, seed) for m in models for s in setups if s not in skipped for seed in seeds]
+    for (m, s), reason in excluded.items():
+        if m in models and s in setups and s not in skipped:
+            print(f"  skip {m} on {s}: {reason}")
+    cells = [
+        (m, s, seed)
+        for m in models
+        for s in setups
+        if s not in skipped and (m, s) not in excluded
+        for seed in seeds
+    ]
     results, t_start = [], time.perf_counter()
     for i, (model, setup, seed) in enumerate(cells):
-        overrides = {**prof.get("common", {}), **(prof["models"][model] or {})}
+        overrides = {**prof.get("common", {}), **(prof["models"][model] or {}), **setup_flags[setup]}
         script = overrides.pop("script", model)  # a matrix entry may name a variant of a script
         tag = f"bench:{batch}:{profile}:{model}:{setup}:seed{seed}"
         elapsed = time.perf_counter() - t_start
         eta = elapsed / i * (len(cells) - i) if i else float("nan")
-        print(f"[{bar(i, len(cells))}] {i + 1}/{len(cells)} ETA {fmt_s(eta) if i else '?'} | {model} {setup} seed {seed} ...",
-              end="", flush=True)
-        rc, wall = launch(script, setup, seed, overrides, args, tag, log_dir / f"{model}-{setup}-seed{seed}.log")
+        print(
+            f"[{bar(i, len(cells))}] {i + 1}/{len(cells)} ETA {fmt_s(eta) if i else '?'} | {model} {setup} seed {seed} ...",
+            end="",
+            flush=True,
+        )
+        rc, wall = launch(
+            script, setup, seed, overrides, args, tag, log_dir / f"{model}-{setup}-seed{seed}.log"
+        )
         recs = [r for r in load_runs(args.runs_dir)[0] if r.get("tag") == tag]
         rec = recs[0] if len(recs) == 1 else None
         status = rec["status"] if rec else "no record"
         if rc and status == "finished":
             status = f"exit {rc}"
         key, value = final_metric(rec) if rec else (None, None)
-        results.append({"model": model, "setup": setup, "seed": seed, "rc": rc, "wall_s": wall, "status": status,
-                        "run_id": rec["run_id"] if rec else None, "epoch_s": epoch_time(rec) if rec else None,
-                        "procs": setup_needs(setup)[0], "metric": key, "value": value,
-                        "values": {**rec["history"][-1], **rec["test"]} if rec and rec["history"] else {},
-                        "global_batch": rec["setup"]["global_batch_size"] if rec else None})
+        results.append(
+            {
+                "model": model,
+                "setup": setup,
+                "seed": seed,
+                "rc": rc,
+                "wall_s": wall,
+                "status": status,
+                "run_id": rec["run_id"] if rec else None,
+                "epoch_s": epoch_time(rec) if rec else None,
+                "procs": setup_needs(setup)[0],
+                "devices": 2
+                if setup_flags[setup].get("strategy") == "model_split"
+                else setup_needs(setup)[0],
+                "metric": key,
+                "value": value,
+                "strategy": rec["setup"]["strategy"] if rec else None,
+                "values": {**rec["history"][-1], **rec["test"]} if rec and rec["history"] else {},
+                "global_batch": rec["setup"]["global_batch_size"] if rec else None,
+            }
+        )
         shown = f"{key} {value:.4g}" if value is not None else ""
-        print(f" {status} in {wall:.0f}s {shown}" + ("" if status == "finished" else f" (log {log_dir})"), flush=True)
+        print(
+            f" {status} in {wall:.0f}s {shown}" + ("" if status == "finished" else f" (log {log_dir})"),
+            flush=True,
+        )
 
     failed = [r for r in results if r["status"] != "finished"]
     missed = []
-    print(f"\nsummary ({profile}; time = median train seconds per epoch; speedup vs the 1-process run of the "
-          "same model, seed and global batch; efficiency = speedup / processes)")
+    print(
+        f"\nsummary ({profile}; time = median train seconds per epoch; speedup vs the 1-process run of the "
+        "same model, seed and global batch; efficiency = speedup / devices)"
+    )
     for model in models:
         print(f"\n{model}")
-        print(f"  {'setup':<22}{'seeds':>6}{'epoch s':>10}{'speedup':>9}{'effic.':>8}  {'final metric':<44}{'status'}")
+        print(
+            f"  {'setup':<22}{'seeds':>6}{'epoch s':>10}{'speedup':>9}{'effic.':>8}  {'final metric':<44}{'status'}"
+        )
         rows = [r for r in results if r["model"] == model]
         for setup in setups:
             cell = [r for r in rows if r["setup"] == setup]
-            if setup in skipped:
-                print(f"  {setup:<22}{'':>6}{'':>10}{'':>9}{'':>8}  {'':<44}skipped: {skipped[setup].split(': ', 1)[1]}")
+            if setup in skipped or (model, setup) in excluded:
+                why = skipped[setup].split(": ", 1)[1] if setup in skipped else excluded[(model, setup)]
+                print(f"  {setup:<22}{'':>6}{'':>10}{'':>9}{'':>8}  {'':<44}skipped: {why}")
                 continue
             ok = [r for r in cell if r["status"] == "finished" and r["epoch_s"]]
-            base = [r for r in rows if r["procs"] == 1 and r["status"] == "finished" and r["epoch_s"]
-                    and ("gpu" in r["setup"]) == ("gpu" in setup)
-                    and r["global_batch"] == (ok[0]["global_batch"] if ok else None)]
+            base = [
+                r
+                for r in rows
+                if r["strategy"] == "single"
+                and r["status"] == "finished"
+                and r["epoch_s"]
+                and ("gpu" in r["setup"]) == ("gpu" in setup)
+                and r["global_batch"] == (ok[0]["global_batch"] if ok else None)
+            ]
             t = sum(r["epoch_s"] for r in ok) / len(ok) if ok else None
             tb = sum(r["epoch_s"] for r in base) / len(base) if base else None
             speed = tb / t if t and tb else None
@@ -182,15 +254,28 @@ def main():
                 else:
                     metric += f" ({k} {tgt} ok)"
             statuses = ",".join(sorted({r["status"] for r in cell})) or "-"
-            print(f"  {setup:<22}{len(cell):>6}{t or float('nan'):>10.3g}{speed or float('nan'):>9.2f}"
-                  f"{(speed or float('nan')) / (cell[0]['procs'] if cell else 1):>8.2f}  {metric:<44}{statuses}")
-    summary = {"batch": batch, "profile": profile, "cuda_devices": n_cuda, "cpu_cores": os.cpu_count(),
-               "data_dir": args.data_dir, "skipped": skipped, "results": results, "missed_targets": missed}
+            print(
+                f"  {setup:<22}{len(cell):>6}{t or float('nan'):>10.3g}{speed or float('nan'):>9.2f}"
+                f"{(speed or float('nan')) / (cell[0]['devices'] if cell else 1):>8.2f}  {metric:<44}{statuses}"
+            )
+    summary = {
+        "batch": batch,
+        "profile": profile,
+        "cuda_devices": n_cuda,
+        "cpu_cores": os.cpu_count(),
+        "data_dir": args.data_dir,
+        "skipped": skipped,
+        "excluded": [{"model": m, "setup": st, "reason": r} for (m, st), r in excluded.items()],
+        "results": results,
+        "missed_targets": missed,
+    }
     write_new(log_dir / "summary.json", summary)
     shutil.copy(args.matrix, log_dir / Path(args.matrix).name)
     for m in missed:
         print(f"MISSED: {m}")
-    print(f"\n{len(results) - len(failed)}/{len(results)} runs finished, {len(skipped)} setups skipped; summary {log_dir}/summary.json")
+    print(
+        f"\n{len(results) - len(failed)}/{len(results)} runs finished, {len(skipped)} setups skipped; summary {log_dir}/summary.json"
+    )
     sys.exit(1 if failed or missed else 0)
 
 
