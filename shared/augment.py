@@ -37,7 +37,12 @@ def random_crop(x: torch.Tensor, size: int, padding: int, gen: torch.Generator) 
     ar = torch.arange(size, device=x.device)
     rows = (oy[:, None] + ar)[:, None, :, None]
     cols = (ox[:, None] + ar)[:, None, None, :]
-    return xp[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    return xp[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(c, device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]
 
 
 def random_hflip(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:

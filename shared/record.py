@@ -177,7 +177,9 @@ def read_record(path: str | os.PathLike) -> dict:
     if not isinstance(record, dict):
         raise ValueError("not a run record (top level is not an object)")
     if record.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"unsupported schema_version {record.get('schema_version')!r} (expected {SCHEMA_VERSION})")
+        raise ValueError(
+            f"unsupported schema_version {record.get('schema_version')!r} (expected {SCHEMA_VERSION})"
+        )
     problems = validate(record)
     if problems:
         raise ValueError(f"does not match the run schema: {problems[0]}")

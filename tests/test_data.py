@@ -44,7 +44,11 @@ def test_limits_and_provenance(mnist):
 
 def test_synthetic_is_labelled_and_shaped():
     d = D.load_mnist(cfg(data="synthetic", data_dir="/nonexistent"))
-    assert d.source == "synthetic" and d.provenance()["synthetic"] is True and "SYNTHETIC" in d.provenance()["note"]
+    assert (
+        d.source == "synthetic"
+        and d.provenance()["synthetic"] is True
+        and "SYNTHETIC" in d.provenance()["note"]
+    )
     assert d.train["x"].shape == (54000, 1, 28, 28)
 
 
@@ -80,12 +84,16 @@ def test_hub_download_is_cached_in_the_local_layout(tmp_path, monkeypatch):
 
     def split(n):
         imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        return datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in imgs], "label": list(range(n))}), imgs
+        return datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(a) for a in imgs], "label": list(range(n))}
+        ), imgs
 
     (train, train_imgs), (test, _) = split(20), split(10)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: datasets.DatasetDict(train=train, test=test))
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda name, **kw: datasets.DatasetDict(train=train, test=test)
+    )
     d = D.load_mnist(cfg(data_dir=str(tmp_path)))
     assert d.source == "hub" and d.location == D.MNIST_HUB
     assert (tmp_path / "mnist" / "train-images-idx3-ubyte.gz").is_file()
@@ -103,8 +111,9 @@ def test_augmentations_match_their_definitions():
     # every crop is the input shifted by at most 2 pixels with zero fill
     for i in range(8):
         ok = any(
-            torch.equal(crop[i], torch.nn.functional.pad(x[i], (2, 2, 2, 2))[:, dy:dy + 28, dx:dx + 28])
-            for dy in range(5) for dx in range(5)
+            torch.equal(crop[i], torch.nn.functional.pad(x[i], (2, 2, 2, 2))[:, dy : dy + 28, dx : dx + 28])
+            for dy in range(5)
+            for dx in range(5)
         )
         assert ok
     flipped = random_hflip(x, g)

@@ -15,16 +15,39 @@ BODY = {
     "model": "mlp",
     "script": "scripts/mlp.py",
     "config": {"lr": 0.001},
-    "setup": {"strategy": "single", "distributed_type": "NO", "num_processes": 1, "num_machines": 1,
-              "devices": ["cpu"], "mixed_precision": "no", "global_batch_size": 64, "per_device_batch_size": 64},
+    "setup": {
+        "strategy": "single",
+        "distributed_type": "NO",
+        "num_processes": 1,
+        "num_machines": 1,
+        "devices": ["cpu"],
+        "mixed_precision": "no",
+        "global_batch_size": 64,
+        "per_device_batch_size": 64,
+    },
     "environment": {"python": "3.11", "torch": "2", "accelerate": "1", "git_commit": None, "hostname": "h"},
-    "data": {"name": "mnist", "source": "local", "location": "data/mnist", "synthetic": False,
-             "splits": {"train": 54000}, "used": {"train": 54000}},
+    "data": {
+        "name": "mnist",
+        "source": "local",
+        "location": "data/mnist",
+        "synthetic": False,
+        "splits": {"train": 54000},
+        "used": {"train": 54000},
+    },
     "metrics": {"val/acc": {"label": "accuracy", "goal": "max"}},
     "timing": {"clocks": {"time/train_s": "training"}},
 }
-ROW = {"epoch": 1, "step": 10, "samples_seen": 640, "train/loss": 0.5, "time/train_s": 1.0, "time/eval_s": 0.1,
-       "time/epoch_s": 1.1, "throughput/samples_per_s": 640.0, "memory/peak_gib": 0.5}
+ROW = {
+    "epoch": 1,
+    "step": 10,
+    "samples_seen": 640,
+    "train/loss": 0.5,
+    "time/train_s": 1.0,
+    "time/eval_s": 0.1,
+    "time/epoch_s": 1.1,
+    "throughput/samples_per_s": 640.0,
+    "memory/peak_gib": 0.5,
+}
 
 
 def test_lifecycle_is_schema_valid(tmp_path):
@@ -83,8 +106,13 @@ def test_killed_writer_never_leaves_a_corrupt_file(tmp_path):
     rng = random.Random(0)
     env = {**os.environ, "PYTHONPATH": str(tmp_path.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for _ in range(12):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                                cwd=os.path.dirname(os.path.dirname(__file__)), env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=os.path.dirname(os.path.dirname(__file__)),
+            env=env,
+        )
         assert proc.stdout.readline().strip()
         time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
