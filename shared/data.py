@@ -40,6 +40,23 @@ class Data:
     splits: dict  # sizes before --limit_train / --limit_eval
     info: dict = field(default_factory=dict)  # classes, vocabulary sizes, ...
 
+    @classmethod
+    def from_splits(
+        cls, cfg, name: str, source: str, location: str, train: dict, val: dict, test: dict, info: dict
+    ):
+        """Record the full split sizes, then apply --limit_train / --limit_eval (a prefix of each split)."""
+        splits = {"train": _length(train), "val": _length(val), "test": _length(test)}
+        return cls(
+            name=name,
+            source=source,
+            location=location,
+            train=_take(train, cfg.limit_train),
+            val=_take(val, cfg.limit_eval),
+            test=_take(test, cfg.limit_eval),
+            splits=splits,
+            info=info,
+        )
+
     def provenance(self) -> dict:
         used = {
             name: _length(split)
@@ -182,16 +199,8 @@ def load_mnist(cfg, val_ratio: float = 0.1) -> Data:
     train = {"x": x_train[train_idx].unsqueeze(1), "y": y_train[train_idx]}
     val = {"x": x_train[val_idx].unsqueeze(1), "y": y_train[val_idx]}
     test = {"x": x_test.unsqueeze(1), "y": y_test}
-    splits = {"train": _length(train), "val": _length(val), "test": _length(test)}
-    return Data(
-        name="mnist",
-        source=source,
-        location=location,
-        train=_take(train, cfg.limit_train),
-        val=_take(val, cfg.limit_eval),
-        test=_take(test, cfg.limit_eval),
-        splits=splits,
-        info={"classes": [str(i) for i in range(10)]},
+    return Data.from_splits(
+        cfg, "mnist", source, location, train, val, test, info={"classes": [str(i) for i in range(10)]}
     )
 
 
@@ -278,17 +287,7 @@ def load_cifar10(cfg, val_ratio: float = 0.1) -> Data:
     train = {"x": x_train[train_idx], "y": y_train[train_idx]}
     val = {"x": x_train[val_idx], "y": y_train[val_idx]}
     test = {"x": x_test, "y": y_test}
-    splits = {"train": _length(train), "val": _length(val), "test": _length(test)}
-    return Data(
-        name="cifar10",
-        source=source,
-        location=location,
-        train=_take(train, cfg.limit_train),
-        val=_take(val, cfg.limit_eval),
-        test=_take(test, cfg.limit_eval),
-        splits=splits,
-        info={"classes": classes},
-    )
+    return Data.from_splits(cfg, "cifar10", source, location, train, val, test, info={"classes": classes})
 
 
 # ----------------------------------------------------------------------------- loaders

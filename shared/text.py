@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from shared.data import SPLIT_SEED, Data, DataError, _length, _take, random_split, resolve
+from shared.data import SPLIT_SEED, Data, DataError, random_split, resolve
 
 __all__ = ["basic_english", "Vocab", "load_imdb", "load_multi30k", "pad_collate", "pad_pair_collate"]
 
@@ -223,15 +223,14 @@ def load_imdb(cfg, max_length: int = 256, min_freq: int = 5, valid_ratio: float 
     train = {"ids": [train_ids[i] for i in train_idx], "y": y_train[train_idx]}
     val = {"ids": [train_ids[i] for i in val_idx], "y": y_train[val_idx]}
     test = {"ids": test_ids, "y": y_test}
-    splits = {"train": _length(train), "val": _length(val), "test": _length(test)}
-    return Data(
-        name="imdb",
-        source=source,
-        location=location,
-        train=_take(train, cfg.limit_train),
-        val=_take(val, cfg.limit_eval),
-        test=_take(test, cfg.limit_eval),
-        splits=splits,
+    return Data.from_splits(
+        cfg,
+        "imdb",
+        source,
+        location,
+        train,
+        val,
+        test,
         info={
             "vocab": vocab,
             "vocab_size": len(vocab),
@@ -325,14 +324,14 @@ def load_multi30k(cfg, min_freq: int = 2) -> Data:
         }
         location = str(directory) if source == "local" else MULTI30K_HUB
     train, val, test = splits_["train"], splits_["val"], splits_["test"]
-    return Data(
-        name="multi30k",
-        source=source,
-        location=location,
-        train=_take(train, cfg.limit_train),
-        val=_take(val, cfg.limit_eval),
-        test=_take(test, cfg.limit_eval),
-        splits={"train": _length(train), "val": _length(val), "test": _length(test)},
+    return Data.from_splits(
+        cfg,
+        "multi30k",
+        source,
+        location,
+        train,
+        val,
+        test,
         info={
             "src_lang": "de",
             "trg_lang": "en",
