@@ -40,6 +40,7 @@ from accelerate.utils import set_seed
 
 from shared.config import ConfigError, RunConfig
 from shared.data import make_loader
+from shared.parallel import Parallel
 from shared.runtime import (
     BestCheckpoint,
     Run,
@@ -75,6 +76,12 @@ METRICS = {
     "test/loss": {"label": "test loss (cross-entropy)", "goal": "min"},
     "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max"},
 }
+# model_split: the embedding (and the mean) on the first device, the classifier on the second
+SPLIT_POINTS = ["fc"]
+NO_PIPELINE = (
+    "the embedding holds 99.99% of the parameters and the work, so a second stage would hold one "
+    "Linear(300, 2): all communication and bubble (README, 'Why a pipeline does not fit NBoW and Seq2Seq')"
+)
 
 
 class NBoW(nn.Module):
@@ -145,38 +152,37 @@ def build_model(cfg: Config, info: dict) -> tuple[NBoW, str]:
     return model, f"glove:{cfg.vectors} ({found} of {info['vocab_size']} tokens)"
 
 
-def train_one_epoch(model, loader, optimizer, accelerator, cfg, step):
+def train_one_epoch(model, loader, optimizer, par, cfg, step):
     model.train()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    seen = torch.zeros((), device=accelerator.device)
+    loss_sum = torch.zeros((), device=par.device)
+    seen = torch.zeros((), device=par.device)
     for batch in loader:
-        logits = model(batch["ids"])
-        loss = F.cross_entropy(logits, batch["y"])
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        # loss_fn(model(ids), y) + accelerator.backward (with --microbatches, accumulated under no_sync)
+        loss = par.forward_backward(model, batch["ids"], batch["y"], F.cross_entropy)
         optimizer.step()
         # Accumulate on the device: no host sync per step, one reduction per epoch.
-        loss_sum += loss.detach() * len(batch["y"])
+        loss_sum += loss * len(batch["y"])
         seen += len(batch["y"])
         step += 1
         if cfg.max_steps and step >= cfg.max_steps:
             break
-    loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), "sum")
+    loss_sum, seen = par.reduce_sum(torch.stack([loss_sum, seen]))
     return (loss_sum / seen).item(), int(seen.item()), step
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, cfg):
+def evaluate(model, loader, par):
     """Sample-weighted loss and accuracy over the whole split, each sample counted once across ranks."""
     model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    correct = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=par.device, dtype=torch.float64)
+    correct = torch.zeros((), device=par.device, dtype=torch.long)
     n = 0
     for batch in loader:
         logits = model(batch["ids"])
         losses = F.cross_entropy(logits, batch["y"], reduction="none")
         hits = logits.argmax(1) == batch["y"]
-        losses, hits = accelerator.gather_for_metrics((losses, hits))  # drops the padding of the last batch
+        losses, hits = par.gather_for_metrics((losses, hits))  # drops the padding of the last batch
         loss_sum += losses.double().sum()
         correct += hits.sum()
         n += len(losses)
@@ -186,6 +192,7 @@ def evaluate(model, loader, accelerator, cfg):
 def main():
     cfg = load_config(Config)
     accelerator = make_accelerator(cfg)
+    par = Parallel(accelerator, cfg, SPLIT_POINTS, no_pipeline=NO_PIPELINE)  # checks the strategy first
     set_seed(cfg.seed)
     data = load_imdb(cfg)
     collate = pad_collate(data.info["pad_index"])
@@ -202,7 +209,7 @@ def main():
         "init": init,
         "steps_per_epoch": len(train_loader),
     }
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+    model, optimizer, train_loader, val_loader, test_loader = par.prepare(  # accelerator.prepare, per strategy
         model, optimizer, train_loader, val_loader, test_loader
     )
     run = Run(
@@ -214,6 +221,7 @@ def main():
         metrics=METRICS,
         primary_metric="test/acc",
         model_info=model_info,
+        par=par,
     )
     best = BestCheckpoint(enabled=cfg.select_best)
     step, samples = 0, 0
@@ -222,11 +230,9 @@ def main():
             train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
             reset_peak_memory(accelerator)
             t0 = synced_clock(accelerator)
-            train_loss, n_train, step = train_one_epoch(
-                model, train_loader, optimizer, accelerator, cfg, step
-            )
+            train_loss, n_train, step = train_one_epoch(model, train_loader, optimizer, par, cfg, step)
             t1 = synced_clock(accelerator)
-            val = evaluate(model, val_loader, accelerator, cfg)
+            val = evaluate(model, val_loader, par)
             t2 = synced_clock(accelerator)
             samples += n_train
             best.update(val["loss"], model, epoch)
@@ -250,7 +256,7 @@ def main():
                 break
         best.restore(model)
         t0 = synced_clock(accelerator)
-        test = evaluate(model, test_loader, accelerator, cfg)
+        test = evaluate(model, test_loader, par)
         run.finish(
             {
                 "test/loss": test["loss"],
@@ -262,7 +268,7 @@ def main():
             model,
         )
     del model, optimizer
-    shutdown(accelerator)
+    shutdown(accelerator, par)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import set_seed
@@ -42,6 +43,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from shared.config import RunConfig
 from shared.data import make_loader
+from shared.parallel import Parallel, SetupError
 from shared.runtime import (
     BestCheckpoint,
     Run,
@@ -87,6 +89,12 @@ METRICS = {
         "goal": "max",
     },
 }
+# model_split: the encoder on the first device, the decoder (and its loop) on the second
+SPLIT_POINTS = ["decoder"]
+NO_PIPELINE = (
+    "the decoder is a loop over target positions fed by teacher-forcing draws, not a static chain of stages "
+    "(README, 'Why a pipeline does not fit NBoW and Seq2Seq')"
+)
 
 
 class Encoder(nn.Module):
@@ -147,11 +155,41 @@ def build_model(cfg: Config, info: dict) -> Seq2Seq:
     return model
 
 
-def train_one_epoch(model, loader, optimizer, accelerator, cfg, pad, gen, step):
+def pad_as_one_batch(t, par, pad, real_rows=None):
+    """Pad (or cut) each data-parallel shard to the length of the global batch's longest real sentence.
+
+    Each rank collates only its own rows, so without this a rank pads to its shard's longest sentence. The
+    encoder reads the padding (no packing, as the tutorial), so its states, and the loss, would then differ
+    from one process on the same batch; and under FSDP, where every decoder step all-gathers the decoder's
+    parameters, ranks taking different numbers of steps would deadlock. `real_rows`: how many of this rank's
+    rows are real samples (evaluation's last batch is filled up with repeats, which are dropped later and
+    must not lengthen the others). Costs one small all-reduce (and a host sync) per batch.
+    """
+    if par.plan.dp == 1:
+        return t
+    longest = (
+        (t[:real_rows] != pad).sum(1).max(0, keepdim=True).values if len(t[:real_rows]) else t.new_zeros(1)
+    )
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    length = int(longest)
+    return t[:, :length] if t.shape[1] >= length else F.pad(t, (0, length - t.shape[1]), value=pad)
+
+
+def real_rows(par, n: int) -> int:
+    """Rows of this rank's batch that are real samples: all but in the last batch of an evaluation split,
+    which Accelerate fills up with samples from the start (gather_for_metrics drops those again)."""
+    state = par.acc.gradient_state
+    if not (state.end_of_dataloader and state.remainder > 0):
+        return n
+    return max(0, min(n, state.remainder - par.data_rank * n))
+
+
+def train_one_epoch(model, loader, optimizer, accelerator, par, cfg, pads, gen, step):
     model.train()
-    stats = torch.zeros(3, device=accelerator.device)  # loss summed over tokens, tokens, sentences
+    src_pad, pad = pads
+    stats = torch.zeros(3, device=par.device)  # loss summed over tokens, tokens, sentences
     for batch in loader:
-        src, trg = batch["src"], batch["trg"]
+        src, trg = pad_as_one_batch(batch["src"], par, src_pad), pad_as_one_batch(batch["trg"], par, pad)
         # The tutorial's coin per time step for the whole batch (random.random() < ratio), from a generator
         # re-seeded by (seed, step): every rank draws the same coin for time step t, although each rank pads
         # its shard to its own length (Accelerate shards the batch indices; each rank collates its own rows).
@@ -161,9 +199,10 @@ def train_one_epoch(model, loader, optimizer, accelerator, cfg, pad, gen, step):
         target = trg[:, 1:]
         summed = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=pad, reduction="sum")
         n_tokens = (target != pad).sum()
-        # Mean over the tokens of the GLOBAL batch: DDP averages gradients over ranks, so each rank divides
-        # its sum by the global count / world size. Per-rank means would weight short shards' tokens more.
-        loss = summed * accelerator.num_processes / accelerator.reduce(n_tokens, "sum")
+        # Mean over the tokens of the GLOBAL batch: DDP and FSDP average gradients over the data-parallel
+        # ranks, so each divides its sum by the global count / replicas. Per-rank means would weight short
+        # shards' tokens more.
+        loss = summed * par.plan.dp / par.reduce_sum(n_tokens)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -175,27 +214,28 @@ def train_one_epoch(model, loader, optimizer, accelerator, cfg, pad, gen, step):
         step += 1
         if cfg.max_steps and step >= cfg.max_steps:
             break
-    loss_sum, n_tokens, seen = accelerator.reduce(stats, "sum").tolist()
+    loss_sum, n_tokens, seen = par.reduce_sum(stats).tolist()
     return loss_sum / n_tokens, int(seen), step
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, pad):
+def evaluate(model, loader, par, pads):
     """Per-token loss with teacher forcing off (the tutorial's evaluate) over the whole split, each sentence
     counted once across ranks: per-sentence sums of loss and of tokens are gathered, not batch means."""
     model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    n_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    src_pad, pad = pads
+    loss_sum = torch.zeros((), device=par.device, dtype=torch.float64)
+    n_tokens = torch.zeros((), device=par.device, dtype=torch.long)
     n = 0
     for batch in loader:
-        trg = batch["trg"]
-        logits = model(batch["src"], trg, [False] * (trg.shape[1] - 1))
+        real = real_rows(par, len(batch["src"]))
+        src = pad_as_one_batch(batch["src"], par, src_pad, real)
+        trg = pad_as_one_batch(batch["trg"], par, pad, real)
+        logits = model(src, trg, [False] * (trg.shape[1] - 1))
         target = trg[:, 1:]
         losses = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=pad, reduction="none").sum(1)
         counts = (target != pad).sum(1)
-        losses, counts = accelerator.gather_for_metrics(
-            (losses, counts)
-        )  # drops the padding of the last batch
+        losses, counts = par.gather_for_metrics((losses, counts))  # drops the padding of the last batch
         loss_sum += losses.double().sum()
         n_tokens += counts.sum()
         n += len(losses)
@@ -223,7 +263,7 @@ def bleu(model, data, cfg, device) -> dict:
         done, out = torch.zeros_like(token, dtype=torch.bool), []
         for _ in range(cfg.max_decode_len):
             logits, hidden, cell = model.decoder(token, hidden, cell)
-            token = logits.argmax(1)
+            token = logits.argmax(1).to(device)  # model_split: the decoder may sit on another device
             out.append(token)
             done |= token == eos
             if done.all():
@@ -252,10 +292,15 @@ def bleu(model, data, cfg, device) -> dict:
 def main():
     cfg = load_config(Config)
     accelerator = make_accelerator(cfg)
+    par = Parallel(accelerator, cfg, SPLIT_POINTS, no_pipeline=NO_PIPELINE)  # checks the strategy first
+    if par.plan.microbatches > 1:
+        raise SetupError(
+            "seq2seq normalises its loss by the global batch's token count and takes no --microbatches"
+        )
     set_seed(cfg.seed)
     data = load_multi30k(cfg)
-    pad = data.info["trg_pad_index"]
-    collate = pad_pair_collate(data.info["src_pad_index"], pad)
+    pads = data.info["src_pad_index"], data.info["trg_pad_index"]
+    collate = pad_pair_collate(*pads)
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, collate_fn=collate)
     val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, collate_fn=collate)
     test_loader = make_loader(
@@ -269,8 +314,10 @@ def main():
         "trg_vocab_size": data.info["trg_vocab_size"],
         "steps_per_epoch": len(train_loader),
     }
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader
+    model, optimizer, train_loader, val_loader, test_loader = (
+        par.prepare(  # accelerator.prepare, per strategy
+            model, optimizer, train_loader, val_loader, test_loader
+        )
     )
     run = Run(
         accelerator,
@@ -281,6 +328,7 @@ def main():
         metrics=METRICS,
         primary_metric="test/ppl",
         model_info=model_info,
+        par=par,
     )
     gen = torch.Generator()  # teacher-forcing coins: a CPU generator, so drawing them never syncs the device
     best = BestCheckpoint(enabled=cfg.select_best)
@@ -291,10 +339,10 @@ def main():
             reset_peak_memory(accelerator)
             t0 = synced_clock(accelerator)
             train_loss, n_train, step = train_one_epoch(
-                model, train_loader, optimizer, accelerator, cfg, pad, gen, step
+                model, train_loader, optimizer, accelerator, par, cfg, pads, gen, step
             )
             t1 = synced_clock(accelerator)
-            val = evaluate(model, val_loader, accelerator, pad)
+            val = evaluate(model, val_loader, par, pads)
             t2 = synced_clock(accelerator)
             samples += n_train
             best.update(val["loss"], model, epoch)
@@ -318,14 +366,11 @@ def main():
                 break
         best.restore(model)
         t0 = synced_clock(accelerator)
-        test = evaluate(model, test_loader, accelerator, pad)
-        # BLEU on the main process only, with the unwrapped model over the whole test split: 1,000 short
-        # sentences decode in seconds, and nothing needs gathering or de-duplicating across ranks.
-        scored = (
-            bleu(accelerator.unwrap_model(model), data, cfg, accelerator.device)
-            if accelerator.is_main_process
-            else {}
-        )
+        test = evaluate(model, test_loader, par, pads)
+        # BLEU over the whole test split on every rank with the unwrapped model (FSDP's forward all-gathers
+        # parameters, so all ranks must run it); 1,000 short sentences decode in seconds and the ranks agree,
+        # so nothing needs gathering. The main process records it.
+        scored = bleu(accelerator.unwrap_model(model), data, cfg, par.device)
         run.finish(
             {
                 "test/loss": test["loss"],
@@ -341,7 +386,7 @@ def main():
             model,
         )
     del model, optimizer
-    shutdown(accelerator)
+    shutdown(accelerator, par)
 
 
 if __name__ == "__main__":
