@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
+from shared.checkpoint import Progress
 from shared.config import RunConfig
 from shared.data import load_mnist, make_loader
 from shared.parallel import Parallel
@@ -88,24 +89,23 @@ def build_model() -> nn.Sequential:
     )
 
 
-def train_one_epoch(model, loader, optimizer, par, cfg, step):
+def train_one_epoch(model, loader, optimizer, par, cfg, progress):
     model.train()
-    loss_sum = torch.zeros((), device=par.device)
-    seen = torch.zeros((), device=par.device)
-    for batch in loader:
+    for batch in progress.batches(loader):  # a resumed run skips the batches it already trained on
         x = preprocess(batch["x"])
         optimizer.zero_grad(set_to_none=True)
         # loss_fn(model(x), x) + accelerator.backward, or a pipeline schedule's forward/backward over micro-batches
         loss = par.forward_backward(model, x, x, F.mse_loss)
+        if not progress.take_step(loss):  # non-finite loss: stop the run, or skip the step (--on_nan skip)
+            continue
         optimizer.step()
-        # Accumulate on the device: no host sync per step, one reduction per epoch.
-        loss_sum += loss * len(x)
-        seen += len(x)
-        step += 1
-        if cfg.max_steps and step >= cfg.max_steps:
+        # The epoch's sums stay on the device (saved with checkpoints), reduced once per epoch.
+        progress.stats[0] += loss * len(x)
+        progress.stats[1] += len(x)
+        if progress.step_done():  # checkpoint every N steps and on SIGTERM; True at max_steps
             break
-    loss_sum, seen = par.reduce_sum(torch.stack([loss_sum, seen]))
-    return (loss_sum / seen).item(), int(seen.item()), step
+    loss_sum, seen = par.reduce_sum(progress.stats)
+    return (loss_sum / seen).item(), int(seen.item())
 
 
 @torch.no_grad()
@@ -153,23 +153,22 @@ def main():
         par=par,
     )
     best = BestCheckpoint(enabled=cfg.select_best)
-    step, samples = 0, 0
     with run:
-        for epoch in range(1, cfg.epochs + 1):
+        progress = Progress(accelerator, cfg, run, par, model, best)  # loads --resume
+        for epoch in progress.epochs():
             train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
             reset_peak_memory(accelerator)
             t0 = synced_clock(accelerator)
-            train_loss, n_train, step = train_one_epoch(model, train_loader, optimizer, par, cfg, step)
+            train_loss, n_train = train_one_epoch(model, train_loader, optimizer, par, cfg, progress)
             t1 = synced_clock(accelerator)
             val = evaluate(model, val_loader, par)
             t2 = synced_clock(accelerator)
-            samples += n_train
             best.update(val["loss"], model, epoch)
             run.log_epoch(
                 {
                     "epoch": epoch,
-                    "step": step,
-                    "samples_seen": samples,
+                    "step": progress.step,
+                    "samples_seen": progress.samples + n_train,
                     "train/loss": train_loss,
                     "val/loss": val["loss"],
                     "val/psnr": val["psnr"],
@@ -181,7 +180,7 @@ def main():
                     "memory/peak_gib": peak_memory_gib(accelerator),
                 }
             )
-            if cfg.max_steps and step >= cfg.max_steps:
+            if progress.epoch_done(n_train):  # checkpoint at the epoch end; True once max_steps is reached
                 break
         best.restore(model)
         t0 = synced_clock(accelerator)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from shared.augment import normalize, random_crop, random_rotation
+from shared.checkpoint import Progress
 from shared.config import RunConfig
 from shared.data import load_mnist, make_loader
 from shared.parallel import Parallel
@@ -85,23 +86,22 @@ def build_model() -> nn.Sequential:
     )
 
 
-def train_one_epoch(model, loader, optimizer, par, cfg, gen, step):
+def train_one_epoch(model, loader, optimizer, par, cfg, gen, progress):
     model.train()
-    loss_sum = torch.zeros((), device=par.device)
-    seen = torch.zeros((), device=par.device)
-    for batch in loader:
+    for batch in progress.batches(loader):  # a resumed run skips the batches it already trained on
         optimizer.zero_grad(set_to_none=True)
         # loss_fn(model(x), y) + accelerator.backward, or a pipeline schedule's forward/backward over micro-batches
         loss = par.forward_backward(model, preprocess(batch["x"], cfg, gen), batch["y"], F.cross_entropy)
+        if not progress.take_step(loss):  # non-finite loss: stop the run, or skip the step (--on_nan skip)
+            continue
         optimizer.step()
-        # Accumulate on the device: no host sync per step, one reduction per epoch.
-        loss_sum += loss * len(batch["y"])
-        seen += len(batch["y"])
-        step += 1
-        if cfg.max_steps and step >= cfg.max_steps:
+        # The epoch's sums stay on the device (saved with checkpoints), reduced once per epoch.
+        progress.stats[0] += loss * len(batch["y"])
+        progress.stats[1] += len(batch["y"])
+        if progress.step_done():  # checkpoint every N steps and on SIGTERM; True at max_steps
             break
-    loss_sum, seen = par.reduce_sum(torch.stack([loss_sum, seen]))
-    return (loss_sum / seen).item(), int(seen.item()), step
+    loss_sum, seen = par.reduce_sum(progress.stats)
+    return (loss_sum / seen).item(), int(seen.item())
 
 
 @torch.no_grad()
@@ -152,23 +152,22 @@ def main():
     )
     gen = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + par.data_rank)
     best = BestCheckpoint(enabled=cfg.select_best)
-    step, samples = 0, 0
     with run:
-        for epoch in range(1, cfg.epochs + 1):
+        progress = Progress(accelerator, cfg, run, par, model, best, gens=[gen])  # loads --resume
+        for epoch in progress.epochs():
             train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
             reset_peak_memory(accelerator)
             t0 = synced_clock(accelerator)
-            train_loss, n_train, step = train_one_epoch(model, train_loader, optimizer, par, cfg, gen, step)
+            train_loss, n_train = train_one_epoch(model, train_loader, optimizer, par, cfg, gen, progress)
             t1 = synced_clock(accelerator)
             val = evaluate(model, val_loader, par, cfg)
             t2 = synced_clock(accelerator)
-            samples += n_train
             best.update(val["loss"], model, epoch)
             run.log_epoch(
                 {
                     "epoch": epoch,
-                    "step": step,
-                    "samples_seen": samples,
+                    "step": progress.step,
+                    "samples_seen": progress.samples + n_train,
                     "train/loss": train_loss,
                     "val/loss": val["loss"],
                     "val/acc": val["acc"],
@@ -180,7 +179,7 @@ def main():
                     "memory/peak_gib": peak_memory_gib(accelerator),
                 }
             )
-            if cfg.max_steps and step >= cfg.max_steps:
+            if progress.epoch_done(n_train):  # checkpoint at the epoch end; True once max_steps is reached
                 break
         best.restore(model)
         t0 = synced_clock(accelerator)

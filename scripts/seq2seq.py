@@ -41,6 +41,7 @@ from accelerate.utils import set_seed
 from sacrebleu.metrics import BLEU
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from shared.checkpoint import Progress
 from shared.config import RunConfig
 from shared.data import make_loader
 from shared.parallel import Parallel, SetupError
@@ -184,16 +185,16 @@ def real_rows(par, n: int) -> int:
     return max(0, min(n, state.remainder - par.data_rank * n))
 
 
-def train_one_epoch(model, loader, optimizer, accelerator, par, cfg, pads, gen, step):
+def train_one_epoch(model, loader, optimizer, accelerator, par, cfg, pads, gen, progress):
     model.train()
     src_pad, pad = pads
-    stats = torch.zeros(3, device=par.device)  # loss summed over tokens, tokens, sentences
-    for batch in loader:
+    stats = progress.stats  # loss summed over tokens, tokens, sentences (saved with checkpoints)
+    for batch in progress.batches(loader):  # a resumed run skips the batches it already trained on
         src, trg = pad_as_one_batch(batch["src"], par, src_pad), pad_as_one_batch(batch["trg"], par, pad)
         # The tutorial's coin per time step for the whole batch (random.random() < ratio), from a generator
         # re-seeded by (seed, step): every rank draws the same coin for time step t, although each rank pads
         # its shard to its own length (Accelerate shards the batch indices; each rank collates its own rows).
-        gen.manual_seed(cfg.seed * 1_000_003 + step)
+        gen.manual_seed(cfg.seed * 1_000_003 + progress.step)
         teacher_force = (torch.rand(trg.shape[1] - 1, generator=gen) < cfg.teacher_forcing).tolist()
         logits = model(src, trg, teacher_force)
         target = trg[:, 1:]
@@ -205,17 +206,18 @@ def train_one_epoch(model, loader, optimizer, accelerator, par, cfg, pads, gen, 
         loss = summed * par.plan.dp / par.reduce_sum(n_tokens)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        if not progress.take_step(loss):  # non-finite loss: stop the run, or skip the step (--on_nan skip)
+            continue
         accelerator.clip_grad_norm_(model.parameters(), cfg.clip)
         optimizer.step()
         # Accumulate on the device: no host sync per step, one reduction per epoch.
         stats[0] += summed.detach()
         stats[1] += n_tokens
         stats[2] += len(trg)
-        step += 1
-        if cfg.max_steps and step >= cfg.max_steps:
+        if progress.step_done():  # checkpoint every N steps and on SIGTERM; True at max_steps
             break
     loss_sum, n_tokens, seen = par.reduce_sum(stats).tolist()
-    return loss_sum / n_tokens, int(seen), step
+    return loss_sum / n_tokens, int(seen)
 
 
 @torch.no_grad()
@@ -332,25 +334,24 @@ def main():
     )
     gen = torch.Generator()  # teacher-forcing coins: a CPU generator, so drawing them never syncs the device
     best = BestCheckpoint(enabled=cfg.select_best)
-    step, samples = 0, 0
     with run:
-        for epoch in range(1, cfg.epochs + 1):
+        progress = Progress(accelerator, cfg, run, par, model, best, stats=3)  # loads --resume
+        for epoch in progress.epochs():
             train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
             reset_peak_memory(accelerator)
             t0 = synced_clock(accelerator)
-            train_loss, n_train, step = train_one_epoch(
-                model, train_loader, optimizer, accelerator, par, cfg, pads, gen, step
+            train_loss, n_train = train_one_epoch(
+                model, train_loader, optimizer, accelerator, par, cfg, pads, gen, progress
             )
             t1 = synced_clock(accelerator)
             val = evaluate(model, val_loader, par, pads)
             t2 = synced_clock(accelerator)
-            samples += n_train
             best.update(val["loss"], model, epoch)
             run.log_epoch(
                 {
                     "epoch": epoch,
-                    "step": step,
-                    "samples_seen": samples,
+                    "step": progress.step,
+                    "samples_seen": progress.samples + n_train,
                     "train/loss": train_loss,
                     "val/loss": val["loss"],
                     "val/ppl": val["ppl"],
@@ -362,7 +363,7 @@ def main():
                     "memory/peak_gib": peak_memory_gib(accelerator),
                 }
             )
-            if cfg.max_steps and step >= cfg.max_steps:
+            if progress.epoch_done(n_train):  # checkpoint at the epoch end; True once max_steps is reached
                 break
         best.restore(model)
         t0 = synced_clock(accelerator)

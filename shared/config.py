@@ -47,6 +47,16 @@ class RunConfig:
     eval_batch_size: int = 1000  # global batch for validation and test
     save_model: bool = False  # also write the final weights to <runs_dir>/<run_id>.safetensors
     tag: str = ""  # free text stored in the record (e.g. the bench matrix cell)
+    # Fault tolerance (README, "Checkpoints, resume and failures")
+    checkpoint_every: int = 0  # save_state every N optimizer steps and at each epoch end (0 = no checkpoints)
+    keep_checkpoints: int = 2  # keep the newest K checkpoints of a run
+    resume: str = (
+        ""  # continue a run from its newest checkpoint: a run id, a path (record or checkpoint) or auto
+    )
+    on_nan: str = "stop"  # non-finite training loss: stop (record failed) | skip (drop that optimizer step)
+    collective_timeout_s: int = (
+        60  # a rank waiting longer than this on the others fails (a peer died or hung)
+    )
 
 
 def _type_name(tp) -> str:
@@ -186,6 +196,13 @@ def validate(cfg: RunConfig):
     for key in ("microbatches", "pp_size"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(cfg, key)}")
+    if cfg.on_nan not in ("stop", "skip"):
+        raise ConfigError(f"config key 'on_nan': expected stop or skip, got {cfg.on_nan!r}")
+    for key in ("checkpoint_every", "keep_checkpoints", "collective_timeout_s"):
+        if getattr(cfg, key) < (1 if key != "checkpoint_every" else 0):
+            raise ConfigError(
+                f"config key '{key}': must be >= {int(key != 'checkpoint_every')}, got {getattr(cfg, key)}"
+            )
     if hasattr(cfg, "lr") and not cfg.lr > 0:
         raise ConfigError(f"config key 'lr': must be > 0, got {cfg.lr}")
 

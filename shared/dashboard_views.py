@@ -18,10 +18,12 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from shared.record import read_record
+from shared.record import HEARTBEAT_S, read_record
 from shared.reference import HARDWARE_1GPU, convert, is_study_format, load_reference
 
-STALE_S = 600  # a `running` record whose heartbeat (updated_at) is older than this is shown as crashed
+# A `running` record whose heartbeat (updated_at) is older than this is shown as crashed. Scripts rewrite a
+# running record every HEARTBEAT_S (30 s) from a thread, so 4 missed beats mean the process is gone.
+STALE_S = 4 * HEARTBEAT_S
 X_AXES = {"epoch": "epoch", "wall-clock seconds": "time/elapsed_s", "samples seen": "samples_seen"}
 # Keys every record's history carries; their labels and goals are the same for every model.
 BUILTIN = {

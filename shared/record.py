@@ -15,12 +15,20 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 from pathlib import Path
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("run_schema.json")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 STATUSES = ("running", "finished", "failed", "interrupted")
+HEARTBEAT_S = (
+    30  # a running record is rewritten at least this often; the dashboard calls it crashed when stale
+)
+
+
+class RecordWriteError(OSError):
+    """The record could not be written (disk full, permissions): reported as one line by the scripts."""
 
 
 def now_iso() -> str:
@@ -53,7 +61,10 @@ def _write_temp(directory: Path, payload: bytes) -> str:
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
-        os.unlink(tmp)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
     return tmp
 
@@ -61,7 +72,10 @@ def _write_temp(directory: Path, payload: bytes) -> str:
 def write_new(path: Path, obj: dict):
     """Create `path` atomically; FileExistsError if it already exists."""
     payload = json.dumps(obj, indent=1, allow_nan=False).encode()
-    tmp = _write_temp(path.parent, payload)
+    try:
+        tmp = _write_temp(path.parent, payload)
+    except OSError as e:
+        raise RecordWriteError(e.errno, f"cannot write run record {path}: {e.strerror or e}") from None
     try:
         os.link(tmp, path)
     finally:
@@ -71,7 +85,10 @@ def write_new(path: Path, obj: dict):
 
 def write_replace(path: Path, obj: dict):
     payload = json.dumps(obj, indent=1, allow_nan=False).encode()
-    tmp = _write_temp(path.parent, payload)
+    try:
+        tmp = _write_temp(path.parent, payload)
+    except OSError as e:
+        raise RecordWriteError(e.errno, f"cannot write run record {path}: {e.strerror or e}") from None
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -95,8 +112,13 @@ class RunRecord:
     """The record of one run. Only the main process creates one; every method rewrites the file atomically."""
 
     def __init__(self, runs_dir: str | os.PathLike, body: dict):
+        self.lock = threading.RLock()  # the heartbeat thread saves too
+        self._beat = None
         self.dir = Path(runs_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RecordWriteError(e.errno, f"cannot create runs_dir {self.dir}: {e.strerror or e}") from None
         t = now_iso()
         self.data = {
             "schema_version": SCHEMA_VERSION,
@@ -127,24 +149,65 @@ class RunRecord:
     def run_id(self) -> str:
         return self.data["run_id"]
 
+    @classmethod
+    def reopen(cls, path: str | os.PathLike, *, epoch: int, **event) -> RunRecord:
+        """Continue an unfinished record: status back to `running`, history rows of epochs >= `epoch` (which
+        will be trained again) dropped, and a `resumed` event."""
+        self = cls.__new__(cls)
+        self.lock, self._beat = threading.RLock(), None
+        self.path = Path(path)
+        self.dir = self.path.parent
+        self.data = read_record(self.path)
+        previous = self.data["status"]
+        self.data["history"] = [r for r in self.data["history"] if r.get("epoch", 0) < epoch]
+        self.data.update(status="running", ended_at=None, error=None)
+        self.event("resumed", previous_status=previous, epoch=epoch, **event)
+        return self
+
     def save(self):
-        self.data["updated_at"] = now_iso()
-        write_replace(self.path, finite(self.data))
+        with self.lock:
+            self.data["updated_at"] = now_iso()
+            write_replace(self.path, finite(self.data))
 
     def log_epoch(self, row: dict):
-        self.data["history"].append(row)
-        self.save()
+        with self.lock:
+            self.data["history"].append(row)
+            self.save()
 
     def event(self, kind: str, **fields):
-        self.data["events"].append({"at": now_iso(), "kind": kind, **fields})
-        self.save()
+        with self.lock:
+            self.data["events"].append({"at": now_iso(), "kind": kind, **fields})
+            self.save()
 
     def end(self, status: str, total_s: float | None = None, error: str | None = None, **extra):
         assert status in STATUSES[1:]
-        self.data.update(status=status, ended_at=now_iso(), error=error, **extra)
-        if total_s is not None:
-            self.data["timing"]["total_s"] = total_s
-        self.save()
+        self.stop_heartbeat()
+        with self.lock:
+            self.data.update(status=status, ended_at=now_iso(), error=error, **extra)
+            if total_s is not None:
+                self.data["timing"]["total_s"] = total_s
+            self.save()
+
+    def start_heartbeat(self, interval: float = HEARTBEAT_S):
+        """Rewrite the record (updated_at) every `interval` s from a daemon thread while the run is alive, so a
+        killed run is recognisable by its stale heartbeat even in a long epoch."""
+        self.data["heartbeat_interval_s"] = interval
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(interval):
+                try:
+                    self.save()
+                except OSError:
+                    pass  # the main thread's next write reports it
+
+        self._beat = stop
+        threading.Thread(target=beat, daemon=True, name="record-heartbeat").start()
+
+    def stop_heartbeat(self):
+        if self._beat is not None:
+            self._beat.set()
+            self._beat = None
 
 
 # ----------------------------------------------------------------------------- reading

@@ -7,25 +7,33 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
 import platform
 import resource
-import signal
 import socket
 import subprocess
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate import __version__ as accelerate_version
-from accelerate.utils import gather_object
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
+from shared.checkpoint import (
+    STOP,
+    Interrupted,
+    check_compatible,
+    find_resume,
+    install_signal_handlers,
+)
 from shared.config import RunConfig, UserError, parse_config
 from shared.parallel import SetupError, check_setup, launch_is_fsdp
-from shared.record import RunRecord
+from shared.record import RecordWriteError, RunRecord
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,14 +47,6 @@ CLOCKS = {
     "total_s": "wall clock from process set-up to the end of the test pass; excludes interpreter and launcher start-up",
     "test/time_s": "the final test pass",
 }
-
-
-class Interrupted(BaseException):
-    """Raised in the main thread by SIGTERM so the run is recorded as `interrupted`."""
-
-
-def _on_sigterm(signum, frame):
-    raise Interrupted(f"signal {signal.Signals(signum).name}")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -93,6 +93,8 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
         # up as a single non-distributed process and train as independent copies.
         cpu=cfg.device == "cpu" or not cuda,
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+        # A rank waiting longer than this in a collective fails instead of hanging (a peer died or hung).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))],
         **kwargs,
     )
     if acc.num_processes != world:
@@ -102,7 +104,7 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
         )
     if plan.strategy == "fsdp":
         _enable_fsdp(acc)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    install_signal_handlers()  # SIGTERM / SIGINT: finish the step, checkpoint, record `interrupted`
     return acc
 
 
@@ -315,8 +317,11 @@ class Run:
                 f"this script does not support the {wanted} strategy yet (it does not use shared.parallel)"
             )
         setup = setup_info(acc, cfg, strategy, par, **setup_extra)
-        self.record = None
-        if acc.is_main_process:
+        setup["pids"] = gather_object([os.getpid()])
+        self.record, self.resume_from, self.run_id = None, None, ""
+        if cfg.resume:
+            self.resume_from = self._resume(acc, cfg, model, setup)  # the record is reopened by resumed()
+        if acc.is_main_process and self.resume_from is None:
             self.record = RunRecord(
                 cfg.runs_dir,
                 {
@@ -333,7 +338,9 @@ class Run:
                     "timing": {"clocks": CLOCKS},
                 },
             )
-        self.run_id = gather_object([self.record.run_id if self.record else ""])[0]
+            self._started()
+        if self.resume_from is None:
+            self.run_id = gather_object([self.record.run_id if self.record else ""])[0]
         prov = data.provenance()
         acc.print(
             f"run {self.run_id}: {model} | {setup['strategy']} x{acc.num_processes} on {setup['devices'][0]} "
@@ -347,21 +354,68 @@ class Run:
         acc.print("config " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
         acc.print("model " + " ".join(f"{k}={_fmt(v)}" for k, v in model_info.items()))
 
+    def _started(self):
+        self.record.start_heartbeat()
+        STOP.on_stuck = lambda why: self.record.end("interrupted", self.elapsed(), error=why)
+
+    def _resume(self, acc, cfg, model: str, setup: dict) -> Path | None:
+        """Find what --resume names (main process) and check it is the same experiment. Every rank gets the
+        checkpoint directory, or the same one-line error. Nothing is written yet."""
+        found = None
+        if acc.is_main_process:
+            try:
+                hit = find_resume(cfg, model)
+                if hit is None:
+                    found = ("none",)
+                else:
+                    record_path, checkpoint = hit
+                    check_compatible(json.loads(record_path.read_text()), cfg, setup)
+                    found = ("ok", str(checkpoint), str(record_path))
+            except UserError as e:
+                found = ("error", str(e))
+        found = broadcast_object_list([found])[0]
+        if found[0] == "error":
+            raise UserError(found[1])
+        if found[0] == "none":
+            acc.print(
+                f"--resume auto: no unfinished {model} run with a checkpoint in {cfg.runs_dir}; starting a new run"
+            )
+            return None
+        self._resume_record = Path(found[2])
+        self.run_id = self._resume_record.stem
+        return Path(found[1])
+
+    def resumed(self, epoch: int, step: int, checkpoint: Path):
+        """Called once the checkpoint is loaded: continue the same record (main process)."""
+        if self.acc.is_main_process:
+            self.record = RunRecord.reopen(
+                self._resume_record, epoch=epoch, step=step, checkpoint=checkpoint.name
+            )
+            self._started()
+
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc is None or self.record is None or self.record.data["status"] != "running":
             return False
-        if isinstance(exc, (Interrupted, KeyboardInterrupt)):
-            self.record.end("interrupted", self.elapsed(), error=f"interrupted: {exc or 'KeyboardInterrupt'}")
-        else:
-            msg = str(exc).splitlines()[0] if str(exc) else ""
-            self.record.end("failed", self.elapsed(), error=f"{type(exc).__name__}: {msg}"[:2000])
+        try:
+            if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+                self.record.end(
+                    "interrupted", self.elapsed(), error=f"interrupted: {exc or 'KeyboardInterrupt'}"
+                )
+            elif not isinstance(exc, RecordWriteError):
+                self.record.end("failed", self.elapsed(), error=describe_failure(exc, self.acc))
+        except OSError:
+            pass  # the record cannot be written (disk full): the original error is what the user sees
         return False
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+    def event(self, kind: str, **fields):
+        if self.record:
+            self.record.event(kind, **fields)
 
     def log_epoch(self, row: dict):
         """One fixed-column console line and one history row, from the same dict."""
@@ -388,13 +442,28 @@ class Run:
             else:
                 self.acc.save_model(model, directory, safe_serialization=True)
         if self.record:
-            self.record.data["setup"]["params_sha256_per_rank"] = digests
-            self.record.data["setup"]["params_sha256_scope"] = (
-                par.digest_scope() if par else "each rank's full model"
-            )
-            self.record.data["test"] = test
+            with self.record.lock:  # the heartbeat thread serialises the record concurrently
+                self.record.data["setup"]["params_sha256_per_rank"] = digests
+                self.record.data["setup"]["params_sha256_scope"] = (
+                    par.digest_scope() if par else "each rank's full model"
+                )
+                self.record.data["test"] = test
             self.record.end("finished", self.elapsed())
         self.acc.print(f"finished in {self.elapsed():.1f} s; record {self.cfg.runs_dir}/{self.run_id}.json")
+
+
+def describe_failure(exc: BaseException, acc) -> str:
+    """The record's one-line error: which rank, what, and a hint when a collective failed."""
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    where = f"rank {acc.process_index} of {acc.num_processes}: " if acc.num_processes > 1 else ""
+    text = f"{where}{type(exc).__name__}: {msg}"
+    dist_error = type(exc).__name__ in ("DistBackendError", "DistNetworkError") or any(
+        s in msg
+        for s in ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Broken pipe")
+    )
+    if acc.num_processes > 1 and dist_error:
+        text += " (a collective failed: another rank died or stopped responding; see the launcher's log for which)"
+    return text[:2000]
 
 
 def shutdown(acc: Accelerator, par=None):
@@ -420,6 +489,9 @@ def entry(main):
     except UserError as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         code = 2
+    except RecordWriteError as e:
+        print(f"{prefix}error: {e.strerror}", file=sys.stderr, flush=True)
+        code = 1
     except Interrupted as e:
         print(f"{prefix}interrupted ({e})", file=sys.stderr, flush=True)
         code = 143
