@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 CHROMIUM   ?= /usr/bin/chromium
 export CHROMIUM
 
-.PHONY: venv test bench-all bench-quality bench-strategies dashboard lint format clean
+.PHONY: venv test bench-all bench-quality bench-strategies bench-speed dashboard lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-quality: venv
 
 bench-strategies: venv
 	$(BIN)/python bench/strategies.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
+
+# the project's training step vs a study-style loop, same process and device (CPU: 10 steps; CUDA: an epoch)
+bench-speed: venv
+	$(BIN)/python bench/speed.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) $(SPEED_ARGS)
 
 dashboard: venv
 	RUNS_DIR=$(RUNS_DIR) $(BIN)/streamlit run dashboard.py --server.headless true --server.address 127.0.0.1 \

@@ -31,14 +31,17 @@ from accelerate.utils import set_seed
 from shared.checkpoint import Progress
 from shared.config import RunConfig
 from shared.data import load_mnist, make_loader
+from shared.device_data import make_train_loader
 from shared.parallel import Parallel
 from shared.runtime import (
     BestCheckpoint,
     Run,
+    compile_warmup,
     count_params,
     entry,
     load_config,
     make_accelerator,
+    memory_format,
     peak_memory_gib,
     reset_peak_memory,
     shutdown,
@@ -67,9 +70,9 @@ METRICS = {
 SPLIT_POINTS = ["6", "3", "8"]
 
 
-def preprocess(x: torch.Tensor) -> torch.Tensor:
+def preprocess(x: torch.Tensor, cfg: Config) -> torch.Tensor:
     """uint8 (N, 1, 28, 28) -> float in [0, 1], as ToTensor; the target is the input itself."""
-    return x.float() / 255
+    return (x.float() / 255).contiguous(memory_format=memory_format(cfg))
 
 
 def build_model() -> nn.Sequential:
@@ -92,7 +95,7 @@ def build_model() -> nn.Sequential:
 def train_one_epoch(model, loader, optimizer, par, cfg, progress):
     model.train()
     for batch in progress.batches(loader):  # a resumed run skips the batches it already trained on
-        x = preprocess(batch["x"])
+        x = preprocess(batch["x"], cfg)
         optimizer.zero_grad(set_to_none=True)
         # loss_fn(model(x), x) + accelerator.backward, or a pipeline schedule's forward/backward over micro-batches
         loss = par.forward_backward(model, x, x, F.mse_loss)
@@ -109,13 +112,13 @@ def train_one_epoch(model, loader, optimizer, par, cfg, progress):
 
 
 @torch.no_grad()
-def evaluate(model, loader, par):
+def evaluate(model, loader, par, cfg):
     """Per-pixel MSE over the whole split (every image has 784 pixels, so the mean of per-image MSEs)."""
     model.eval()
     se_sum = torch.zeros((), device=par.device, dtype=torch.float64)
     n = 0
     for batch in loader:
-        x = preprocess(batch["x"])
+        x = preprocess(batch["x"], cfg)
         per_image = F.mse_loss(model(x), x, reduction="none").flatten(1).mean(1)
         per_image = par.gather_for_metrics(per_image)  # drops the padding of the last batch
         se_sum += per_image.double().sum()
@@ -130,11 +133,11 @@ def main():
     par = Parallel(accelerator, cfg, SPLIT_POINTS)  # checks the strategy before anything is built
     set_seed(cfg.seed)  # every rank builds the same full model; pipeline stages are cut out of it
     data = load_mnist(cfg)
-    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    train_loader, data_path = make_train_loader(data, cfg, par, make_loader)  # on the device, or a DataLoader
     val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
     test_loader = make_loader(data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
-    model = build_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model = build_model().to(memory_format=memory_format(cfg))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
     n_params = count_params(model)
     model, optimizer, train_loader, val_loader, test_loader = (
         par.prepare(  # accelerator.prepare, per strategy
@@ -151,9 +154,21 @@ def main():
         primary_metric="test/loss",
         model_info={"params": n_params, "steps_per_epoch": len(train_loader)},
         par=par,
+        data_path=data_path,
     )
     best = BestCheckpoint(enabled=cfg.select_best)
     with run:
+        run.timing(
+            compile_s=compile_warmup(
+                accelerator,
+                cfg,
+                par,
+                model,
+                train_loader,
+                lambda b: (preprocess(b["x"], cfg),) * 2,
+                F.mse_loss,
+            )
+        )
         progress = Progress(accelerator, cfg, run, par, model, best)  # loads --resume
         for epoch in progress.epochs():
             train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
@@ -161,7 +176,7 @@ def main():
             t0 = synced_clock(accelerator)
             train_loss, n_train = train_one_epoch(model, train_loader, optimizer, par, cfg, progress)
             t1 = synced_clock(accelerator)
-            val = evaluate(model, val_loader, par)
+            val = evaluate(model, val_loader, par, cfg)
             t2 = synced_clock(accelerator)
             best.update(val["loss"], model, epoch)
             run.log_epoch(
@@ -184,7 +199,7 @@ def main():
                 break
         best.restore(model)
         t0 = synced_clock(accelerator)
-        test = evaluate(model, test_loader, par)
+        test = evaluate(model, test_loader, par, cfg)
         run.finish(
             {
                 "test/loss": test["loss"],

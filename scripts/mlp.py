@@ -31,10 +31,12 @@ from shared.augment import normalize, random_crop, random_rotation
 from shared.checkpoint import Progress
 from shared.config import RunConfig
 from shared.data import load_mnist, make_loader
+from shared.device_data import make_train_loader
 from shared.parallel import Parallel
 from shared.runtime import (
     BestCheckpoint,
     Run,
+    compile_warmup,
     count_params,
     entry,
     load_config,
@@ -128,11 +130,11 @@ def main():
     par = Parallel(accelerator, cfg, SPLIT_POINTS)  # checks the strategy before anything is built
     set_seed(cfg.seed)  # every rank builds the same full model; pipeline stages are cut out of it
     data = load_mnist(cfg)
-    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    train_loader, data_path = make_train_loader(data, cfg, par, make_loader)  # on the device, or a DataLoader
     val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
     test_loader = make_loader(data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
     model = build_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
     n_params = count_params(model)
     model, optimizer, train_loader, val_loader, test_loader = (
         par.prepare(  # accelerator.prepare, per strategy
@@ -149,10 +151,22 @@ def main():
         primary_metric="test/acc",
         model_info={"params": n_params, "steps_per_epoch": len(train_loader)},
         par=par,
+        data_path=data_path,
     )
     gen = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + par.data_rank)
     best = BestCheckpoint(enabled=cfg.select_best)
     with run:
+        run.timing(
+            compile_s=compile_warmup(
+                accelerator,
+                cfg,
+                par,
+                model,
+                train_loader,
+                lambda b: (preprocess(b["x"], cfg), b["y"]),
+                F.cross_entropy,
+            )
+        )
         progress = Progress(accelerator, cfg, run, par, model, best, gens=[gen])  # loads --resume
         for epoch in progress.epochs():
             train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank

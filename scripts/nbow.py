@@ -202,7 +202,7 @@ def main():
         data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, collate_fn=collate
     )
     model, init = build_model(cfg, data.info)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
     model_info = {
         "params": count_params(model),
         "vocab_size": data.info["vocab_size"],

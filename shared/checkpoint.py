@@ -43,6 +43,9 @@ from shared.config import UserError
 from shared.record import RUN_ID_RE, read_record
 
 CHECKPOINTS = "checkpoints"
+BIG = float(
+    2**24
+)  # step numbers travel as BIG - step in float32 (exact below 16.7M steps), so MAX finds the first
 GRACE_S = 20  # after SIGTERM, a process that has not reached a step boundary by then records itself and exits
 # config keys that may change between a run and its resumption; every other key must match
 RESUMABLE_CHANGES = {
@@ -226,6 +229,7 @@ class Progress:
         self.dir = Path(cfg.runs_dir) / run.run_id / CHECKPOINTS
         self.world = acc.num_processes
         self._inject_nan = int(os.environ.get("DISTBENCH_INJECT_NAN_STEP", "0"))
+        self._bad = torch.zeros((), device=acc.device)  # BIG - first non-finite step not yet reported, or 0
         if (cfg.checkpoint_every or cfg.resume) and par is not None and par.pipelined:
             raise UserError(
                 f"--checkpoint_every / --resume are not supported with --strategy {par.strategy} yet "
@@ -247,28 +251,40 @@ class Progress:
                 yield batch
 
     def take_step(self, loss: torch.Tensor) -> bool:
-        """Whether to apply this step's optimizer update. Every rank gets the same answer: one small
-        all-reduce of (non-finite loss, stop requested) per step, and one host sync to read it."""
-        if self._inject_nan == self.step + self.skipped + 1:  # fault injection for tests: the Nth batch gives NaN
+        """Whether to apply this step's optimizer update; every rank gets the same answer.
+
+        Every `--check_every` steps (1 on CPU, 25 on CUDA; always 1 with --on_nan skip) the ranks agree on
+        (first non-finite loss, stop requested) with one small all-reduce and one host sync. In between, the
+        first non-finite step is remembered on the device, so the record still names the exact step."""
+        if (
+            self._inject_nan == self.step + self.skipped + 1
+        ):  # fault injection for tests: the Nth batch gives NaN
             loss = loss * float("nan")
+        bad = (~torch.isfinite(loss.detach())).any()
+        per_step = self.cfg.on_nan == "skip" or self.cfg.check_every <= 1
+        if per_step:
+            self._bad = torch.where(bad, BIG - (self.step + 1), 0.0)
+        else:
+            self._bad = torch.where(bad & (self._bad == 0), BIG - (self.step + 1), self._bad)
+            if (self.step + 1) % self.cfg.check_every:
+                return True
         flags = torch.stack(
-            [
-                (~torch.isfinite(loss.detach())).any().float(),
-                torch.tensor(float(STOP.signal is not None), device=loss.device),
-            ]
+            [self._bad, torch.tensor(float(STOP.signal is not None), device=self._bad.device)]
         )
         if self.world > 1:
-            dist.all_reduce(flags)
-        nonfinite, stop = flags.tolist()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_code, stop = flags.tolist()
         self._stop = stop > 0
-        if nonfinite:
-            where = f"step {self.step + 1} (epoch {self.epoch}, batch {self.batch + 1})"
+        if bad_code:
+            step = int(BIG - bad_code)
+            where = f"step {step} (epoch {self.epoch})"
             if self.cfg.on_nan == "stop":
-                self.run.event("nonfinite_loss", step=self.step + 1, epoch=self.epoch, action="stop")
+                self.run.event("nonfinite_loss", step=step, epoch=self.epoch, action="stop")
                 raise NonFiniteLoss(f"non-finite training loss at {where}; --on_nan skip drops such steps")
             self.skipped += 1
             self.batch += 1
-            self.run.event("skipped_step", step=self.step + 1, epoch=self.epoch, batch=self.batch)
+            self._bad.zero_()
+            self.run.event("skipped_step", step=step, epoch=self.epoch, batch=self.batch)
             self.acc.print(f"non-finite training loss at {where}: optimizer step skipped (--on_nan skip)")
             if self._stop:
                 self._interrupt()
@@ -360,7 +376,9 @@ class Progress:
             )
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error line says it all
+                warnings.simplefilter(
+                    "ignore"
+                )  # torch's notes on pickle protocols: the error line says it all
                 self.acc.load_state(str(directory))
                 blob = torch.load(
                     directory / f"progress_rank{self.acc.process_index}.pt",

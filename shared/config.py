@@ -57,6 +57,17 @@ class RunConfig:
     collective_timeout_s: int = (
         60  # a rank waiting longer than this on the others fails (a peer died or hung)
     )
+    # Speed (README, "Speed"); "auto" is resolved per device at start-up and the record keeps what ran.
+    # data_on_device: the train split resident on the device, batches cut there: auto (CUDA, if it fits) | true | false
+    data_on_device: str = "auto"
+    mixed_precision: str = ""  # "" = the launch config's; no | bf16 | fp16 (Accelerate's autocast)
+    channels_last: str = "auto"  # convolutional models, NHWC memory format: auto (= on CUDA) | true | false
+    fused_optimizer: str = "auto"  # fused Adam / SGD kernels: auto (= on CUDA) | true | false
+    # compile: torch.compile via Accelerate's dynamo plugin: "" (off) | default | reduce-overhead | max-autotune
+    compile: str = ""
+    check_every: int = (
+        0  # steps between stop / non-finite-loss checks (a host sync each); 0 = 1 on CPU, 25 on CUDA
+    )
 
 
 def _type_name(tp) -> str:
@@ -196,6 +207,19 @@ def validate(cfg: RunConfig):
     for key in ("microbatches", "pp_size"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(cfg, key)}")
+    for key in ("data_on_device", "channels_last", "fused_optimizer"):
+        if getattr(cfg, key) not in ("auto", "true", "false"):
+            raise ConfigError(f"config key '{key}': expected auto, true or false, got {getattr(cfg, key)!r}")
+    if cfg.mixed_precision not in ("", "no", "bf16", "fp16"):
+        raise ConfigError(
+            f"config key 'mixed_precision': expected no, bf16 or fp16, got {cfg.mixed_precision!r}"
+        )
+    if cfg.compile not in ("", "default", "reduce-overhead", "max-autotune"):
+        raise ConfigError(
+            f"config key 'compile': expected default, reduce-overhead or max-autotune, got {cfg.compile!r}"
+        )
+    if cfg.check_every < 0:
+        raise ConfigError(f"config key 'check_every': must be >= 0, got {cfg.check_every}")
     if cfg.on_nan not in ("stop", "skip"):
         raise ConfigError(f"config key 'on_nan': expected stop or skip, got {cfg.on_nan!r}")
     for key in ("checkpoint_every", "keep_checkpoints", "collective_timeout_s"):

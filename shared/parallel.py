@@ -344,6 +344,10 @@ class Parallel:
         self._schedule = self._stage = self._loss_fn = None
         self.dp_rank, self.pp_rank = (accelerator.process_index if self.plan.dp > 1 else 0), 0
         if self.pipelined:
+            if getattr(cfg, "compile", ""):
+                raise SetupError(
+                    f"--compile is not supported with {self.strategy} (its stages bypass Accelerate)"
+                )
             if accelerator.mixed_precision != "no":
                 raise SetupError(
                     f"{self.strategy} runs in fp32 here; the launch config asks for mixed precision "
@@ -399,19 +403,28 @@ class Parallel:
 
     def prepare(self, model, optimizer, *loaders):
         """Like `accelerator.prepare(model, optimizer, *loaders)`, per strategy. The first loader is the train loader."""
+        from shared.device_data import DeviceLoader
+
         acc, s = self.acc, self.strategy
+        # A DeviceLoader (shared/device_data.py) is already on the device and sharded by the plan: kept as is.
+        device_train = loaders[0] if loaders and isinstance(loaders[0], DeviceLoader) else None
+        if device_train is not None:
+            loaders = loaders[1:]
         if s in ("single", "ddp", "fsdp"):
             model, optimizer, *loaders = acc.prepare(model, optimizer, *loaders)
             if s == "fsdp":
                 self.fsdp_shards = self._verify_fsdp(model)
-            return (model, optimizer, *loaders)
-        if s == "model_split":
+        elif s == "model_split":
             model = self._split_over_devices(model)
             # device_placement=False: prepare would otherwise move every stage back onto one device.
             model = acc.prepare_model(model, device_placement=False)
             optimizer = acc.prepare_optimizer(optimizer, device_placement=False)
-            return (model, optimizer, *(acc.prepare_data_loader(dl) for dl in loaders))
-        return self._prepare_pipeline(model, optimizer, loaders)
+            loaders = [acc.prepare_data_loader(dl) for dl in loaders]
+        else:
+            model, optimizer, *loaders = self._prepare_pipeline(
+                model, optimizer, loaders, device_train is None
+            )
+        return (model, optimizer, *([device_train] if device_train is not None else []), *loaders)
 
     def _split_over_devices(self, model):
         devices = [torch.device(d) for d in self.plan.devices]
@@ -436,7 +449,7 @@ class Parallel:
         self.stages = [_stage_summary(st, d) for st, d in zip(stages, devices, strict=True)]
         return model
 
-    def _prepare_pipeline(self, model, optimizer, loaders):
+    def _prepare_pipeline(self, model, optimizer, loaders, first_is_train: bool = True):
         if not isinstance(model, nn.Sequential):
             raise ValueError(f"{self.strategy} needs an nn.Sequential model, got {type(model).__name__}")
         stages = cut(model, self.split_points[: self.plan.pp - 1])
@@ -456,7 +469,9 @@ class Parallel:
             for g in optimizer.param_groups
         ]
         optimizer = type(optimizer)([g for g in groups if g["params"]], **optimizer.defaults)
-        loaders = [self._pipeline_loader(dl, drop_last=i == 0) for i, dl in enumerate(loaders)]
+        loaders = [
+            self._pipeline_loader(dl, drop_last=first_is_train and i == 0) for i, dl in enumerate(loaders)
+        ]
         return (PipelineModel(mine, self), optimizer, *loaders)
 
     def _pipeline_loader(self, loader, drop_last: bool):
@@ -700,8 +715,10 @@ class Parallel:
 
     def save_model(self, model, directory):
         """The full model in the one-process layout (`model.safetensors`, same names) for every strategy."""
-        if not self.pipelined:
-            self.acc.save_model(model, directory, safe_serialization=True)
+        if not self.pipelined:  # without torch.compile's wrapper, so the names match an eager model's
+            self.acc.save_model(
+                self.acc.unwrap_model(model, keep_torch_compile=False), directory, safe_serialization=True
+            )
             return
         from safetensors.torch import save_file
 

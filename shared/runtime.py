@@ -88,6 +88,13 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
         fsdp_launch=launch_is_fsdp(),
         n_gpus=torch.cuda.device_count() if cuda and cfg.device != "cpu" else 0,
     )
+    extra = {}
+    if cfg.mixed_precision:
+        extra["mixed_precision"] = cfg.mixed_precision
+    if cfg.compile:
+        from accelerate.utils import TorchDynamoPlugin
+
+        extra["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=cfg.compile)
     acc = Accelerator(
         # Without cpu=True on a machine with no CUDA, processes started by the multi-GPU launcher each come
         # up as a single non-distributed process and train as independent copies.
@@ -95,6 +102,7 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
         # A rank waiting longer than this in a collective fails instead of hanging (a peer died or hung).
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))],
+        **extra,
         **kwargs,
     )
     if acc.num_processes != world:
@@ -105,7 +113,43 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
     if plan.strategy == "fsdp":
         _enable_fsdp(acc)
     install_signal_handlers()  # SIGTERM / SIGINT: finish the step, checkpoint, record `interrupted`
+    cuda_run = acc.device.type == "cuda"
+    for key in ("channels_last", "fused_optimizer"):  # resolved here, so the record says what ran
+        if getattr(cfg, key) == "auto":
+            setattr(cfg, key, "true" if cuda_run else "false")
+    cfg.check_every = cfg.check_every or (25 if cuda_run else 1)
     return acc
+
+
+def memory_format(cfg) -> torch.memory_format:
+    """channels_last (NHWC) for convolutional models when --channels_last resolved to true."""
+    return torch.channels_last if cfg.channels_last == "true" else torch.contiguous_format
+
+
+def compile_warmup(acc, cfg, par, model, loader, inputs, loss_fn) -> float | None:
+    """With --compile: compile the train and eval graphs on the first batch before training, timed, then
+    restore parameters, buffers and RNG states, so compilation is neither hidden in epoch 1 nor changes the
+    run. `inputs(batch)` gives (x, y) as the training loop does. (A last, smaller batch may still recompile
+    once inside an epoch.)"""
+    if not cfg.compile:
+        return None
+    x, y = inputs(next(iter(loader)))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    t0 = synced_clock(acc)
+    model.train()
+    par.forward_backward(model, x, y, loss_fn)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train()
+    seconds = synced_clock(acc) - t0
+    model.load_state_dict(state)
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
+    return seconds
 
 
 def _enable_fsdp(acc: Accelerator):
@@ -413,6 +457,13 @@ class Run:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
+    def timing(self, **clocks):
+        """Extra clocks for the record's `timing` block (None values are left out)."""
+        if self.record:
+            with self.record.lock:
+                self.record.data["timing"].update({k: v for k, v in clocks.items() if v is not None})
+            self.record.save()
+
     def event(self, kind: str, **fields):
         if self.record:
             self.record.event(kind, **fields)
@@ -440,7 +491,9 @@ class Run:
             if par:
                 par.save_model(model, directory)
             else:
-                self.acc.save_model(model, directory, safe_serialization=True)
+                self.acc.save_model(
+                    self.acc.unwrap_model(model, keep_torch_compile=False), directory, safe_serialization=True
+                )
         if self.record:
             with self.record.lock:  # the heartbeat thread serialises the record concurrently
                 self.record.data["setup"]["params_sha256_per_rank"] = digests

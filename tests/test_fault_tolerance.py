@@ -73,9 +73,13 @@ def same_run(a_dir: Path, b_dir: Path):
     assert pa.keys() == pb.keys()
     for k in pa:
         assert (pa[k] - pb[k]).abs().max().item() <= 1e-6, k
-    strip = lambda rows: [
-        {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "memory/"))} for r in rows
-    ]  # noqa: E731
+
+    def strip(rows):
+        return [
+            {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "memory/"))}
+            for r in rows
+        ]  # noqa: E731
+
     assert strip(a["history"]) == strip(b["history"])
     ta = {k: v for k, v in a["test"].items() if k != "test/time_s"}
     tb = {k: v for k, v in b["test"].items() if k != "test/time_s"}
