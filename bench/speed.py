@@ -173,6 +173,18 @@ def image_case(name: str, args, device):
             yield n
         out["loss"] = total / steps
 
+    def step_flops() -> float:
+        """Model FLOPs of one training step (forward + backward) at this batch, counted by torch."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model, _ = build()
+        x = data.train["x"][: cfg.batch_size].to(device)
+        x = mod.preprocess(x, cfg) if autoencoder else mod.preprocess(x, cfg, None)
+        with FlopCounterMode(display=False) as counter:
+            loss_of(model, x, data.train["y"][: cfg.batch_size].to(device)).backward()
+        return float(counter.get_total_flops())
+
+    project.flops = step_flops
     steps_per_epoch = len(data.train["x"]) // cfg.batch_size
     return cfg, data, project, study, steps_per_epoch
 
@@ -242,6 +254,19 @@ def text_case(name: str, args, device):
 # ----------------------------------------------------------------------------- timing
 
 
+def matmul_peak(device) -> tuple[float, str]:
+    """The device's measured dense matmul rate: bf16 on CUDA, fp32 on the CPU (the dtype the project runs)."""
+    dtype, n, reps = (torch.bfloat16, 8192, 20) if device.type == "cuda" else (torch.float32, 1024, 5)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0), str(dtype).split(".")[-1]
+
+
 def timed(make_iter, steps: int, warmup: int, device, out: dict) -> tuple[float, int]:
     """Seconds and samples for `steps` steps after `warmup` untimed ones (compilation, allocator, caches).
     The mean train loss over all steps lands in out["loss"] (read after the clock stopped)."""
@@ -278,22 +303,37 @@ def main():
     print(
         f"bench-speed {batch}: {device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    print(f"{'model':<17} {'project samples/s':>18} {'study samples/s':>16} {'ratio':>7}  steps")
+    peak, peak_dtype = matmul_peak(device)
+    print(f"measured {peak_dtype} matmul peak: {peak / 1e12:.3f} TFLOP/s (the MFU denominator)")
+    print(f"{'model':<17} {'project samples/s':>18} {'study samples/s':>16} {'ratio':>7}  {'MFU':>6}  steps")
     rows = []
     for name in args.models:
         case = image_case if name in ("mlp", "conv_autoencoder", "cnn", "vgg11") else text_case
         cfg, data, project, study, per_epoch = case(name, args, device)
         steps = per_epoch if args.epoch or (args.steps == 0 and device.type == "cuda") else (args.steps or 10)
-        result = {}
+        result, mfu = {}, None
+        flops = project.flops() if hasattr(project, "flops") else None
         for variant, fn in (("project", project), ("study", study)):
             out = {}
             seconds, samples = timed(fn, steps, args.warmup, device, out)
             result[variant] = samples / seconds
-            write_record(args, batch, name, variant, cfg, data, device, steps, samples, seconds, out["loss"])
+            extra = {}
+            if flops and variant == "project":  # model FLOPs (forward + backward) per second over the peak
+                achieved = flops / cfg.batch_size * samples / seconds
+                mfu = achieved / peak
+                extra = {
+                    "throughput/model_tflops": achieved / 1e12,
+                    "mfu": mfu,
+                    "mfu_peak_tflops": peak / 1e12,
+                }
+            write_record(
+                args, batch, name, variant, cfg, data, device, steps, samples, seconds, out["loss"], extra
+            )
         ratio = result["project"] / result["study"]
         rows.append((name, result["project"], result["study"], ratio))
+        shown = f"{mfu:6.1%}" if mfu is not None else f"{'-':>6}"
         print(
-            f"{name:<17} {result['project']:>18.0f} {result['study']:>16.0f} {ratio:>6.1f}x  {steps}",
+            f"{name:<17} {result['project']:>18.0f} {result['study']:>16.0f} {ratio:>6.1f}x  {shown}  {steps}",
             flush=True,
         )
     print(f"records in {args.runs_dir} (tag bench:{batch}:speed:...)")
@@ -307,7 +347,7 @@ def peak_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
 
 
-def write_record(args, batch, name, variant, cfg, data, device, steps, samples, seconds, loss):
+def write_record(args, batch, name, variant, cfg, data, device, steps, samples, seconds, loss, extra):
     fast = device.type == "cuda" and variant == "project"
     rec = RunRecord(
         args.runs_dir,
@@ -346,6 +386,7 @@ def write_record(args, batch, name, variant, cfg, data, device, steps, samples, 
             "time/eval_s": 0.0,  # no evaluation in a speed run
             "time/epoch_s": seconds,
             "memory/peak_gib": peak_gib(device),
+            **extra,
             "throughput/samples_per_s": samples / seconds,
             "time/epoch_equivalent_s": seconds / samples * len(data.train[next(iter(data.train))])
             if samples
