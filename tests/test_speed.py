@@ -144,3 +144,17 @@ def test_seq2seq_segmented_decoder_equals_the_stepwise_one():
         for a, b in zip(got[False].grads, got[True].grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert sum(coins) not in (0, len(coins))  # the last pattern mixed forced and free steps
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"])
+def test_speed_presets_are_valid_configs_with_a_larger_batch(model):
+    import importlib.util
+
+    from shared.config import parse_config
+
+    spec = importlib.util.spec_from_file_location(f"preset_{model}", REPO / "scripts" / f"{model}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = parse_config(mod.Config, ["--config", str(REPO / "presets" / "speed" / f"{model}.yaml")])
+    default = mod.Config()
+    assert cfg.batch_size > default.batch_size and cfg.lr > default.lr and cfg.mixed_precision == "bf16"
