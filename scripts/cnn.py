@@ -180,17 +180,17 @@ def main():
     gen = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + par.data_rank)
     best = BestCheckpoint(enabled=cfg.select_best)
     with run:
-        run.timing(
-            compile_s=compile_warmup(
-                accelerator,
-                cfg,
-                par,
-                model,
-                train_loader,
-                lambda b: (preprocess(b["x"], cfg), b["y"]),
-                F.cross_entropy,
-            )
+        # --compile: the graphs are compiled on the first batch before epoch 1, timed apart
+        compile_s = compile_warmup(
+            accelerator,
+            cfg,
+            par,
+            model,
+            train_loader,
+            lambda b: (preprocess(b["x"], cfg), b["y"]),
+            F.cross_entropy,
         )
+        run.timing(compile_s=compile_s)
         progress = Progress(accelerator, cfg, run, par, model, best, gens=[gen])  # loads --resume
         for epoch in progress.epochs():
             train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank

@@ -158,17 +158,11 @@ def main():
     )
     best = BestCheckpoint(enabled=cfg.select_best)
     with run:
-        run.timing(
-            compile_s=compile_warmup(
-                accelerator,
-                cfg,
-                par,
-                model,
-                train_loader,
-                lambda b: (preprocess(b["x"], cfg),) * 2,
-                F.mse_loss,
-            )
+        # --compile: the graphs are compiled on the first batch before epoch 1, timed apart
+        compile_s = compile_warmup(
+            accelerator, cfg, par, model, train_loader, lambda b: (preprocess(b["x"], cfg),) * 2, F.mse_loss
         )
+        run.timing(compile_s=compile_s)
         progress = Progress(accelerator, cfg, run, par, model, best)  # loads --resume
         for epoch in progress.epochs():
             train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
