@@ -361,7 +361,7 @@ class Run:
                 f"this script does not support the {wanted} strategy yet (it does not use shared.parallel)"
             )
         setup = setup_info(acc, cfg, strategy, par, **setup_extra)
-        setup["pids"] = gather_object([os.getpid()])
+        setup["pids"] = self.pids = gather_object([os.getpid()])
         self.record, self.resume_from, self.run_id = None, None, ""
         if cfg.resume:
             self.resume_from = self._resume(acc, cfg, model, setup)  # the record is reopened by resumed()
@@ -449,7 +449,7 @@ class Run:
                     "interrupted", self.elapsed(), error=f"interrupted: {exc or 'KeyboardInterrupt'}"
                 )
             elif not isinstance(exc, RecordWriteError):
-                self.record.end("failed", self.elapsed(), error=describe_failure(exc, self.acc))
+                self.record.end("failed", self.elapsed(), error=describe_failure(exc, self.acc, self.pids))
         except OSError:
             pass  # the record cannot be written (disk full): the original error is what the user sees
         return False
@@ -505,8 +505,16 @@ class Run:
         self.acc.print(f"finished in {self.elapsed():.1f} s; record {self.cfg.runs_dir}/{self.run_id}.json")
 
 
-def describe_failure(exc: BaseException, acc) -> str:
-    """The record's one-line error: which rank, what, and a hint when a collective failed."""
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except (OSError, IndexError):
+        return False
+
+
+def describe_failure(exc: BaseException, acc, pids: list[int] | None = None) -> str:
+    """The record's one-line error: which rank, what, and when a collective failed, which ranks are gone
+    (on one machine the ranks' pids are checked; across machines the launcher's log says)."""
     msg = str(exc).splitlines()[0] if str(exc) else ""
     where = f"rank {acc.process_index} of {acc.num_processes}: " if acc.num_processes > 1 else ""
     text = f"{where}{type(exc).__name__}: {msg}"
@@ -515,7 +523,11 @@ def describe_failure(exc: BaseException, acc) -> str:
         for s in ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Broken pipe")
     )
     if acc.num_processes > 1 and dist_error:
-        text += " (a collective failed: another rank died or stopped responding; see the launcher's log for which)"
+        gone = [f"rank {r} (pid {pid})" for r, pid in enumerate(pids or []) if not _alive(pid)]
+        if gone and num_machines() == 1:
+            text += f" (a collective failed: {', '.join(gone)} exited)"
+        else:
+            text += " (a collective failed: another rank died or stopped responding; see the launcher's log)"
     return text[:2000]
 
 

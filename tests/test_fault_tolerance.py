@@ -185,6 +185,7 @@ def test_a_dead_rank_fails_the_run_within_60_s(tmp_path):
     assert proc.returncode != 0 and took < 60, (took, out[-3000:])
     rec = only(tmp_path)
     assert rec["status"] == "failed" and rec["error"].startswith("rank 0 of 2:"), rec["error"]
+    assert f"rank 1 (pid {pids[1]}) exited" in rec["error"], rec["error"]  # which rank died
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
