@@ -102,13 +102,13 @@ def image_case(name: str, args, device):
     conv = name != "mlp"
     fast = device.type == "cuda"
 
-    def build():
+    def build(fused: bool):
         torch.manual_seed(0)
         model = (mod.build_model() if name in ("mlp", "conv_autoencoder") else mod.build_model(cfg)).to(
             device
         )
         params = [p for p in model.parameters() if p.requires_grad]
-        opt_kw = {"fused": True} if fast else {}
+        opt_kw = {"fused": True} if fused else {}
         if name == "cnn":
             opt = torch.optim.SGD(params, lr=cfg.lr, **opt_kw)
         elif name == "vgg11":
@@ -125,7 +125,7 @@ def image_case(name: str, args, device):
         return F.mse_loss(out, x) if autoencoder else F.cross_entropy(out, y)
 
     def project(steps, out):
-        model, opt = build()
+        model, opt = build(fused=fast)
         if fast and conv:
             model = model.to(memory_format=torch.channels_last)
         step_model = torch.compile(model) if args.compile else model
@@ -152,9 +152,8 @@ def image_case(name: str, args, device):
         out["loss"] = float(total) / steps
 
     def study(steps, out):
-        model, _ = build()
+        model, opt = build(fused=False)  # the tutorial's optimizer, unfused
         total = 0.0
-        opt = type(build()[1])(model.parameters(), lr=cfg.lr)  # plain (not fused) optimizer, one group
         ds = PILImages(data.train["x"], data.train["y"], study_transform(name, cfg))
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
         n, it = 0, iter(loader)
@@ -177,7 +176,7 @@ def image_case(name: str, args, device):
         """Model FLOPs of one training step (forward + backward) at this batch, counted by torch."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        model, _ = build()
+        model, _ = build(fused=False)
         x = data.train["x"][: cfg.batch_size].to(device)
         x = mod.preprocess(x, cfg) if autoencoder else mod.preprocess(x, cfg, None)
         with FlopCounterMode(display=False) as counter:

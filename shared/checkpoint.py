@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -43,6 +44,7 @@ from shared.config import UserError
 from shared.record import RUN_ID_RE, read_record
 
 CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"^step-\d{8}$")  # complete checkpoints only (not .partial / .old)
 BIG = float(
     2**24
 )  # step numbers travel as BIG - step in float32 (exact below 16.7M steps), so MAX finds the first
@@ -118,9 +120,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     if not d.is_dir():
         return []
     return sorted(
-        p
-        for p in d.iterdir()
-        if p.is_dir() and p.name.startswith("step-") and (p / "progress.json").is_file()
+        p for p in d.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "progress.json").is_file()
     )
 
 
@@ -132,8 +132,8 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def find_resume(cfg, model: str) -> tuple[Path, Path] | None:
-    """(record path, checkpoint dir) named by `--resume`, or None for `auto` with nothing to resume.
+def find_resume(cfg, model: str) -> tuple[Path, Path, dict] | None:
+    """(record path, checkpoint dir, record) named by `--resume`, or None for `auto` with nothing to resume.
 
     Raises ResumeError with one line when the spec names nothing resumable. Paths are resolved and must lie
     inside runs_dir; run ids must be plain names, so nothing outside runs_dir is ever opened or written.
@@ -189,7 +189,7 @@ def find_resume(cfg, model: str) -> tuple[Path, Path] | None:
         checkpoint = found[-1]
     elif checkpoint.resolve() not in [f.resolve() for f in found]:
         raise ResumeError(f"--resume: {checkpoint} is not a checkpoint of run {rec['run_id']}")
-    return record_path, checkpoint
+    return record_path, checkpoint, rec
 
 
 def check_compatible(record: dict, cfg, setup: dict):
@@ -325,9 +325,6 @@ class Progress:
         acc, rank = self.acc, self.acc.process_index
         name = f"step-{self.step:08d}"
         final, tmp = self.dir / name, self.dir / f"{name}.partial"
-        if final.exists():  # the epoch end right after a step checkpoint: nothing new
-            self._meta_write(final)
-            return
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -345,15 +342,19 @@ class Progress:
         acc.wait_for_everyone()
         if acc.is_main_process:
             self._meta_write(tmp)
+            # The epoch end right after a step checkpoint saves the same step again with the epoch's end state
+            # (next epoch, sums zeroed, this epoch's best weights): the newer copy replaces the older one.
+            stale = self.dir / f"{name}.old"
+            if final.exists():
+                os.replace(final, stale)
             os.replace(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
             for old in complete_checkpoints(self.dir.parent)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             self.run.event("checkpoint", step=self.step, epoch=self.epoch, batch=self.batch, path=str(final))
         acc.wait_for_everyone()
 
     def _meta_write(self, directory: Path):
-        if not self.acc.is_main_process:
-            return
         meta = {
             "epoch": self.epoch,
             "step": self.step,

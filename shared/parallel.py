@@ -44,6 +44,7 @@ from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import send_to_device
 
 from shared.config import UserError
+from shared.device_data import DeviceLoader
 
 
 class SetupError(UserError):
@@ -403,8 +404,6 @@ class Parallel:
 
     def prepare(self, model, optimizer, *loaders):
         """Like `accelerator.prepare(model, optimizer, *loaders)`, per strategy. The first loader is the train loader."""
-        from shared.device_data import DeviceLoader
-
         acc, s = self.acc, self.strategy
         # A DeviceLoader (shared/device_data.py) is already on the device and sharded by the plan: kept as is.
         device_train = loaders[0] if loaders and isinstance(loaders[0], DeviceLoader) else None

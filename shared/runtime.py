@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import os
 import platform
 import resource
@@ -412,8 +411,8 @@ class Run:
                 if hit is None:
                     found = ("none",)
                 else:
-                    record_path, checkpoint = hit
-                    check_compatible(json.loads(record_path.read_text()), cfg, setup)
+                    record_path, checkpoint, record = hit
+                    check_compatible(record, cfg, setup)
                     found = ("ok", str(checkpoint), str(record_path))
             except UserError as e:
                 found = ("error", str(e))
