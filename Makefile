@@ -36,14 +36,17 @@ browser:
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
 		|| echo "note: no $(CHROMIUM) and apt-get install chromium not possible here: the dashboard browser test will skip"
 
+# RESUME=<batch> continues a stopped matrix (Ctrl-C, crash), running only the cells that did not finish
 bench-all: venv
-	$(BIN)/python bench/run.py --matrix bench/matrix.yaml --profile $(PROFILE) --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
+	$(BIN)/python bench/run.py --matrix bench/matrix.yaml --profile $(PROFILE) --data_dir $(DATA_DIR) \
+		--runs_dir $(RUNS_DIR) $(if $(RESUME),--resume $(RESUME))
 
 bench-quality: venv
 	$(BIN)/python bench/run.py --matrix bench/quality.yaml --profile full --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
 
 bench-strategies: venv
-	$(BIN)/python bench/strategies.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
+	$(BIN)/python bench/run.py --matrix bench/strategies.yaml --profile strategies --data_dir $(DATA_DIR) \
+		--runs_dir $(RUNS_DIR) $(if $(RESUME),--resume $(RESUME))
 
 # the project's training step vs a study-style loop, same process and device (CPU: 10 steps; CUDA: an epoch)
 bench-speed: venv

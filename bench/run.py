@@ -1,20 +1,34 @@
-"""Run a benchmark matrix (models x setups x seeds) with `accelerate launch`, one process tree per run.
+"""Run a benchmark matrix (models x setups x seeds x repeats) with `accelerate launch`, and say which
+speedups can be trusted.
 
-Every run is exactly what a user would launch by hand:
-    accelerate launch --config_file accelerate_configs/<setup>.yaml scripts/<model>.py --data_dir ... [overrides]
-This runner imports no script. It reads the run records the scripts write, prints one line per run and a
-summary per model (time per epoch, speedup and efficiency vs the 1-device run at the same global batch,
-final metric, status), and exits non-zero if any run failed or missed a target.
+Every cell is exactly what a user would launch by hand (this runner imports no script):
+    accelerate launch --config_file accelerate_configs/<config>.yaml [--num_cpu_threads_per_process T] \
+        scripts/<model>.py --data_dir ... [profile overrides] [setup flags]
+Each run times its own steady state (shared/meter.py): warm-up apart, then the step times of up to 10
+windows of consecutive steps. A repetition is such a window; with `repeats: K` in the profile each cell is
+also launched K times, the launches interleaved round-robin (every cell once, then every cell again), and the
+windows of all its launches pooled. One launch costs 4-7 s of start-up on 2 cores (every process imports
+torch), so the quick profile times windows inside one launch to stay under 10 minutes; a full GPU profile
+can afford separate launches.
+
+Speedup = median step time of the baseline (one device, same model, profile, hardware, global batch, data
+and step budget) / this cell's, with a 95% bootstrap interval over the repetitions; efficiency = speedup /
+devices. Flags per cell (shared/stats.FLAGS): noisy, contended (other load during the run, or before or
+after it), superlinear, warmup-dominated, oversubscribed. Ctrl-C ends the matrix: the running cell is
+interrupted and recorded, the summary is written with what finished, and `--resume <batch>` continues.
 
     python bench/run.py --matrix bench/matrix.yaml --profile quick --data_dir ../shared/data
+    python bench/run.py --resume 20261129-091500 --runs_dir runs       # continue a stopped matrix
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
-import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +38,31 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from shared.record import load_runs, write_new  # noqa: E402
+from shared import stats  # noqa: E402
+from shared.record import read_record, write_replace  # noqa: E402
+
+LOAD_SAMPLE_S = 0.2  # the machine's load is sampled this long before and after every cell
+STOP_GRACE_S = 15  # after Ctrl-C, the running cell gets this long to record itself, then is killed
+
+
+class Stop:
+    """SIGINT / SIGTERM: stop the matrix. The running cell's process group gets the same signal."""
+
+    def __init__(self):
+        self.signal, self.child, self.t_signal = None, None, 0.0
+        signal.signal(signal.SIGINT, self.handler)
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        first = self.signal is None
+        if first:
+            self.t_signal = time.perf_counter()
+        self.signal = signal.Signals(signum).name
+        if self.child is not None and self.child.poll() is None:
+            try:
+                os.killpg(self.child.pid, signum if first else signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def cuda_device_count() -> int:
@@ -38,19 +76,61 @@ def cuda_device_count() -> int:
     return int(out.stdout.strip() or 0) if out.returncode == 0 else 0
 
 
-def setup_needs(setup: str) -> tuple[int, bool]:
-    """(processes, needs CUDA) read from the accelerate config itself."""
-    cfg = yaml.safe_load((REPO / "accelerate_configs" / f"{setup}.yaml").read_text())
-    return int(cfg.get("num_processes", 1)) * 1, not cfg.get("use_cpu", False)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def skip_reason(setup: str, n_cuda: int, flags: dict) -> str | None:
-    """Why this machine cannot run `setup`, or None. CPU setups always run (oversubscribed if need be)."""
-    procs, cuda = setup_needs(setup)
-    devices = 2 if flags.get("strategy") == "model_split" else procs  # one process driving two GPUs
-    if cuda and n_cuda < devices:
-        return f"{setup}: needs {devices} CUDA device{'s' * (devices > 1)}, found {n_cuda}"
+def parse_setups(matrix: dict) -> dict[str, dict]:
+    """name -> {config, flags, procs, cuda, devices}. An entry is a config name, or {name: {config: <file>,
+    <script flag>: value, ...}} for strategies Accelerate has no key for (config defaults to the name)."""
+    out = {}
+    for entry in matrix["setups"]:
+        name, spec = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+        spec = dict(spec or {})
+        config = spec.pop("config", name)
+        acfg = yaml.safe_load((REPO / "accelerate_configs" / f"{config}.yaml").read_text())
+        procs, cuda = int(acfg.get("num_processes", 1)), not acfg.get("use_cpu", False)
+        # devices doing the work: a GPU model split drives 2 GPUs from one process; on a CPU both stages share
+        # the process's core, so it is one device
+        devices = 2 if cuda and spec.get("strategy") == "model_split" else procs
+        out[name] = {"config": config, "flags": spec, "procs": procs, "cuda": cuda, "devices": devices}
+    return out
+
+
+def skip_reason(setup: dict, n_cuda: int) -> str | None:
+    if setup["cuda"] and n_cuda < setup["devices"]:
+        n = setup["devices"]
+        return f"needs {n} CUDA device{'s' * (n > 1)}, found {n_cuda}"
     return None
+
+
+def baseline_of(name: str, setups: dict, matrix: dict) -> str | None:
+    """The 1-device setup this one is compared with: the matrix's `baselines` for its hardware kind, else
+    the first 1-device setup of the same kind with no strategy flag."""
+    kind = "gpu" if setups[name]["cuda"] else "cpu"
+    given = (matrix.get("baselines") or {}).get(kind)
+    if given:
+        return given if given in setups else None
+    for other, s in setups.items():
+        if (
+            s["cuda"] == setups[name]["cuda"]
+            and s["devices"] == 1
+            and s["flags"].get("strategy") in (None, "single")
+        ):
+            return other
+    return None
+
+
+def busy_sample(seconds: float) -> float | None:
+    """Share of the cores busy over `seconds` while this runner only sleeps: other load on the machine."""
+    from shared.meter import machine_busy_s
+
+    a = machine_busy_s()
+    time.sleep(seconds)
+    b = machine_busy_s()
+    return None if a is None or b is None else (b - a) / (seconds * (os.cpu_count() or 1))
 
 
 def bar(done: int, total: int, width: int = 20) -> str:
@@ -62,55 +142,216 @@ def fmt_s(s: float) -> str:
     return f"{s / 60:.0f}m{s % 60:02.0f}s" if s >= 60 else f"{s:.0f}s"
 
 
-def launch(script, setup, seed, overrides, args, tag, log_path) -> tuple[int, float]:
+def launch(cell: dict, setup: dict, opts: dict, stop: Stop, log_path: Path) -> tuple[int, float]:
     cmd = [
         str(Path(sys.executable).with_name("accelerate")),
         "launch",
         "--config_file",
-        str(REPO / "accelerate_configs" / f"{setup}.yaml"),
-        str(REPO / "scripts" / f"{script}.py"),
+        str(REPO / "accelerate_configs" / f"{setup['config']}.yaml"),
+        *(["--main_process_port", str(free_port())] if setup["procs"] > 1 else []),
+        *(["--num_cpu_threads_per_process", str(opts["threads"])] if opts["threads"] else []),
+        str(REPO / "scripts" / f"{cell['script']}.py"),
         "--data_dir",
-        args.data_dir,
+        opts["data_dir"],
         "--runs_dir",
-        args.runs_dir,
+        opts["runs_dir"],
         "--seed",
-        str(seed),
+        str(cell["seed"]),
         "--tag",
-        tag,
+        cell["tag"],
+        *[x for k, v in cell["flags"].items() for x in (f"--{k}", str(v))],
     ]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v)]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
+        # its own process group: Ctrl-C reaches the runner, which passes it on (Stop) and then stops the matrix
+        child = stop.child = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        )
+        deadline = t0 + opts["timeout"]
+        while child.poll() is None:
+            now = time.perf_counter()
+            if stop.signal and now - stop.t_signal > STOP_GRACE_S or now > deadline:
+                os.killpg(child.pid, signal.SIGKILL)
+            try:
+                child.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        stop.child = None
+    rc = child.returncode
+    return (124 if time.perf_counter() > deadline else rc), time.perf_counter() - t0
+
+
+def find_record(runs_dir: str, script: str, tag: str, since: float) -> dict | None:
+    """The record this launch wrote: its script's files changed since the launch started, with its tag (a
+    resumed matrix re-runs a cell under the same tag, so the newest wins)."""
+    recs = []
+    for path in Path(runs_dir).glob(f"{script}-*.json"):
         try:
-            rc = subprocess.run(
-                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=args.timeout
-            ).returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
-    return rc, time.perf_counter() - t0
+            if path.stat().st_mtime >= since and (rec := read_record(path)).get("tag") == tag:
+                recs.append(rec)
+        except (OSError, ValueError):
+            continue
+    return max(recs, key=lambda r: r["started_at"]) if recs else None
 
 
-def epoch_time(rec: dict) -> float | None:
-    """Median training seconds per full epoch (epoch 1 included: no compile warm-up on the default path)."""
-    times = sorted(h["time/train_s"] for h in rec["history"])
-    return times[len(times) // 2] if times else None
+def cell_result(cell: dict, setup: dict, rc: int, wall: float, before, after, rec: dict | None) -> dict:
+    status = rec["status"] if rec else "no record"
+    if rc and status == "finished":
+        status = f"exit {rc}"
+    steady = (rec or {}).get("timing", {}).get("steady") or {}
+    key = (rec or {}).get("primary_metric", "test/loss")
+    values = {**rec["history"][-1], **rec["test"]} if rec and rec["history"] else {}
+    return {
+        **{k: cell[k] for k in ("id", "model", "setup", "seed", "repeat", "tag")},
+        "rc": rc,
+        "wall_s": wall,
+        "status": status,
+        "run_id": rec["run_id"] if rec else None,
+        "strategy": rec["setup"]["strategy"] if rec else None,
+        "procs": setup["procs"],
+        "devices": setup["devices"],
+        "global_batch": rec["setup"]["global_batch_size"] if rec else None,
+        "train_samples": (rec or {}).get("data", {}).get("used", {}).get("train"),
+        "max_steps": (rec or {}).get("config", {}).get("max_steps"),
+        "epochs": (rec or {}).get("config", {}).get("epochs"),
+        "windows_step_s": steady.get("windows_step_s") or [],
+        "steady": {k: v for k, v in steady.items() if k != "windows_step_s"},
+        "load_before": before,
+        "load_after": after,
+        "metric": key,
+        "value": values.get(key),
+        "values": values,
+    }
 
 
-def final_metric(rec: dict) -> tuple[str, float | None]:
-    key = rec.get("primary_metric", "test/loss")
-    v = rec.get("test", {}).get(key)
-    return key, v if isinstance(v, (int, float)) else None
+def comparable(a: dict, b: dict) -> bool:
+    """Same work: global batch, train samples, epochs and step budget (same model and profile by construction)."""
+    return all(a[k] == b[k] for k in ("global_batch", "train_samples", "epochs", "max_steps"))
+
+
+def paired(a: list[dict], b: list[dict]) -> bool:
+    """Window k of launch r timed the same steps on both sides: same seeds, launches and window counts."""
+    key = lambda rows: [
+        (r["seed"], r["repeat"], r["steady"].get("steps"), len(r["windows_step_s"])) for r in rows
+    ]  # noqa: E731
+    return key(a) == key(b)
+
+
+def summarize_cell(rows: list[dict], base_rows: list[dict] | None, setup: dict) -> dict:
+    """Pool the finished launches of one cell; compare with the pooled baseline."""
+    ok = [r for r in rows if r["status"] == "finished" and r["windows_step_s"]]
+    out = {"launches": len(rows), "finished": len(ok), "run_ids": [r["run_id"] for r in rows if r["run_id"]]}
+    if not ok:
+        return out
+    win = [w for r in ok for w in r["windows_step_s"]]
+    step, ci = stats.median_ci(win)
+    batch = ok[0]["global_batch"]
+    shares = [r["steady"].get("foreign_cpu_share") for r in ok] + [
+        x for r in ok for x in (r["load_before"], r["load_after"])
+    ]
+    contended = any(s is not None and s > stats.CONTENDED_SHARE for s in shares)
+    warm = any(r["steady"].get("warmup_dominated", True) for r in ok)
+    over = setup["procs"] > (os.cpu_count() or 1) and not setup["cuda"]
+    out.update(
+        windows=len(win),
+        steps=sum(r["steady"].get("steps", 0) for r in ok),
+        step_s=step,
+        step_s_ci95=ci,
+        samples_per_s=batch / step,
+        samples_per_s_ci95=[batch / ci[1], batch / ci[0]],
+        warmup_s=stats.median([r["steady"].get("warmup_s", 0.0) for r in ok]),
+        foreign_cpu_share=max((s for s in shares if s is not None), default=None),
+    )
+    base_ok = [r for r in base_rows or [] if r["status"] == "finished" and r["windows_step_s"]]
+    if base_ok and all(comparable(r, base_ok[0]) for r in ok):
+        base_win = [w for r in base_ok for w in r["windows_step_s"]]
+        base_warm = any(r["steady"].get("warmup_dominated", True) for r in base_ok)
+        base_cont = any(
+            s is not None and s > stats.CONTENDED_SHARE
+            for r in base_ok
+            for s in (r["steady"].get("foreign_cpu_share"), r["load_before"], r["load_after"])
+        )
+        out.update(
+            stats.comparison(
+                base_win,
+                win,
+                setup["devices"],
+                contended=contended or base_cont,
+                warmup_dominated=warm or base_warm,
+                oversubscribed=over,
+                paired=paired(base_ok, ok),
+            )
+        )
+    else:
+        out["flags"] = [
+            f
+            for f, on in (("contended", contended), ("warmup-dominated", warm), ("oversubscribed", over))
+            if on
+        ]
+        out["no_baseline"] = (
+            "no finished comparable 1-device run" if not base_ok else "baseline did different work"
+        )
+    return out
 
 
 def check_target(value, target: str) -> bool:
-    """`target` is ">= x" or "<= x"; `value` comes from the test results, else the last epoch's row."""
+    """`target` is ">= x" or "<= x" on a key of the test results, else of the last epoch's row."""
     op, ref = target.split()
     if not isinstance(value, (int, float)):
         return False
     return value >= float(ref) if op == ">=" else value <= float(ref)
+
+
+def ci_text(v, ci) -> str:
+    return f"{stats.sig(v)} [{stats.sig(ci[0])}-{stats.sig(ci[1])}]"
+
+
+def print_summary(plan: dict, cells_out: dict, prof: dict) -> list[str]:
+    missed = []
+    print(
+        f"\nsummary ({plan['profile']} profile, batch {plan['batch']}; {os.cpu_count()} CPU cores, "
+        f"{plan['n_cuda']} CUDA devices, {plan['threads'] or 'default'} thread(s) per process). step s = median "
+        "steady-state step time, [95% interval] by bootstrap over timed windows; speedup vs the 1-device setup "
+        "at the same global batch; efficiency = speedup / devices."
+    )
+    for model in plan["models"]:
+        print(f"\n{model}")
+        print(
+            f"  {'setup':<22}{'dev':>4}{'win':>5}  {'step s [95% CI]':<28}{'speedup [95% CI]':<24}{'effic.':>7}"
+            f"  {'flags':<28}{'final metric'}"
+        )
+        for name in plan["setups"]:
+            c = cells_out.get(f"{model}/{name}")
+            if c is None:
+                continue
+            if "skipped" in c:
+                if name not in plan["skipped"]:  # machine-wide skips were said once at the start
+                    print(f"  {name:<22}  skipped: {c['skipped']}")
+                continue
+            if "step_s" not in c:
+                print(f"  {name:<22}  no finished run ({', '.join(c['statuses'])})")
+                continue
+            sp = (
+                ci_text(c["speedup"], c["speedup_ci95"])
+                if "speedup" in c
+                else "- (" + c.get("no_baseline", "") + ")"
+            )
+            eff = stats.sig(c["efficiency"], 2) if "efficiency" in c else "-"
+            metric = f"{c['metric']} {stats.sig(c['value'], 4)}" if c.get("value") is not None else "-"
+            for k, tgt in prof.get("targets", {}).get(model, {}).items():
+                if all(check_target(v.get(k), tgt) for v in c["values"]) and c["values"]:
+                    metric += f" ({k} {tgt} ok)"
+                else:
+                    missed.append(f"{model} {name}: {k} misses target {tgt}")
+                    metric += f" ({k} {tgt} MISSED)"
+            print(
+                f"  {name:<22}{c['devices']:>4}{c['windows']:>5}  {ci_text(c['step_s'], c['step_s_ci95']):<28}"
+                f"{sp:<24}{eff:>7}  {','.join(c['flags']) or '-':<28}{metric}"
+            )
+    print("\nflags: " + "; ".join(f"{k} = {v}" for k, v in stats.FLAGS.items()))
+    return missed
 
 
 def main():
@@ -121,161 +362,192 @@ def main():
     ap.add_argument("--runs_dir", default="runs")
     ap.add_argument("--models", default="", help="comma-separated subset of the matrix's models")
     ap.add_argument("--setups", default="", help="comma-separated subset of the matrix's setups")
-    ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per run")
+    ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per launch")
+    ap.add_argument("--resume", default="", help="a stopped batch id: run only its cells that did not finish")
     args = ap.parse_args()
-
-    try:
-        matrix = yaml.safe_load(Path(args.matrix).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        sys.exit(f"error: cannot read the matrix {args.matrix}: {e}")
+    stop = Stop()
     n_cuda = cuda_device_count()
-    profile = args.profile if args.profile != "auto" else ("full" if n_cuda else "quick")
-    if profile not in matrix["profiles"]:
-        sys.exit(f"error: profile {profile!r} not in {args.matrix} (has {', '.join(matrix['profiles'])})")
-    prof = matrix["profiles"][profile]
-    models = [m for m in prof["models"] if not args.models or m in args.models.split(",")]
-    # a setup is an accelerate_configs/<name>.yaml, optionally with script flags (strategies Accelerate has no key for)
-    setup_flags = {}
-    for entry in matrix["setups"]:
-        name, flags = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
-        setup_flags[name] = flags or {}
-    setups = [s for s in setup_flags if not args.setups or s in args.setups.split(",")]
+    if args.resume:
+        log_dir = Path(args.runs_dir) / "bench" / args.resume
+        try:
+            state = json.loads((log_dir / "state.json").read_text())
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --resume {args.resume}: no readable bench state in {log_dir} ({e})")
+        plan, done = state["plan"], {r["id"]: r for r in state["results"]}
+        matrix = yaml.safe_load((log_dir / "matrix.yaml").read_text())
+    else:
+        try:
+            matrix = yaml.safe_load(Path(args.matrix).read_text())
+            setups_all = parse_setups(matrix)
+        except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+            sys.exit(f"error: cannot read the matrix {args.matrix}: {e}")
+        profile = args.profile if args.profile != "auto" else ("full" if n_cuda else "quick")
+        if profile not in matrix["profiles"]:
+            sys.exit(f"error: profile {profile!r} not in {args.matrix} (has {', '.join(matrix['profiles'])})")
+        prof = matrix["profiles"][profile]
+        want_m = [m for m in args.models.split(",") if m]
+        want_s = [s for s in args.setups.split(",") if s]
+        for wanted, have, what in ((want_m, prof["models"], "model"), (want_s, setups_all, "setup")):
+            if unknown := [w for w in wanted if w not in have]:
+                sys.exit(f"error: unknown {what} {', '.join(unknown)} (the matrix has {', '.join(have)})")
+        plan = {
+            "batch": dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"),
+            "profile": profile,
+            "models": [m for m in prof["models"] if not want_m or m in want_m],
+            "setups": [s for s in setups_all if not want_s or s in want_s],
+            "data_dir": args.data_dir,
+            "runs_dir": args.runs_dir,
+            "threads": prof.get("threads_per_process", matrix.get("threads_per_process")),
+            "timeout": args.timeout,
+            "n_cuda": n_cuda,
+            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        done = {}
+        log_dir = Path(args.runs_dir) / "bench" / plan["batch"]
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "matrix.yaml").write_text(Path(args.matrix).read_text())
+    setups = parse_setups(matrix)
+    prof = matrix["profiles"][plan["profile"]]
     excluded = {
         (m, s): ex["reason"] for ex in matrix.get("exclude", []) for m in ex["models"] for s in ex["setups"]
     }
-    seeds = prof.get("seeds", matrix.get("seeds", [0]))
-    batch = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    log_dir = Path(args.runs_dir) / "bench" / batch
-    log_dir.mkdir(parents=True, exist_ok=True)
-
+    seeds, repeats = prof.get("seeds", [0]), int(prof.get("repeats", 1))
+    skipped = plan["skipped"] = {s: r for s in plan["setups"] if (r := skip_reason(setups[s], n_cuda))}
+    # round-robin: every cell once per round, so a drift of the machine spreads over all setups
+    cells = []
+    for rep in range(repeats):
+        for seed in seeds:
+            for model in plan["models"]:
+                for name in plan["setups"]:
+                    if name in skipped or (model, name) in excluded:
+                        continue
+                    flags = {
+                        **prof.get("common", {}),
+                        **(prof["models"][model] or {}),
+                        **setups[name]["flags"],
+                    }
+                    script = flags.pop("script", model)
+                    cid = f"{model}/{name}/seed{seed}/r{rep}"
+                    tag = f"bench:{plan['batch']}:{plan['profile']}:{model}:{name}:seed{seed}" + (
+                        f":r{rep}" if repeats > 1 else ""
+                    )
+                    cells.append(
+                        {"id": cid, "model": model, "setup": name, "seed": seed, "repeat": rep, "tag": tag}
+                        | {"script": script, "flags": flags}
+                    )
+    todo = [c for c in cells if done.get(c["id"], {}).get("status") != "finished"]
     print(
-        f"bench {batch}: profile {profile}, {len(models)} models x {len(setups)} setups x {len(seeds)} seeds; "
-        f"{n_cuda} CUDA devices, {os.cpu_count()} CPU cores; data {args.data_dir}; logs {log_dir}"
+        f"bench {plan['batch']}{' (resumed)' if args.resume else ''}: profile {plan['profile']}, "
+        f"{len(plan['models'])} models x {len(plan['setups'])} setups x {len(seeds)} seeds x {repeats} repeats; "
+        f"{len(todo)} of {len(cells)} launches to run; {n_cuda} CUDA devices, {os.cpu_count()} CPU cores, "
+        f"{plan['threads'] or 'default'} thread(s) per process; data {plan['data_dir']}; logs {log_dir}"
     )
-    skipped = {s: r for s in setups if (r := skip_reason(s, n_cuda, setup_flags[s]))}
-    for reason in skipped.values():
-        print(f"  skip {reason}")
-    for (m, s), reason in excluded.items():
-        if m in models and s in setups and s not in skipped:
-            print(f"  skip {m} on {s}: {reason}")
-    cells = [
-        (m, s, seed)
-        for m in models
-        for s in setups
-        if s not in skipped and (m, s) not in excluded
-        for seed in seeds
-    ]
-    results, t_start = [], time.perf_counter()
-    for i, (model, setup, seed) in enumerate(cells):
-        overrides = {**prof.get("common", {}), **(prof["models"][model] or {}), **setup_flags[setup]}
-        script = overrides.pop("script", model)  # a matrix entry may name a variant of a script
-        tag = f"bench:{batch}:{profile}:{model}:{setup}:seed{seed}"
-        elapsed = time.perf_counter() - t_start
-        eta = elapsed / i * (len(cells) - i) if i else float("nan")
+    for s, reason in skipped.items():
+        print(f"  skip {s}: {reason}")
+
+    def save_state():
+        write_replace(log_dir / "state.json", {"plan": plan, "results": list(done.values())})
+
+    save_state()
+    t_start = time.perf_counter()
+    for i, cell in enumerate(todo):
+        if stop.signal:
+            break
+        eta = (time.perf_counter() - t_start) / i * (len(todo) - i) if i else None
         print(
-            f"[{bar(i, len(cells))}] {i + 1}/{len(cells)} ETA {fmt_s(eta) if i else '?'} | {model} {setup} seed {seed} ...",
+            f"[{bar(i, len(todo))}] {i + 1}/{len(todo)} ETA {fmt_s(eta) if eta else '?'} | "
+            f"{cell['model']} {cell['setup']} seed {cell['seed']} r{cell['repeat']} ...",
             end="",
             flush=True,
         )
-        rc, wall = launch(
-            script, setup, seed, overrides, args, tag, log_dir / f"{model}-{setup}-seed{seed}.log"
+        before = busy_sample(LOAD_SAMPLE_S)
+        log = log_dir / f"{cell['id'].replace('/', '-')}.log"
+        since = time.time() - 1
+        rc, wall = launch(cell, setups[cell["setup"]], plan, stop, log)
+        after = busy_sample(LOAD_SAMPLE_S) if not stop.signal else None
+        rec = find_record(plan["runs_dir"], cell["script"], cell["tag"], since)
+        res = cell_result(cell, setups[cell["setup"]], rc, wall, before, after, rec)
+        if stop.signal and res["status"] != "finished":
+            res["status"] = "interrupted"
+        done[cell["id"]] = res
+        save_state()
+        steady = res["steady"]
+        shown = (
+            f" {stats.sig(steady['samples_per_s'])} samples/s" if steady.get("samples_per_s") else ""
+        ) + (
+            f", {res['metric']} {stats.sig(res['value'], 4)}"
+            if isinstance(res["value"], (int, float))
+            else ""
         )
-        recs = [r for r in load_runs(args.runs_dir)[0] if r.get("tag") == tag]
-        rec = recs[0] if len(recs) == 1 else None
-        status = rec["status"] if rec else "no record"
-        if rc and status == "finished":
-            status = f"exit {rc}"
-        key, value = final_metric(rec) if rec else (None, None)
-        results.append(
-            {
-                "model": model,
-                "setup": setup,
-                "seed": seed,
-                "rc": rc,
-                "wall_s": wall,
-                "status": status,
-                "run_id": rec["run_id"] if rec else None,
-                "epoch_s": epoch_time(rec) if rec else None,
-                "procs": setup_needs(setup)[0],
-                "devices": 2
-                if setup_flags[setup].get("strategy") == "model_split"
-                else setup_needs(setup)[0],
-                "metric": key,
-                "value": value,
-                "strategy": rec["setup"]["strategy"] if rec else None,
-                "values": {**rec["history"][-1], **rec["test"]} if rec and rec["history"] else {},
-                "global_batch": rec["setup"]["global_batch_size"] if rec else None,
-            }
-        )
-        shown = f"{key} {value:.4g}" if value is not None else ""
         print(
-            f" {status} in {wall:.0f}s {shown}" + ("" if status == "finished" else f" (log {log_dir})"),
+            f" {res['status']} in {wall:.0f}s{shown}"
+            + ("" if res["status"] == "finished" else f" (log {log})"),
             flush=True,
         )
 
-    failed = [r for r in results if r["status"] != "finished"]
-    missed = []
-    print(
-        f"\nsummary ({profile}; time = median train seconds per epoch; speedup vs the 1-process run of the "
-        "same model, seed and global batch; efficiency = speedup / devices)"
-    )
-    for model in models:
-        print(f"\n{model}")
-        print(
-            f"  {'setup':<22}{'seeds':>6}{'epoch s':>10}{'speedup':>9}{'effic.':>8}  {'final metric':<44}{'status'}"
-        )
-        rows = [r for r in results if r["model"] == model]
-        for setup in setups:
-            cell = [r for r in rows if r["setup"] == setup]
-            if setup in skipped or (model, setup) in excluded:
-                why = skipped[setup].split(": ", 1)[1] if setup in skipped else excluded[(model, setup)]
-                print(f"  {setup:<22}{'':>6}{'':>10}{'':>9}{'':>8}  {'':<44}skipped: {why}")
+    # ---- per cell: pool the launches, compare with the baseline
+    cells_out = {}
+    for model in plan["models"]:
+        for name in plan["setups"]:
+            key = f"{model}/{name}"
+            if name in skipped or (model, name) in excluded:
+                cells_out[key] = {
+                    "model": model,
+                    "setup": name,
+                    "skipped": skipped.get(name) or excluded[(model, name)],
+                }
                 continue
-            ok = [r for r in cell if r["status"] == "finished" and r["epoch_s"]]
-            base = [
-                r
-                for r in rows
-                if r["strategy"] == "single"
-                and r["status"] == "finished"
-                and r["epoch_s"]
-                and ("gpu" in r["setup"]) == ("gpu" in setup)
-                and r["global_batch"] == (ok[0]["global_batch"] if ok else None)
-            ]
-            t = sum(r["epoch_s"] for r in ok) / len(ok) if ok else None
-            tb = sum(r["epoch_s"] for r in base) / len(base) if base else None
-            speed = tb / t if t and tb else None
-            vals = [r["value"] for r in ok if r["value"] is not None]
-            metric = f"{ok[0]['metric']} {sum(vals) / len(vals):.4g}" if vals else "-"
-            target = prof.get("targets", {}).get(model, {})
-            for k, tgt in target.items():
-                if not ok or not all(check_target(r["values"].get(k), tgt) for r in ok):
-                    missed.append(f"{model} {setup}: {k} misses target {tgt}")
-                    metric += f" ({k} {tgt} MISSED)"
-                else:
-                    metric += f" ({k} {tgt} ok)"
-            statuses = ",".join(sorted({r["status"] for r in cell})) or "-"
-            print(
-                f"  {setup:<22}{len(cell):>6}{t or float('nan'):>10.3g}{speed or float('nan'):>9.2f}"
-                f"{(speed or float('nan')) / (cell[0]['devices'] if cell else 1):>8.2f}  {metric:<44}{statuses}"
-            )
+            rows = [r for r in done.values() if r["model"] == model and r["setup"] == name]
+            base = baseline_of(name, setups, matrix)
+            base_rows = [r for r in done.values() if r["model"] == model and r["setup"] == base]
+            out = summarize_cell(rows, base_rows, setups[name])
+            ok = [r for r in rows if r["status"] == "finished"]
+            vals = [r["value"] for r in ok if isinstance(r["value"], (int, float))]
+            cells_out[key] = {
+                "model": model,
+                "setup": name,
+                "config": setups[name]["config"],
+                "strategy": ok[0]["strategy"] if ok else None,
+                "procs": setups[name]["procs"],
+                "devices": setups[name]["devices"],
+                "baseline": base,
+                "global_batch": ok[0]["global_batch"] if ok else None,
+                "metric": ok[0]["metric"] if ok else None,
+                "value": sum(vals) / len(vals) if vals else None,
+                "values": [r["values"] for r in ok],
+                "statuses": sorted({r["status"] for r in rows}),
+                **out,
+            }
+    missed = print_summary(plan, cells_out, prof)
+    failed = [r for r in done.values() if r["status"] != "finished"]
     summary = {
-        "batch": batch,
-        "profile": profile,
+        "batch": plan["batch"],
+        "profile": plan["profile"],
+        "plan": plan,
         "cuda_devices": n_cuda,
         "cpu_cores": os.cpu_count(),
-        "data_dir": args.data_dir,
-        "skipped": skipped,
-        "excluded": [{"model": m, "setup": st, "reason": r} for (m, st), r in excluded.items()],
-        "results": results,
+        "repetition": "a timed window of consecutive steady steps (up to 10 per launch); launches per cell: "
+        f"{repeats}, interleaved round-robin, windows pooled",
+        "flag_definitions": stats.FLAGS,
+        "cells": list(cells_out.values()),
+        "results": list(done.values()),
         "missed_targets": missed,
+        "complete": not stop.signal and len(done) >= len(cells),
+        "interrupted": stop.signal,
     }
-    write_new(log_dir / "summary.json", summary)
-    shutil.copy(args.matrix, log_dir / Path(args.matrix).name)
+    write_replace(log_dir / "summary.json", summary)
     for m in missed:
         print(f"MISSED: {m}")
+    finished = sum(r["status"] == "finished" for r in done.values())
     print(
-        f"\n{len(results) - len(failed)}/{len(results)} runs finished, {len(skipped)} setups skipped; summary {log_dir}/summary.json"
+        f"\n{finished}/{len(cells)} launches finished, {len(skipped)} setups skipped; summary {log_dir}/summary.json"
     )
+    if stop.signal:
+        print(
+            f"stopped by {stop.signal}; continue with: make bench-all RESUME={plan['batch']}  "
+            f"(or python bench/run.py --resume {plan['batch']} --runs_dir {plan['runs_dir']})"
+        )
+        sys.exit(130)
     sys.exit(1 if failed or missed else 0)
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from shared.config import UserError
+from shared.meter import StepTimer
 from shared.record import RUN_ID_RE, read_record
 
 CHECKPOINTS = "checkpoints"
@@ -59,6 +60,7 @@ RESUMABLE_CHANGES = {
     "keep_checkpoints",
     "on_nan",
     "collective_timeout_s",
+    "warmup_steps",
 }
 
 
@@ -230,6 +232,8 @@ class Progress:
         self.world = acc.num_processes
         self._inject_nan = int(os.environ.get("DISTBENCH_INJECT_NAN_STEP", "0"))
         self._bad = torch.zeros((), device=acc.device)  # BIG - first non-finite step not yet reported, or 0
+        self.meter = run.meter = StepTimer(acc, cfg)  # steady-state step times, read by run.log_epoch
+        self._first = self._last = False
         if (cfg.checkpoint_every or cfg.resume) and par is not None and par.pipelined:
             raise UserError(
                 f"--checkpoint_every / --resume are not supported with --strategy {par.strategy} yet "
@@ -246,8 +250,15 @@ class Progress:
 
     def batches(self, loader):
         """The epoch's batches, without the first `batch` ones a resumed run already trained on."""
+        try:
+            n = len(loader)
+        except TypeError:
+            n = -1
+        self.meter.start_epoch()
+        start = self.batch
         for i, batch in enumerate(loader):
-            if i >= self.batch:
+            if i >= start:
+                self._first, self._last = i == start, i == n - 1
                 yield batch
 
     def take_step(self, loss: torch.Tensor) -> bool:
@@ -295,10 +306,12 @@ class Progress:
         """After the optimizer step: count it, checkpoint when due or when asked to stop. True at max_steps."""
         self.step += 1
         self.batch += 1
+        self.meter.step(self._first, self._last)
         if self._stop:
             self._interrupt()
         if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
             self.save()
+            self.meter.restart_clock()
         return bool(self.cfg.max_steps and self.step >= self.cfg.max_steps)
 
     def epoch_done(self, samples: int) -> bool:

@@ -65,6 +65,9 @@ class RunConfig:
     fused_optimizer: str = "auto"  # fused Adam / SGD kernels: auto (= on CUDA) | true | false
     # compile: torch.compile via Accelerate's dynamo plugin: "" (off) | default | reduce-overhead | max-autotune
     compile: str = ""
+    warmup_steps: int = (
+        5  # first steps of each process timed apart (time/warmup_s), not in the steady-state figures
+    )
     check_every: int = (
         0  # steps between stop / non-finite-loss checks (a host sync each); 0 = 1 on CPU, 25 on CUDA
     )
@@ -218,6 +221,8 @@ def validate(cfg: RunConfig):
         raise ConfigError(
             f"config key 'compile': expected default, reduce-overhead or max-autotune, got {cfg.compile!r}"
         )
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"config key 'warmup_steps': must be >= 0, got {cfg.warmup_steps}")
     if cfg.check_every < 0:
         raise ConfigError(f"config key 'check_every': must be >= 0, got {cfg.check_every}")
     if cfg.on_nan not in ("stop", "skip"):

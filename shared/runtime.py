@@ -33,6 +33,7 @@ from shared.checkpoint import (
 from shared.config import RunConfig, UserError, parse_config
 from shared.parallel import SetupError, check_setup, launch_is_fsdp
 from shared.record import RecordWriteError, RunRecord
+from shared.stats import sig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,6 +44,10 @@ CLOCKS = {
     "time/eval_s": "validation pass after the epoch (gather_for_metrics over the whole val split)",
     "time/epoch_s": "time/train_s + time/eval_s (no checkpointing)",
     "time/elapsed_s": "wall clock since the record was created, at the end of the epoch",
+    "time/warmup_s": "the process's first warmup_steps optimizer steps (allocator, thread pools, optimizer state), not in the steady figures",
+    "time/step_s": "median steady-state step time of the epoch (shared/meter.py: per-step clock on the main process; warm-up, each epoch's first and last step and checkpoint writes left out)",
+    "throughput/steady_samples_per_s": "global batch / time/step_s",
+    "steady": "the run's steady-state headline: median step time over up to 10 windows of consecutive steady steps with a bootstrap 95% interval, IQR over steps, samples/s, warm-up, and the other load on the machine (foreign_cpu_share)",
     "total_s": "wall clock from process set-up to the end of the test pass; excludes interpreter and launcher start-up",
     "test/time_s": "the final test pass",
 }
@@ -353,6 +358,7 @@ class Run:
         **setup_extra,
     ):
         self.acc, self.cfg, self.par = acc, cfg, par
+        self.meter = None  # Progress attaches its StepTimer
         self.t0 = time.perf_counter()
         if par is None and (cfg.strategy not in ("auto", "single", "ddp") or launch_is_fsdp()):
             wanted = "fsdp" if launch_is_fsdp() else cfg.strategy
@@ -469,9 +475,17 @@ class Run:
 
     def log_epoch(self, row: dict):
         """One fixed-column console line and one history row, from the same dict."""
+        steady = None
+        if self.meter is not None:  # collective (every rank logs the epoch)
+            self.meter.end_epoch()
+            row.update(self.meter.epoch_row())
+            steady = self.meter.summary(self.meter.foreign_share())
         row = {**row, "time/elapsed_s": self.elapsed()}
         self.acc.print(" | ".join(f"{k} {_fmt(v)}" for k, v in row.items()))
         if self.record:
+            if steady is not None:
+                with self.record.lock:
+                    self.record.data["timing"]["steady"] = steady
             self.record.log_epoch(row)
 
     def finish(self, test: dict, model: torch.nn.Module):
@@ -501,6 +515,16 @@ class Run:
                 )
                 self.record.data["test"] = test
             self.record.end("finished", self.elapsed())
+        if self.meter is not None and self.acc.is_main_process:
+            st = self.meter.summary(None)
+            if st["steps"]:
+                lo, hi = st["samples_per_s_ci95"]
+                self.acc.print(
+                    f"steady state: {sig(st['samples_per_s'])} samples/s (95% CI {sig(lo)}-{sig(hi)}; median of "
+                    f"{len(st['windows_step_s'])} windows over {st['steps']} steps; warm-up {st['warmup_steps']} "
+                    f"steps {sig(st['warmup_s'])} s)"
+                    + (" WARM-UP-DOMINATED" if st["warmup_dominated"] else "")
+                )
         self.acc.print(f"finished in {self.elapsed():.1f} s; record {self.cfg.runs_dir}/{self.run_id}.json")
 
 

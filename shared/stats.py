@@ -1,0 +1,185 @@
+"""Statistics of noisy timings: medians with intervals, speedups with intervals, and the flags that say
+when a comparison should not be trusted. Pure Python (no numpy, torch or pandas), shared by the scripts'
+step timer, the bench runner and the dashboard, so every figure is computed one way.
+
+A speedup is a ratio of two medians of step times measured at the same global batch. Its 95% interval is a
+percentile bootstrap: the repetitions of each side (timed windows of consecutive steps, or separate launches)
+are resampled independently, and the ratio of the resampled medians taken 2,000 times. A window is a block
+of consecutive steps, so resampling windows rather than single steps keeps the slow drifts of a shared
+machine (another job for a few seconds) inside the interval instead of averaging them away.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+BOOTSTRAP = 2000
+# A comparison whose 95% interval is wider than ±15% of its value cannot tell a 15% effect from noise: the
+# smallest difference between strategies a user would act on, and the issue's agreement bar between runs.
+NOISY_HALF_WIDTH = 0.15
+# Efficiency above 1 means N devices did more than N times the work of one. Caches can do that for real, but
+# almost always it is a slow baseline (warm-up, contention) or a different amount of work: flag it.
+SUPERLINEAR_EFFICIENCY = 1.05
+# Another job using more than this share of the machine's cores while a cell ran: its times are not the
+# machine's. On an idle 2-core machine the background (this runner, the kernel) stays under 3%.
+CONTENDED_SHARE = 0.10
+# A run is warm-up-dominated when it has too few steady steps to time (below 8 samples a bootstrap interval
+# of the median says little), or when its warm-up took longer than all its steady steps together.
+MIN_STEADY_STEPS = 8
+FLAGS = {
+    "noisy": f"95% interval wider than ±{NOISY_HALF_WIDTH:.0%} of the value",
+    "contended": f"other load above {CONTENDED_SHARE:.0%} of the cores during the run",
+    "superlinear": f"efficiency above {SUPERLINEAR_EFFICIENCY}: almost always a measurement problem "
+    "(slow baseline, warm-up, contention), rarely real",
+    "warmup-dominated": f"fewer than {MIN_STEADY_STEPS} steady steps, or the warm-up took longer than them",
+    "oversubscribed": "more processes than CPU cores: processes share cores, so this is not N devices",
+}
+
+
+def quantile(values, q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), q in [0, 1]."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("quantile of no values")
+    pos = (len(xs) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median(values) -> float:
+    return quantile(values, 0.5)
+
+
+def windows(values: list[float], most: int = 10, least_per_window: int = 3) -> list[float]:
+    """Means of up to `most` contiguous, near-equal blocks of `values` (each at least `least_per_window`
+    long; fewer values give fewer blocks, one value or none gives the values themselves)."""
+    n = len(values)
+    k = max(1, min(most, n // least_per_window))
+    if n < 2:
+        return list(values)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [sum(values[a:b]) / (b - a) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def _resample(xs: list[float], rng: random.Random) -> list[float]:
+    return [xs[rng.randrange(len(xs))] for _ in xs]
+
+
+def median_ci(samples: list[float], level: float = 0.95, n_boot: int = BOOTSTRAP, seed: int = 0):
+    """(median, [low, high]): percentile-bootstrap interval of the median. One sample: the interval is
+    the point itself (nothing is known about the spread; `noisy` cannot be judged from it)."""
+    xs = [float(x) for x in samples]
+    m = median(xs)
+    if len(xs) < 2:
+        return m, [m, m]
+    rng = random.Random(seed)
+    boots = [median(_resample(xs, rng)) for _ in range(n_boot)]
+    a = (1 - level) / 2
+    return m, [quantile(boots, a), quantile(boots, 1 - a)]
+
+
+def ratio_ci(
+    numerator: list[float],
+    denominator: list[float],
+    level: float = 0.95,
+    n_boot: int = BOOTSTRAP,
+    seed: int = 0,
+    paired: bool = False,
+):
+    """(median(numerator) / median(denominator), [low, high]).
+
+    For a speedup pass the baseline's step times as the numerator and the compared run's as the denominator:
+    at the same global batch, the ratio of step times is the ratio of throughputs. Unpaired, both sides are
+    resampled independently. Paired (same length, sample k of both sides timed on the same batches: same
+    seed, data and global batch, so the same steps in the same order), one set of indices is drawn for both:
+    what the batches themselves cost (sentence lengths, say) then cancels instead of widening the interval."""
+    num, den = [float(x) for x in numerator], [float(x) for x in denominator]
+    point = median(num) / median(den)
+    if len(num) < 2 and len(den) < 2:
+        return point, [point, point]
+    rng = random.Random(seed)
+    if paired and len(num) == len(den):
+        boots = []
+        for _ in range(n_boot):
+            idx = [rng.randrange(len(num)) for _ in num]
+            boots.append(median([num[i] for i in idx]) / median([den[i] for i in idx]))
+    else:
+        boots = [median(_resample(num, rng)) / median(_resample(den, rng)) for _ in range(n_boot)]
+    a = (1 - level) / 2
+    return point, [quantile(boots, a), quantile(boots, 1 - a)]
+
+
+def half_width(value: float, ci: list[float]) -> float:
+    """The larger distance from the value to an end of its interval, relative to the value."""
+    return max(value - ci[0], ci[1] - value) / value if value else math.inf
+
+
+def summarize_steps(step_s: list[float], samples_per_step: float, warmup_s: float, warmup_steps: int) -> dict:
+    """The headline of one run's steady state, as the record keeps it (`timing.steady`)."""
+    n = len(step_s)
+    out = {
+        "steps": n,
+        "warmup_steps": warmup_steps,
+        "warmup_s": warmup_s,
+        "samples_per_step": samples_per_step,
+        "windows_step_s": windows(step_s),
+    }
+    if n:
+        m, ci = median_ci(out["windows_step_s"])
+        out.update(
+            step_s=m,  # median over windows, the figure the interval belongs to
+            step_s_iqr=[quantile(step_s, 0.25), quantile(step_s, 0.75)],
+            step_s_ci95=ci,  # of the median over windows
+            samples_per_s=samples_per_step / m,
+            samples_per_s_ci95=[samples_per_step / ci[1], samples_per_step / ci[0]],
+            steady_s=sum(step_s),
+        )
+    out["warmup_dominated"] = n < MIN_STEADY_STEPS or warmup_s > out.get("steady_s", 0.0)
+    return out
+
+
+def comparison(
+    base_windows: list[float],
+    windows_: list[float],
+    devices: int,
+    *,
+    contended: bool = False,
+    warmup_dominated: bool = False,
+    oversubscribed: bool = False,
+    paired: bool = False,
+) -> dict:
+    """Speedup of a run over its baseline (both as step-time samples), efficiency, intervals and flags."""
+    speedup, ci = ratio_ci(base_windows, windows_, paired=paired)
+    flags = []
+    if len(base_windows) < 2 or len(windows_) < 2 or half_width(speedup, ci) > NOISY_HALF_WIDTH:
+        flags.append("noisy")
+    if contended:
+        flags.append("contended")
+    if speedup / devices > SUPERLINEAR_EFFICIENCY:
+        flags.append("superlinear")
+    if warmup_dominated:
+        flags.append("warmup-dominated")
+    if oversubscribed:
+        flags.append("oversubscribed")
+    return {
+        "speedup": speedup,
+        "speedup_ci95": ci,
+        "efficiency": speedup / devices,
+        "efficiency_ci95": [ci[0] / devices, ci[1] / devices],
+        "flags": flags,
+        "paired": paired and len(base_windows) == len(windows_),
+    }
+
+
+def sig(x, digits: int = 3) -> str:
+    """A number with `digits` significant figures, for tables and hovers (no 0.30749999 or 1.95e+04)."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    if x == 0:
+        return "0"
+    mag = math.floor(math.log10(abs(x)))
+    if mag >= digits - 1:
+        return f"{round(x):,}" if mag < 6 else f"{x:.{digits - 1}e}"
+    return f"{x:.{max(0, digits - 1 - mag)}f}"
