@@ -13,7 +13,6 @@ import datetime as dt
 import os
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 
 from shared import dashboard_views as dv
@@ -100,9 +99,11 @@ st.caption(
 notices = st.container()  # fixed slots, so the tabs below keep their place (and the open tab) across reruns
 with notices:
     if problems:
+        shown = problems[:50]
         st.warning(
             f"{len(problems)} file(s) could not be read and are not shown:\n"
-            + "\n".join(f"- `{name}`: {reason}" for name, reason in problems)
+            + "\n".join(f"- `{name}`: {reason}" for name, reason in shown)
+            + (f"\n- ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else "")
         )
     if not runs:
         st.info(
@@ -145,8 +146,20 @@ cols[0].metric("runs shown", len(df), help=f"{len(ours)} ours, {len(df) - len(ou
 cols[1].metric("models", df["model"].nunique())
 cols[2].metric("running", int((df["status"] == "running").sum()))
 cols[3].metric("crashed / failed", int(df["status"].isin(["crashed", "failed"]).sum()))
-best = ours.loc[ours["workers"] > 1, "speedup"].max()
-cols[4].metric("best speedup (ours)", f"{best:.2f}x" if pd.notna(best) else "—")
+# the headline speedup: of our comparisons with more than one device and no flag (a flagged one is not a result)
+clean = ours[(ours["workers"] > 1) & ours["speedup"].notna() & (ours["flags"] == "")]
+if len(clean):
+    top = clean.loc[clean["speedup"].idxmax()]
+    cols[4].metric(
+        "best unflagged speedup (ours)",
+        f"{dv.stats.sig(top['speedup'])}x",
+        help=f"{top['model']} {top['setup']} on {top['hardware']}, batch {top['global_batch']}: 95% interval "
+        f"{dv.stats.sig(top['speedup_lo'])}-{dv.stats.sig(top['speedup_hi'])}x over {top['cell_runs']} run(s)",
+    )
+else:
+    cols[4].metric(
+        "best unflagged speedup (ours)", "—", help="No comparison of ours without a flag is shown."
+    )
 badges = st.container()
 if note := dv.synthetic_note(df):
     badges.badge("SYNTHETIC data", icon=":material/warning:", color="orange")
@@ -179,10 +192,30 @@ if len(running):
         watch()
 
 # ----------------------------------------------------------------------------- charts
+FLAG_HELP = " ".join(f"**{k}**: {v}." for k, v in dv.stats.FLAGS.items())
 tabs = st.tabs(
-    ["Overview", "Epoch time", "Scaling", "Curves", "Throughput & memory", "Baseline", "Config diff", "Seeds"]
+    [
+        "Speedup",
+        "Overview",
+        "Step time",
+        "Scaling",
+        "Curves",
+        "Throughput & memory",
+        "Baseline",
+        "Config diff",
+        "Seeds",
+    ]
 )
 with tabs[0]:
+    show(dv.fig_speedup(df), "speedup_bars")
+    st.caption(
+        "Speedup = median steady-state step time of the 1-device run / this setup's, at the same global "
+        "batch, data, step budget, profile and hardware (warm-up excluded); bars = 95% bootstrap intervals "
+        "over timed windows (and launches); dashed line = break-even. Ours and the study's are compared "
+        "within their own conditions (hover: hardware, batch, profile). On a CPU each process has one core "
+        "(one 'device'); a model split in one CPU process is one device. Flags on the bars: " + FLAG_HELP
+    )
+with tabs[1]:
     summary = dv.overview(df)
     st.dataframe(
         summary,
@@ -190,40 +223,48 @@ with tabs[0]:
         width="stretch",
         height=dv.table_height(len(summary)),
         column_config={
-            c: st.column_config.NumberColumn(format="%.4g")
-            for c in ("best epoch s", "speedup", "efficiency", "metric mean", "metric std")
+            **{
+                c: st.column_config.NumberColumn(format="%.3g")
+                for c in ("best epoch s", "speedup", "metric mean", "metric std")
+            },
+            **{
+                c: st.column_config.TextColumn(width="medium")
+                for c in ("speedup [95% CI]", "step s [95% CI]", "flags")
+            },
         },
     )
     st.caption(
-        "One row per model, setup, hardware, global batch and data source. Best epoch s = the lowest "
-        "median training seconds per epoch over its runs; speedup and efficiency as in Scaling."
+        "One row per model, setup, hardware, global batch, data source and profile (runs pooled). Step s = "
+        "median steady-state step time; speedup and efficiency as in Speedup, with 95% intervals. "
+        "Best epoch s = the lowest median training seconds per epoch over its runs. " + FLAG_HELP
     )
-with tabs[1]:
+with tabs[2]:
     log_y = st.toggle(
         "log scale",
         key="log_time",
-        help="Seconds per epoch differ by orders of magnitude between hardware and data sizes.",
+        help="Step times differ by orders of magnitude between models and hardware.",
     )
     show(dv.fig_epoch_time(df, log_y), "epoch_time")
     st.caption(
-        "Median `time/train_s` per run (training steps only; evaluation and start-up excluded), "
-        "averaged over seeds; error bars = std over seeds."
+        "Median steady-state seconds per training step (shared/meter.py: warm-up, each epoch's first and "
+        "last step and checkpoint writes left out); error bars = 95% bootstrap interval over timed windows "
+        "of all the setup's runs. Older records without steady timing: seconds per step of each epoch but "
+        "the first."
     )
-with tabs[2]:
+with tabs[3]:
     left, right = st.columns(2)
     with left:
         show(dv.fig_scaling(df, "speedup"), "speedup")
     with right:
         show(dv.fig_scaling(df, "efficiency"), "efficiency")
     st.caption(
-        "Speedup = median epoch train time of the 1-device runs with the same model, hardware, global "
-        "batch, data kind, train samples and max_steps / this run's; efficiency = speedup / devices. Runs "
-        "without such a baseline are not drawn. The study's runs are compared as it did: with its Colab "
-        "1-GPU run."
+        "One point per setup (its runs pooled), colour = strategy, symbol = model, error bars = 95% "
+        "intervals; efficiency = speedup / devices. Setups without a comparable 1-device run are not drawn. "
+        "The study's runs are compared as it did: with its Colab 1-GPU run (two machines, global batch doubled)."
     )
 keys = dv.curve_keys(hist, info)  # the history metrics the runs shown carry (none before a first epoch)
 y = "train/loss" if "train/loss" in keys else next(iter(keys), None)
-with tabs[3]:
+with tabs[4]:
     if not keys:
         st.info("No run shown has finished an epoch yet.")
     else:
@@ -245,14 +286,17 @@ with tabs[3]:
                 else ""
             )
         )
-with tabs[4]:
+with tabs[5]:
     show(dv.fig_per_run(df, "throughput", "Throughput (median over epochs)", "samples/s"), "throughput")
-    show(dv.fig_per_run(df, "peak_gib", "Peak memory (max over epochs and ranks)", "GiB"), "memory")
+    show(
+        dv.fig_per_run(df, "peak_gib", "Peak memory (max over epochs and ranks)", "GiB", log_x=False),
+        "memory",
+    )
     st.caption(
         "Memory: peak CUDA allocation on GPUs, peak process RSS on the CPU. The study's files record "
         "neither throughput nor memory."
     )
-with tabs[5]:
+with tabs[6]:
     ids = list(
         df.assign(study=df["kind"] != "ours").sort_values(["study", "workers", "model", "run_id"])["run_id"]
     )
@@ -273,7 +317,7 @@ with tabs[5]:
         "Every run of the baseline's model against it: delta = run - baseline, ratio = run / baseline, "
         "for every number both carry; better/worse follows each metric's declared goal."
     )
-with tabs[6]:
+with tabs[7]:
     kept = [r for r in st.session_state.get("diff_runs", []) if r in ids]
     st.session_state["diff_runs"] = kept or [base_id, *same_model][:6]  # until the user picks
     picked = st.multiselect("Runs to compare", ids, key="diff_runs", format_func=labels.get)
@@ -285,7 +329,7 @@ with tabs[6]:
     else:
         st.dataframe(diff, width="stretch", height=dv.table_height(len(diff)))
         st.caption(f"Only the {len(diff)} keys whose values differ (— = key absent).")
-with tabs[7]:
+with tabs[8]:
     groups = dv.seed_groups(df) if keys else {}
     if not groups:
         st.info(
@@ -302,7 +346,9 @@ with tabs[7]:
 
 # ----------------------------------------------------------------------------- raw table
 st.subheader("Runs")
-raw = df.drop(columns=["baseline_group", "label"]).sort_values(["model", "kind", "workers", "run_id"])
+raw = df.drop(columns=["baseline_group", "label", "comparison"]).sort_values(
+    ["model", "kind", "workers", "run_id"]
+)
 st.dataframe(raw, hide_index=True, width="stretch")
 st.download_button(
     "Filtered table (CSV)",

@@ -233,9 +233,10 @@ def comparable(a: dict, b: dict) -> bool:
 
 def paired(a: list[dict], b: list[dict]) -> bool:
     """Window k of launch r timed the same steps on both sides: same seeds, launches and window counts."""
-    key = lambda rows: [
-        (r["seed"], r["repeat"], r["steady"].get("steps"), len(r["windows_step_s"])) for r in rows
-    ]  # noqa: E731
+
+    def key(rows):
+        return [(r["seed"], r["repeat"], r["steady"].get("steps"), len(r["windows_step_s"])) for r in rows]
+
     return key(a) == key(b)
 
 
@@ -408,8 +409,12 @@ def main():
         (log_dir / "matrix.yaml").write_text(Path(args.matrix).read_text())
     setups = parse_setups(matrix)
     prof = matrix["profiles"][plan["profile"]]
-    excluded = {
-        (m, s): ex["reason"] for ex in matrix.get("exclude", []) for m in ex["models"] for s in ex["setups"]
+    excluded = {  # an exclusion applies to the profiles it names, or to all
+        (m, s): ex["reason"]
+        for ex in matrix.get("exclude", [])
+        if plan["profile"] in ex.get("profiles", [plan["profile"]])
+        for m in ex["models"]
+        for s in ex["setups"]
     }
     seeds, repeats = prof.get("seeds", [0]), int(prof.get("repeats", 1))
     skipped = plan["skipped"] = {s: r for s in plan["setups"] if (r := skip_reason(setups[s], n_cuda))}

@@ -12,14 +12,16 @@ import datetime as dt
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
+from shared import comparisons, stats
 from shared.record import HEARTBEAT_S, read_record
-from shared.reference import HARDWARE_1GPU, convert, is_study_format, load_reference
+from shared.reference import convert, is_study_format, load_reference
 
 # A `running` record whose heartbeat (updated_at) is older than this is shown as crashed. Scripts rewrite a
 # running record every HEARTBEAT_S (30 s) from a thread, so 4 missed beats mean the process is gone.
@@ -47,51 +49,102 @@ PNG = {"toImageButtonOptions": {"format": "png", "scale": 2}, "displaylogo": Fal
 # ----------------------------------------------------------------------------- loading
 
 
+MAX_FILE_BYTES = 16 * 2**20  # a run record is ~0.1-1 MB; anything far larger is not one
+MAX_DEPTH = 8  # folders below the runs folder that are searched
+SKIP_DIRS = {"checkpoints", "bench", ".git"}  # checkpoints, bench logs/summaries: not run records
+SKIP_NAMES = {"progress.json", "summary.json", "state.json"}
+
+
+def json_files(folder: str | Path | None) -> list[Path]:
+    """Every *.json below `folder` (subfolders too, MAX_DEPTH deep), without checkpoint and bench files."""
+    d = Path(folder) if folder else None
+    if not d or not d.is_dir():
+        return []
+    out = []
+    for root, dirs, files in os.walk(d):
+        depth = len(Path(root).relative_to(d).parts)
+        dirs[:] = sorted(
+            x for x in dirs if x not in SKIP_DIRS and not x.startswith(".") and depth < MAX_DEPTH
+        )
+        out += [
+            Path(root) / f
+            for f in sorted(files)
+            if f.endswith(".json") and not f.startswith(".tmp-") and f not in SKIP_NAMES
+        ]
+    return out
+
+
+def _read_one(path: Path) -> list[dict]:
+    """One file as runs (ours, or the study's format); ValueError with a one-line reason, never a path."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ValueError(f"unreadable ({e.strerror})") from None
+    if size > MAX_FILE_BYTES:
+        raise ValueError(
+            f"too large for a run record ({size / 2**20:.0f} MiB > {MAX_FILE_BYTES // 2**20} MiB)"
+        )
+    try:
+        return [{**read_record(path), "kind": "ours"}]
+    except ValueError as err:
+        reason = str(err)
+    except OSError as e:
+        raise ValueError(f"unreadable ({e.strerror})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply to be a run record") from None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        obj = None
+    if is_study_format(obj):
+        return [{**r, "kind": "study"} for r in convert(obj, path.name)]
+    raise ValueError(reason)
+
+
 def load_folder(
     runs_dir: str | Path, reference_dir: str | Path | None
 ) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Our records in `runs_dir` (study-format files found there are read as such) and the study's files in
-    `reference_dir`. Returns (runs, [(file, reason)]) for files that could not be read; none raise."""
+    """Our records below `runs_dir` (subfolders too; study-format files found there are read as such) and
+    the study's files in `reference_dir`. Returns (runs, [(file, reason)]): each file that cannot be read,
+    for whatever reason, is one line in the notice and nothing else is affected."""
     runs, problems = [], []
     d = Path(runs_dir)
-    for path in sorted(d.glob("*.json")) if d.is_dir() else []:
-        if path.name.startswith(".tmp-"):
-            continue
+    for path in json_files(d):
+        name = path.relative_to(d).as_posix()
         try:
-            runs.append({**read_record(path), "kind": "ours"})
+            runs.extend(_read_one(path))
         except ValueError as err:
-            reason = str(err)
-            try:
-                obj = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                obj = None
-            if is_study_format(obj):
-                try:
-                    runs.extend({**r, "kind": "study"} for r in convert(obj, path.name))
-                    continue
-                except ValueError as study_err:
-                    reason = str(study_err)
-            problems.append((path.name, reason))
+            problems.append((name, str(err)[:300]))
+        except Exception as err:  # anything else a hostile file provokes stays with that file
+            problems.append((name, f"could not be read ({type(err).__name__})"))
     if reference_dir:
-        ref, ref_problems = load_reference(reference_dir)
+        try:
+            ref, ref_problems = load_reference(reference_dir)
+        except Exception as err:
+            ref, ref_problems = [], [("(folder)", f"could not be read ({type(err).__name__})")]
         seen = {r["run_id"] for r in runs}
         runs += [{**r, "kind": "study"} for r in ref if r["run_id"] not in seen]
         problems += [(f"{Path(reference_dir).name}/{name}", reason) for name, reason in ref_problems]
-    return runs, problems
+    ids: dict[str, int] = {}
+    unique = []
+    for r in runs:  # the same record copied into two folders is one run
+        if r["run_id"] in ids:
+            continue
+        ids[r["run_id"]] = 1
+        unique.append(r)
+    return unique, problems
 
 
 def folder_signature(*folders) -> tuple:
     """(name, mtime, size) of every JSON file: the cache key of the loader and the live-refresh trigger."""
     sig = []
     for folder in folders:
-        d = Path(folder) if folder else None
-        if d and d.is_dir():
-            for e in sorted(d.glob("*.json")):
-                try:
-                    st = e.stat()
-                except OSError:  # removed between glob and stat (a temp file being renamed)
-                    continue
-                sig.append((str(e), st.st_mtime_ns, st.st_size))
+        for e in json_files(folder):
+            try:
+                st = e.stat()
+            except OSError:  # removed between listing and stat (a temp file being renamed)
+                continue
+            sig.append((str(e), st.st_mtime_ns, st.st_size))
     return tuple(sig)
 
 
@@ -134,12 +187,9 @@ def setup_name(rec: dict) -> str:
 
 
 def workers(rec: dict) -> int:
-    """Devices doing the work: the processes, the parts of the mesh (a model split over 2 devices in one
-    process has mesh {"mp": 2}), or the distinct GPUs named, whichever is most."""
-    s = rec["setup"]
-    gpus = {d for d in s.get("devices") or [] if not str(d).startswith("cpu")}
-    mesh = math.prod(int(v) for v in (s.get("mesh_shape") or {}).values() if isinstance(v, int)) or 1
-    return max(int(s.get("num_processes") or 1), mesh, len(gpus))
+    """Devices doing the work (shared.comparisons.devices): distinct GPUs, or CPU processes; a model split
+    over cpu,cpu in one process is one device."""
+    return comparisons.devices(rec)
 
 
 def seed_of(rec: dict):
@@ -227,8 +277,11 @@ def final_metric(rec: dict) -> tuple[str | None, float | None]:
 def runs_frame(runs: list[dict], now: dt.datetime, stale_s: float = STALE_S) -> pd.DataFrame:
     """One row per run with everything the filters, tables and summary figures use."""
     rows = []
+    comp = comparisons.run_comparisons(runs)  # on every run: a filter never removes a shown run's baseline
     for r in runs:
         s, hist = r["setup"], r.get("history") or []
+        c = comp.get(r["run_id"], {})
+        steady = (r.get("timing") or {}).get("steady") or {}
         names = s.get("device_names") or s.get("devices") or ["?"]
         synthetic = bool(r.get("data", {}).get("synthetic"))
         key, value = final_metric(r)
@@ -281,24 +334,25 @@ def runs_frame(runs: list[dict], now: dt.datetime, stale_s: float = STALE_S) -> 
                 "tag": r.get("tag"),
                 "note": "; ".join(r.get("reference", {}).get("notes", [])) or (r.get("error") or ""),
                 "baseline_group": json.dumps(group),
+                "comparison": c.get("group"),
+                "cell": c.get("setup"),
+                "step_s": c.get("step_s"),
+                "step_lo": (c.get("step_s_ci95") or [None, None])[0],
+                "step_hi": (c.get("step_s_ci95") or [None, None])[1],
+                "steady_samples_per_s": steady.get("samples_per_s"),
+                "speedup": c.get("speedup"),
+                "speedup_lo": (c.get("speedup_ci95") or [None, None])[0],
+                "speedup_hi": (c.get("speedup_ci95") or [None, None])[1],
+                "efficiency": c.get("efficiency"),
+                "flags": ", ".join(c.get("flags") or []),
+                "cell_runs": c.get("runs"),
+                "profile": c.get("profile"),
             }
         )
     df = pd.DataFrame(rows)
-    return add_speedup(df) if len(df) else df
-
-
-def add_speedup(df: pd.DataFrame) -> pd.DataFrame:
-    """speedup = median epoch train time of the 1-device runs with the same model, hardware, global batch,
-    data kind (real/synthetic), train samples and step cap (max_steps) / this run's; efficiency = speedup /
-    devices. The study's runs are compared as the study did: against its 1-GPU Colab run, a different machine
-    and half the global batch."""
-    df = df.copy()
-    study = df["kind"] == "study"
-    candidate = (df["workers"] == 1) & df["epoch_s"].notna() & (~study | (df["hardware"] == HARDWARE_1GPU))
-    base = df[candidate].groupby("baseline_group")["epoch_s"].median()
-    df["baseline_s"] = df["baseline_group"].map(base)
-    df["speedup"] = df["baseline_s"] / df["epoch_s"]
-    df["efficiency"] = df["speedup"] / df["workers"]
+    for col in ("speedup", "speedup_lo", "speedup_hi", "efficiency", "step_s", "step_lo", "step_hi"):
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
 
@@ -325,30 +379,45 @@ def apply_filters(df: pd.DataFrame, chosen: dict[str, list]) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- tables
 
 
+def ci_text(v, lo, hi) -> str:
+    """'1.45 [1.39-1.54]' (3 significant figures), or '—'."""
+    if v is None or pd.isna(v):
+        return "—"
+    return (
+        f"{stats.sig(v)} [{stats.sig(lo)}-{stats.sig(hi)}]" if pd.notna(lo) and pd.notna(hi) else stats.sig(v)
+    )
+
+
 def overview(df: pd.DataFrame) -> pd.DataFrame:
-    """Per model and setup: runs, best epoch time, speedup, efficiency, final metric (mean ± std), statuses."""
-    keys = ["model", "setup", "hardware", "global_batch", "source"]
+    """Per model and comparison cell (setup, hardware, batch, data, profile): runs, steady step time and the
+    speedup with their 95% intervals, flags, final metric (mean ± std), statuses."""
+    keys = ["model", "setup", "hardware", "global_batch", "source", "profile"]
+    d = df.assign(profile=df["profile"].fillna("-"))
     out = []
-    for k, g in df.groupby(keys, dropna=False, sort=True):
+    for k, g in d.groupby(keys, dropna=False, sort=True):
         vals = g["value"].dropna()
+        first = g.iloc[0]
         out.append(
             {
                 **dict(zip(keys, k, strict=True)),
+                "devices": int(g["workers"].max()),
                 "runs": len(g),
+                "step s [95% CI]": ci_text(first["step_s"], first["step_lo"], first["step_hi"]),
+                "speedup [95% CI]": ci_text(first["speedup"], first["speedup_lo"], first["speedup_hi"]),
+                "efficiency": stats.sig(first["efficiency"], 2) if pd.notna(first["efficiency"]) else "—",
+                "flags": first["flags"] or "",
                 "best epoch s": g["epoch_s"].min(),
-                "speedup": g["speedup"].median(),
-                "efficiency": g["efficiency"].median(),
+                "speedup": first["speedup"],
                 "metric": g["metric"].dropna().iloc[0] if g["metric"].notna().any() else None,
                 "metric mean": vals.mean() if len(vals) else None,
                 "metric std": vals.std() if len(vals) > 1 else None,
                 "status": ", ".join(f"{n} {s}" for s, n in g["status"].value_counts().sort_index().items()),
-                "workers": int(g["workers"].max()),
                 "study": (g["kind"] == "study").all(),
             }
         )
     table = pd.DataFrame(out)
     if len(table):  # per model: ours first, fewest devices first
-        table = table.sort_values(["model", "study", "workers", "setup"]).drop(columns="study")
+        table = table.sort_values(["model", "study", "devices", "setup"]).drop(columns="study")
         table = table.rename(columns={"global_batch": "batch"}).reset_index(drop=True)
     return table
 
@@ -361,8 +430,8 @@ def default_baseline(df: pd.DataFrame) -> str:
     return pool.sort_values(["workers", "unfinished", "run_id"])["run_id"].iloc[0]
 
 
-def table_height(rows: int, most: int = 40) -> int:
-    """Pixels for a dataframe showing up to `most` rows without inner scrolling."""
+def table_height(rows: int, most: int = 10_000) -> int:
+    """Pixels for a dataframe showing every row (up to `most`) without inner scrolling."""
     return 38 + 35 * max(1, min(rows, most))
 
 
@@ -473,34 +542,154 @@ def config_diff(runs: list[dict]) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- figures
 
 
+MODEL_COLORS = {
+    "mlp": "#1f77b4",
+    "conv_autoencoder": "#ff7f0e",
+    "cnn": "#2ca02c",
+    "vgg11": "#d62728",
+    "nbow": "#9467bd",
+    "seq2seq": "#8c564b",
+}
+STRATEGY_COLORS = {
+    "single": "#7f7f7f",
+    "ddp": "#1f77b4",
+    "fsdp": "#ff7f0e",
+    "model_split": "#2ca02c",
+    "pipeline": "#d62728",
+    "hybrid": "#9467bd",
+}
+
+
+def stable_color(name) -> str:
+    """The same colour for the same name in every folder and filter (a hash, not the order of appearance)."""
+    if name in MODEL_COLORS:
+        return MODEL_COLORS[name]
+    if name in STRATEGY_COLORS:
+        return STRATEGY_COLORS[name]
+    h = int(hashlib.sha1(str(name).encode()).hexdigest(), 16)
+    return COLORS[h % len(COLORS)]
+
+
+def color_map(names) -> dict[str, str]:
+    return {n: stable_color(n) for n in names}
+
+
 def colors_for(ids) -> dict[str, str]:
-    return {rid: COLORS[i % len(COLORS)] for i, rid in enumerate(sorted(ids))}
+    return color_map(ids)
+
+
+def cells_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per comparison cell shown (its runs pooled), with the speedup interval as error bars."""
+    d = df.dropna(subset=["step_s"])
+    if d.empty:
+        return d
+    g = d.groupby(["comparison", "cell"], sort=False)
+    out = g.first().reset_index()
+    out["runs"] = g.size().values
+    out["conditions"] = [
+        f"{r.hardware} · batch {r.global_batch} · {r.profile or '-'}"
+        + (" · study: 2 machines, global batch doubled" if r.kind == "study" else "")
+        for r in out.itertuples()
+    ]
+    out["err_plus"] = out["speedup_hi"] - out["speedup"]
+    out["err_minus"] = out["speedup"] - out["speedup_lo"]
+    out["step_plus"] = out["step_hi"] - out["step_s"]
+    out["step_minus"] = out["step_s"] - out["step_lo"]
+    out["source_label"] = out["kind"].map({"ours": "ours", "study": "the study (published)"})
+    out["speedup_text"] = [
+        f"{stats.sig(r.speedup)} [{stats.sig(r.speedup_lo)}-{stats.sig(r.speedup_hi)}]"
+        + (f" ⚑ {r.flags}" if r.flags else "")
+        if pd.notna(r.speedup)
+        else ""
+        for r in out.itertuples()
+    ]
+    return out
+
+
+def fig_speedup(df: pd.DataFrame) -> go.Figure:
+    """Per model: measured speedup by setup as bars with 95% intervals, ours beside the study's, a 1.0
+    break-even line; flags written on the bars."""
+    c = cells_frame(df)
+    c = c.dropna(subset=["speedup"]) if len(c) else c
+    if c.empty:
+        return go.Figure(layout={"title": {"text": "Speedup over 1 device: no comparable runs shown"}})
+    c = c.sort_values(["model", "kind", "devices", "cell"])
+    models = list(dict.fromkeys(c["model"]))
+    rows = math.ceil(len(models) / 2)
+    fig = px.bar(
+        c,
+        x="cell",
+        y="speedup",
+        color="source_label",
+        error_y="err_plus",
+        error_y_minus="err_minus",
+        text="flags",
+        facet_col="model",
+        facet_col_wrap=2,
+        facet_row_spacing=0.5 / rows if rows > 1 else 0.0,
+        facet_col_spacing=0.06,
+        category_orders={"model": models, "source_label": ["ours", "the study (published)"]},
+        color_discrete_map={"ours": "#1f77b4", "the study (published)": "#b0b0b0"},
+        hover_name="cell",
+        hover_data={
+            "speedup_text": True,
+            "conditions": True,
+            "devices": True,
+            "runs": True,
+            "speedup": False,
+            "err_plus": False,
+            "err_minus": False,
+            "flags": False,
+            "source_label": False,
+            "cell": False,
+            "model": False,
+        },
+        labels={"speedup_text": "speedup [95% CI]", "cell": "", "source_label": ""},
+        height=200 + 330 * rows,
+        title="Speedup over 1 device by setup, with 95% intervals (break-even = 1)",
+    )
+    fig.add_hline(
+        y=1.0,
+        line_dash="dash",
+        line_color="black",
+        annotation_text="break-even",
+        annotation_position="top left",
+    )
+    fig.update_traces(textposition="outside", textfont_size=10, cliponaxis=False)
+    fig.update_yaxes(matches=None, showticklabels=True, rangemode="tozero")
+    fig.update_xaxes(matches=None, showticklabels=True, tickangle=-30)
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+    fig.update_layout(legend={"orientation": "h", "y": 1.02 + 0.02 * rows, "x": 0.5, "xanchor": "center"})
+    return fig
 
 
 def fig_epoch_time(df: pd.DataFrame, log_y: bool = False) -> go.Figure:
-    """Median training seconds per epoch, one bar per setup and hardware (mean over seeds, std as error)."""
-    d = df.dropna(subset=["epoch_s"])
-    agg = d.groupby(["model", "setup", "hardware", "kind"], as_index=False).agg(
-        epoch_s=("epoch_s", "mean"), std=("epoch_s", "std"), runs=("run_id", "count")
-    )
-    rows = max(1, math.ceil(agg["model"].nunique() / 3))
+    """Median steady-state step time per setup and hardware with its 95% interval (runs pooled)."""
+    c = cells_frame(df)
+    if c.empty:
+        return go.Figure(layout={"title": {"text": "Steady-state step time by setup: none shown"}})
+    c = c.sort_values(["model", "kind", "devices", "cell"])
+    rows = max(1, math.ceil(c["model"].nunique() / 3))
     fig = px.bar(
-        agg,
-        x="setup",
-        y="epoch_s",
+        c,
+        x="cell",
+        y="step_s",
         color="hardware",
-        error_y="std",
+        error_y="step_plus",
+        error_y_minus="step_minus",
         facet_col="model",
         facet_col_wrap=3,
         facet_row_spacing=0.6 / rows if rows > 1 else 0.0,
         facet_col_spacing=0.06,
         barmode="group",
-        hover_data=["runs", "kind"],
+        color_discrete_map=color_map(c["hardware"].unique()),
+        hover_data={"runs": True, "conditions": True, "flags": True, "step_minus": False, "step_plus": False},
         height=160 + 300 * rows,
-        labels={"epoch_s": "s / epoch", "setup": ""},
-        title="Training time per epoch by setup",
+        labels={"step_s": "s / step", "cell": ""},
+        title="Steady-state step time by setup (median, 95% interval)",
     )
-    fig.update_yaxes(matches=None, showticklabels=True, type="log" if log_y else None)
+    fig.update_traces(hovertemplate=None)
+    fig.update_yaxes(matches=None, showticklabels=True, type="log" if log_y else None, tickformat=".3~g")
     fig.update_xaxes(matches=None, showticklabels=True)
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
     fig.update_layout(legend={"orientation": "h", "y": -0.15 / rows, "title": "hardware"})
@@ -508,32 +697,61 @@ def fig_epoch_time(df: pd.DataFrame, log_y: bool = False) -> go.Figure:
 
 
 def fig_scaling(df: pd.DataFrame, y: str) -> go.Figure:
-    """Speedup or efficiency vs devices, one marker per run, the ideal as a dashed line."""
-    d = df.dropna(subset=[y])
+    """Speedup or efficiency vs devices per cell: colour = strategy, symbol = model, 95% intervals, the
+    ideal and the break-even lines."""
+    c = cells_frame(df)
+    c = c.dropna(subset=[y]) if len(c) else c
     title = (
-        "Speedup vs devices (ideal = devices)"
+        "Speedup vs devices (ideal = devices, break-even = 1)"
         if y == "speedup"
         else "Scaling efficiency vs devices (ideal = 1)"
     )
+    if c.empty:
+        return go.Figure(layout={"title": {"text": title}})
+    div = 1 if y == "speedup" else c["devices"]
+    c = c.assign(
+        plus=(c["speedup_hi"] - c["speedup"]) / div,
+        minus=(c["speedup"] - c["speedup_lo"]) / div,
+        value_text=[stats.sig(v) for v in c[y]],
+        label=c["model"] + " · " + c["cell"],
+    )
     fig = px.scatter(
-        d,
-        x="workers",
+        c,
+        x="devices",
         y=y,
-        color="model",
-        symbol="kind",
+        color="strategy",
+        symbol="model",
+        error_y="plus",
+        error_y_minus="minus",
         hover_name="label",
-        symbol_map={"ours": "circle", "study": "diamond-open"},
-        category_orders={"kind": ["ours", "study"]},
-        hover_data=["setup", "hardware", "global_batch", "epoch_s"],
-        labels={"workers": "devices (processes or GPUs)", y: BUILTIN[y]["label"]},
+        color_discrete_map=color_map(c["strategy"].unique()),
+        hover_data={
+            "value_text": True,
+            "conditions": True,
+            "flags": True,
+            "plus": False,
+            "minus": False,
+            y: False,
+        },
+        labels={
+            "devices": "devices (GPUs, or CPU processes of one core each)",
+            y: BUILTIN[y]["label"],
+            "value_text": y,
+        },
         title=title,
     )
-    top = max([2, *d["workers"].tolist()])
+    top = max([2, *c["devices"].tolist()])
     ideal = [1, top] if y == "speedup" else [1, 1]
     fig.add_trace(
         go.Scatter(x=[1, top], y=ideal, mode="lines", name="ideal", line={"dash": "dash", "color": "gray"})
     )
-    fig.update_traces(marker={"size": 11})
+    if y == "speedup":
+        fig.add_trace(
+            go.Scatter(
+                x=[1, top], y=[1, 1], mode="lines", name="break-even", line={"dash": "dot", "color": "black"}
+            )
+        )
+    fig.update_traces(marker={"size": 11}, selector={"mode": "markers"})
     fig.update_xaxes(dtick=1)
     return fig
 
@@ -552,19 +770,31 @@ def ema(values: list[float], weight: float) -> list[float]:
 
 
 def fig_curves(hist: pd.DataFrame, df: pd.DataFrame, y: str, x: str, weight: float, info: dict) -> go.Figure:
-    """`y` per run against epoch / wall-clock / samples: raw points faint, the smoothed line solid."""
+    """`y` per run against epoch / wall-clock / samples, one panel per model (their scales differ): raw points
+    faint, the smoothed line solid, each line named by its setup and seed."""
+    from plotly.subplots import make_subplots
+
     xcol = X_AXES[x]
-    fig = go.Figure()
-    colors = colors_for(df["run_id"])
-    labels = df.set_index("run_id")["label"]
+    meta = df.set_index("run_id")
+    models = sorted(df["model"].unique()) if len(df) else []
+    rows = max(1, len(models))
+    fig = make_subplots(rows=rows, cols=1, subplot_titles=models or [""], vertical_spacing=0.25 / rows)
     if y in hist and xcol in hist:
-        for rid, g in hist.dropna(subset=[xcol]).groupby("run_id", sort=True):
-            if rid not in labels or y not in g or g[y].isna().all():
+        shown = hist.dropna(subset=[xcol])
+        for rid, g in shown.groupby("run_id", sort=True):
+            if rid not in meta.index or y not in g or g[y].isna().all():
                 continue
+            m = meta.loc[rid]
+            row = models.index(m["model"]) + 1
+            name = f"{m['model']} · {m['setup']} · seed {m['seed']}" + (
+                " [SYNTHETIC]" if m["synthetic"] else ""
+            )
+            if m["kind"] == "study":
+                name = f"{m['model']} · study {m['setup']}"
             g = g.sort_values(xcol)
             vals = [float(v) for v in g[y]]
             ok = [finite(v) for v in vals]
-            c = colors[rid]
+            c = stable_color(f"{m['setup']}-{m['seed']}-{rid}")
             fig.add_trace(
                 go.Scatter(
                     x=g[xcol][ok],
@@ -574,8 +804,11 @@ def fig_curves(hist: pd.DataFrame, df: pd.DataFrame, y: str, x: str, weight: flo
                     opacity=0.3,
                     legendgroup=rid,
                     showlegend=False,
-                    name=f"{labels[rid]} (raw)",
-                )
+                    name=f"{name} (raw)",
+                    hovertext=rid,
+                ),
+                row=row,
+                col=1,
             )
             fig.add_trace(
                 go.Scatter(
@@ -584,34 +817,44 @@ def fig_curves(hist: pd.DataFrame, df: pd.DataFrame, y: str, x: str, weight: flo
                     mode="lines",
                     line={"color": c},
                     legendgroup=rid,
-                    name=labels[rid],
+                    name=name,
+                    hovertext=rid,
                     connectgaps=False,
-                )
+                    hovertemplate="%{hovertext}<br>%{x}: %{y:.3~g}<extra>" + name + "</extra>",
+                ),
+                row=row,
+                col=1,
             )
     if x == "epoch" and len(hist) and hist["epoch"].max() <= 20:
         fig.update_xaxes(dtick=1)
+    fig.update_yaxes(title_text=metric_label(y, info), tickformat=".3~g")
+    fig.update_xaxes(title_text=x, row=rows, col=1)
     n = sum(1 for tr in fig.data if tr.showlegend is not False)
     fig.update_layout(
-        title=f"{metric_label(y, info)} vs {x}" + (f" (EMA {weight:g})" if weight else ""),
-        xaxis_title=x,
-        yaxis_title=metric_label(y, info),
-        legend_title="run",
-        height=max(480, 200 + 32 * n),
-    )  # the legend (one line per run) fits beside the plot
+        title=f"{metric_label(y, info)} vs {x}"
+        + (f" (EMA {weight:g})" if weight else "")
+        + ", one panel per model",
+        legend_title="model · setup · seed",
+        height=max(360 * rows, 200 + 22 * n),
+    )
     return fig
 
 
-def fig_per_run(df: pd.DataFrame, col: str, title: str, unit: str) -> go.Figure:
-    """One horizontal bar per run (long run ids stay readable), coloured by setup."""
+def fig_per_run(df: pd.DataFrame, col: str, title: str, unit: str, log_x: bool = True) -> go.Figure:
+    """One horizontal bar per run (long run ids stay readable), coloured by setup; a log axis, since models
+    differ by orders of magnitude."""
     d = df.dropna(subset=[col]).sort_values(["model", "workers", "label"], ascending=False)
+    d = d.assign(value_text=[stats.sig(v) for v in d[col]])
     fig = px.bar(
         d,
         y="label",
         x=col,
         color="setup",
         orientation="h",
-        hover_data=["model", "hardware", "global_batch"],
-        labels={col: unit, "label": ""},
+        log_x=log_x,
+        color_discrete_map=color_map(d["setup"].unique()),
+        hover_data={"model": True, "hardware": True, "global_batch": True, "value_text": True, col: False},
+        labels={col: unit + (" (log scale)" if log_x else ""), "label": "", "value_text": unit},
         title=title,
         height=160 + 26 * max(len(d), 4),
     )
@@ -622,12 +865,13 @@ def fig_per_run(df: pd.DataFrame, col: str, title: str, unit: str) -> go.Figure:
 def seed_groups(df: pd.DataFrame, min_runs: int = 2) -> dict[str, list[str]]:
     """Runs of one experiment (same config but the seed, same setup, hardware and data) -> group label."""
     out = {}
-    for _, g in df.groupby("experiment", sort=False):
+    for key, g in df.groupby("experiment", sort=False):
         if len(g) >= min_runs:
             r = g.iloc[0]
             size = f" · {int(r['train_samples'])} train" if pd.notna(r["train_samples"]) else ""
+            entry = comparisons.bench_tag({"tag": r["tag"]}).get("entry") or r["model"]
             out[
-                f"{r['model']} · {r['setup']} · {r['hardware']} · batch {r['global_batch']}{size} (n={len(g)})"
+                f"{entry} · {r['setup']} · {r['hardware']} · batch {r['global_batch']}{size} · config {key[:6]} (n={len(g)})"
             ] = list(g["run_id"])
     return dict(sorted(out.items()))
 

@@ -27,6 +27,7 @@ CONTENDED_SHARE = 0.10
 # A run is warm-up-dominated when it has too few steady steps to time (below 8 samples a bootstrap interval
 # of the median says little), or when its warm-up took longer than all its steady steps together.
 MIN_STEADY_STEPS = 8
+WINDOW_S = 0.25  # steps at least this long are timed one per window
 FLAGS = {
     "noisy": f"95% interval wider than ±{NOISY_HALF_WIDTH:.0%} of the value",
     "contended": f"other load above {CONTENDED_SHARE:.0%} of the cores during the run",
@@ -119,12 +120,14 @@ def half_width(value: float, ci: list[float]) -> float:
 def summarize_steps(step_s: list[float], samples_per_step: float, warmup_s: float, warmup_steps: int) -> dict:
     """The headline of one run's steady state, as the record keeps it (`timing.steady`)."""
     n = len(step_s)
+    # a window is 3 steps, or 1 where a step alone lasts WINDOW_S: a 2-s step is a timing on its own
+    per = 1 if n and median(step_s) >= WINDOW_S else 3
     out = {
         "steps": n,
         "warmup_steps": warmup_steps,
         "warmup_s": warmup_s,
         "samples_per_step": samples_per_step,
-        "windows_step_s": windows(step_s),
+        "windows_step_s": windows(step_s, least_per_window=per),
     }
     if n:
         m, ci = median_ci(out["windows_step_s"])

@@ -47,6 +47,10 @@ BROKEN = {
     "wrong_version.json": "unsupported schema_version 2",
     "bad_schema.json": "does not match the run schema",
     "Broken_2GPU.json": "different lengths",
+    "deep/nested.json": "nested too deeply",  # a JSON document that exhausts the parser
+    "huge.json": "too large for a run record",
+    "latin1.json": "unreadable",
+    "list.json": "not a run record",
 }
 _BUILT: dict = {}
 
@@ -131,6 +135,20 @@ def build_fixture(root: Path) -> dict:
         json.dumps({**seed0, "schema_version": 2, "run_id": "wrong_version"})
     )
     (runs / "bad_schema.json").write_text(json.dumps({**seed0, "run_id": "bad_schema", "setup": "ddp"}))
+    (runs / "deep").mkdir()
+    (runs / "deep" / "nested.json").write_text("[" * 200_000 + "]" * 200_000)
+    with open(runs / "huge.json", "wb") as f:  # sparse: 17 MiB without writing them
+        f.truncate(17 * 2**20)
+    (runs / "latin1.json").write_bytes('{"caf\xe9": 1}'.encode("latin-1"))
+    (runs / "list.json").write_text("[1, 2, 3]")
+    # records in subfolders are read (a results folder per date and profile); bench summaries are not records
+    sub = runs / "2026-11-29" / "quick"
+    sub.mkdir(parents=True)
+    _derive(
+        seed0, "mlp-fixture-subfolder", sub, tag="fixture:subfolder", config={**seed0["config"], "seed": 9}
+    )
+    (runs / "bench" / "b1").mkdir(parents=True)
+    (runs / "bench" / "b1" / "summary.json").write_text(json.dumps({"cells": []}))
     shutil.copy(STUDY / "MLP_10epochs_1GPU.json", runs)  # a study file in the runs folder is read as one
     shutil.copytree(STUDY, ref)
     broken = json.loads((STUDY / "CNN_20epochs_2GPU.json").read_text())
@@ -228,68 +246,94 @@ def test_overview_table_per_model(page, fixture_dirs):
     assert ours.loc[("mlp", "cpu_1proc", "local"), "runs"] == 2
     best = min(median_train_s(recs[fixture_dirs["ids"][k]]) for k in ("seed0", "seed1"))
     assert ours.loc[("mlp", "cpu_1proc", "local"), "best epoch s"] == pytest.approx(best)
-    assert ours.loc[("mlp", "cpu_2proc", "local"), "speedup"] > 0
-    assert ours.loc[("mlp", "cpu_2proc", "local"), "efficiency"] == pytest.approx(
-        ours.loc[("mlp", "cpu_2proc", "local"), "speedup"] / 2
-    )
+    ddp = ours.loc[("mlp", "cpu_2proc", "local")]
+    assert ddp["speedup"] > 0 and ddp["devices"] == 2
+    lo, hi = (float(x) for x in ddp["speedup [95% CI]"].split("[")[1].rstrip("]").split("-"))
+    assert lo <= ddp["speedup"] * 1.01 and ddp["speedup"] <= hi * 1.01  # 3 significant figures
+    assert ddp["efficiency"] == dv.stats.sig(ddp["speedup"] / 2, 2)
+    assert set(ddp["flags"].split(", ")) - {""} <= set(dv.stats.FLAGS)
     assert ours.loc[("conv_autoencoder", "single x1 cpu", "local"), "metric"] == "test/loss"
-    assert ours.loc[("mlp", "single x1 cpu", "local"), "status"] == "1 crashed, 1 failed, 1 running"
+    assert (
+        ours.loc[("mlp", "single x1 cpu", "local"), "status"] == "1 crashed, 1 failed, 1 finished, 1 running"
+    )
     assert ours.loc[("mlp", "single x1 cpu", "synthetic"), "status"] == "1 finished"
     study = t[t["source"] == "published"]
     assert set(study["model"]) == {"mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"}
     assert set(study["hardware"]) == {"Colab T4", "Kaggle T4 x2"}
 
 
-def test_epoch_time_bars_by_setup(page, fixture_dirs):
-    fig = figure(page, "Training time per epoch by setup")
-    bars = {(tr["name"], x): y for tr in fig["data"] for x, y in zip(tr["x"], tr["y"], strict=True)}
+def steady_windows(rec: dict) -> list[float]:
+    return rec["timing"]["steady"]["windows_step_s"]
+
+
+def test_step_time_bars_with_intervals(page, fixture_dirs):
+    fig = figure(page, "Steady-state step time by setup")
     recs = records(fixture_dirs)
     ddp = recs[fixture_dirs["ids"]["ddp"]]
     hw = ddp["setup"]["device_names"][0]
-    assert bars[(hw, "cpu_2proc")] == pytest.approx(median_train_s(ddp))
-    seeds = [median_train_s(recs[fixture_dirs["ids"][k]]) for k in ("seed0", "seed1")]
-    assert bars[(hw, "cpu_1proc")] == pytest.approx(statistics.mean(seeds))
-    assert bars[("Colab T4", "single x1 gpu")] and bars[("Kaggle T4 x2", "ddp x2 gpu")]
+    bars = {(tr["name"], x): (y, tr) for tr in fig["data"] for x, y in zip(tr["x"], tr["y"], strict=True)}
+    y, tr = bars[(hw, "cpu_2proc")]
+    assert y == pytest.approx(dv.stats.median(steady_windows(ddp)))
+    assert tr["error_y"]["array"] and tr["error_y"]["arrayminus"]  # the 95% interval
+    pooled = steady_windows(recs[fixture_dirs["ids"]["seed0"]]) + steady_windows(
+        recs[fixture_dirs["ids"]["seed1"]]
+    )
+    assert bars[(hw, "cpu_1proc")][0] == pytest.approx(dv.stats.median(pooled))  # seeds pooled
+    assert bars[("Colab T4", "single x1 (Colab T4)")] and bars[("Kaggle T4 x2", "ddp x2 (Kaggle T4 x2)")]
+
+
+def test_speedup_bars_with_intervals_and_break_even(page, fixture_dirs):
+    recs = records(fixture_dirs)
+    ids = fixture_dirs["ids"]
+    ddp = recs[ids["ddp"]]
+    base = steady_windows(recs[ids["seed0"]]) + steady_windows(recs[ids["seed1"]])
+    expected, ci = dv.stats.ratio_ci(base, steady_windows(ddp))
+    fig = figure(page, "Speedup over 1 device by setup")
+    bars = {(tr["name"], x): (y, tr) for tr in fig["data"] for x, y in zip(tr["x"], tr["y"], strict=True)}
+    y, tr = bars[("ours", "cpu_2proc")]
+    assert y == pytest.approx(expected)
+    i = list(tr["x"]).index("cpu_2proc")
+    assert tr["error_y"]["array"][i] == pytest.approx(ci[1] - expected)
+    assert tr["error_y"]["arrayminus"][i] == pytest.approx(expected - ci[0])
+    assert bars[("the study (published)", "ddp x2 (Kaggle T4 x2)")][0] > 1  # the study's, beside ours
+    assert any(sh["y0"] == 1 and sh["y1"] == 1 for sh in fig["layout"]["shapes"])  # break-even
 
 
 def test_speedup_and_efficiency_against_the_ideal_line(page, fixture_dirs):
     recs = records(fixture_dirs)
-    ddp = recs[fixture_dirs["ids"]["ddp"]]
-    base = statistics.median(
-        median_train_s(r)
-        for r in recs.values()
-        if r["model"] == "mlp"
-        and r["setup"]["num_processes"] == 1
-        and not r["data"]["synthetic"]
-        and r["data"]["used"]["train"] == 640
-        and r["history"]
-    )
-    expected = base / median_train_s(ddp)
+    ids = fixture_dirs["ids"]
+    base = steady_windows(recs[ids["seed0"]]) + steady_windows(recs[ids["seed1"]])
+    expected, _ = dv.stats.ratio_ci(base, steady_windows(recs[ids["ddp"]]))
     for title, value in (("Speedup vs devices", expected), ("Scaling efficiency", expected / 2)):
         fig = figure(page, title)
         ideal = next(tr for tr in fig["data"] if tr["name"] == "ideal")
         assert ideal["x"] == [1, 2] and ideal["y"] == ([1, 2] if title.startswith("Speedup") else [1, 1])
         points = {
-            h: y
+            (tr["name"], h): y
             for tr in fig["data"]
-            if tr["name"] != "ideal"
+            if tr["name"] not in ("ideal", "break-even")
             for h, y in zip(tr["hovertext"], tr["y"], strict=True)
         }
-        assert points[ddp["run_id"]] == pytest.approx(value)
+        assert points[("ddp, mlp", "mlp · cpu_2proc")] == pytest.approx(value)  # colour = strategy
         # the study's 2-GPU MLP, compared as the study did (its Colab 1-GPU run), is drawn too
-        assert "study-MLP_10epochs_2GPU_DDP" in points
+        assert ("ddp, mlp", "mlp · ddp x2 (Kaggle T4 x2)") in points
 
 
-def test_curves_raw_points_faint_and_diverged_values_not_drawn(page, fixture_dirs):
+def test_curves_faceted_per_model_raw_points_faint_and_diverged_values_not_drawn(page, fixture_dirs):
     fig = figure(page, "train/loss vs epoch")  # models differ in what train/loss is: the key is the label
-    lines = {tr["name"]: tr for tr in fig["data"] if tr["mode"] == "lines"}
-    raw = {tr["name"].removesuffix(" (raw)"): tr for tr in fig["data"] if tr["mode"] == "markers"}
+    lines = {tr["hovertext"]: tr for tr in fig["data"] if tr["mode"] == "lines"}
+    raw = {tr["hovertext"]: tr for tr in fig["data"] if tr["mode"] == "markers"}
     seed0 = records(fixture_dirs)[fixture_dirs["ids"]["seed0"]]
     assert raw[seed0["run_id"]]["y"] == [h["train/loss"] for h in seed0["history"]]
     assert raw[seed0["run_id"]]["opacity"] < 0.5
+    assert lines[seed0["run_id"]]["name"] == "mlp · cpu_1proc · seed 0"  # setup labels, not run ids
     assert raw["mlp-fixture-diverged"]["x"] == [1, 3]  # epoch 2 is "nan": not drawn
     assert "study-CNN_20epochs_2GPU" in lines and "study-Broken_2GPU" not in lines
-    assert any(name.endswith("[SYNTHETIC]") for name in lines)
+    assert any(tr["name"].endswith("[SYNTHETIC]") for tr in lines.values())
+    panels = [a["text"] for a in fig["layout"]["annotations"]]
+    assert {"mlp", "conv_autoencoder", "cnn"} <= set(panels)  # one panel per model
+    axes = {lines[seed0["run_id"]]["yaxis"], lines["study-CNN_20epochs_2GPU"]["yaxis"]}
+    assert len(axes) == 2
 
 
 def test_throughput_and_peak_memory(page, fixture_dirs):
@@ -362,9 +406,12 @@ def test_crashed_live_and_synthetic_badges(page):
 
 def test_raw_table_and_downloads(page, fixture_dirs):
     raw = table(page, "heartbeat_age_s")
-    assert len(raw) == len(records(fixture_dirs)) + 14  # the 13 study files hold 14 runs
+    assert (
+        len(raw) == len(records(fixture_dirs)) + 1 + 14
+    )  # + the subfolder's record; 13 study files, 14 runs
     keys = {b.key for b in page.get("download_button")}
     assert keys == {
+        "dl_speedup_bars",
         "dl_csv",
         "dl_epoch_time",
         "dl_speedup",
@@ -381,11 +428,11 @@ def test_raw_table_and_downloads(page, fixture_dirs):
 
 def test_filter_change_updates_charts_and_the_url(fixture_dirs, monkeypatch):
     at = render(fixture_dirs, monkeypatch)
-    before = {tr["name"] for tr in figure(at, "train/loss vs epoch")["data"]}
+    before = {tr["hovertext"] for tr in figure(at, "train/loss vs epoch")["data"]}
     widget(at, "multiselect", "model").set_value(["conv_autoencoder"]).run()
     assert not at.exception
     after = {
-        tr["name"]
+        tr["hovertext"]
         for tr in figure(at, "train loss (per-pixel MSE) vs epoch")["data"]
         if tr["mode"] == "lines"
     }
@@ -421,7 +468,7 @@ def test_filters_and_view_settings_from_a_shared_link(fixture_dirs, monkeypatch)
     fig = figure(at, "validation accuracy vs samples seen")
     syn = records(fixture_dirs)[fixture_dirs["ids"]["synthetic"]]
     line = next(tr for tr in fig["data"] if tr["mode"] == "lines")
-    assert line["name"] == f"{syn['run_id']} [SYNTHETIC]"
+    assert line["hovertext"] == syn["run_id"] and line["name"].endswith("[SYNTHETIC]")
     assert line["x"] == [h["samples_seen"] for h in syn["history"]]
     assert line["y"] == [h["val/acc"] for h in syn["history"]]  # EMA 0 = raw
 
@@ -429,16 +476,16 @@ def test_filters_and_view_settings_from_a_shared_link(fixture_dirs, monkeypatch)
 def test_curve_axes_and_smoothing(fixture_dirs, monkeypatch):
     at = render(fixture_dirs, monkeypatch, query={"model": "mlp"})
     widget(at, "toggle", "log_time").set_value(True).run()
-    assert figure(at, "Training time per epoch")["layout"]["yaxis"]["type"] == "log"
+    assert figure(at, "Steady-state step time")["layout"]["yaxis"]["type"] == "log"
     widget(at, "selectbox", "x").select("samples seen").run()
-    names = {tr["name"] for tr in figure(at, "train loss")["data"]}
+    names = {tr["hovertext"] for tr in figure(at, "train loss")["data"]}
     assert not any(n.startswith("study-") for n in names)  # the study logged no samples count
     assert any("study-MLP" in c.value for c in at.caption)  # ... and the page says which runs are missing
     widget(at, "selectbox", "x").select("wall-clock seconds").run()
     widget(at, "select_slider", "ema").set_value("0.9").run()
     fig = figure(at, "train loss (cross-entropy) vs wall-clock seconds (EMA 0.9)")
     seed1 = records(fixture_dirs)[fixture_dirs["ids"]["seed1"]]
-    line = next(tr for tr in fig["data"] if tr["name"] == seed1["run_id"])
+    line = next(tr for tr in fig["data"] if tr["hovertext"] == seed1["run_id"] and tr["mode"] == "lines")
     assert line["x"] == [h["time/elapsed_s"] for h in seed1["history"]]
     assert line["y"] == pytest.approx(dv.ema([h["train/loss"] for h in seed1["history"]], 0.9))
     assert at.query_params["ema"] == "0.9" and at.query_params["x"] == "wall-clock seconds"
@@ -493,7 +540,8 @@ def test_numbers_ema_and_setup_names():
     split = {
         "setup": {"strategy": "model_split", "num_processes": 1, "devices": ["cpu"], "mesh_shape": {"mp": 2}}
     }
-    assert dv.workers(split) == 2 and dv.setup_name(split) == "model_split x2 cpu"
+    assert dv.workers(split) == 1  # one CPU process holding both stages is one device
+    assert dv.setup_name(split) == "model_split x1 cpu"
     hybrid = {
         "setup": {
             "strategy": "hybrid",

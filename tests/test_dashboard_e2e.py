@@ -38,8 +38,9 @@ ARGS = [
 SHOTS = REPO / "docs" / "screenshots"
 STALE_S = 600
 VIEWS = {
+    "Speedup": "speedup_fixture",
     "Overview": "overview",
-    "Epoch time": "epoch_time",
+    "Step time": "step_time",
     "Scaling": "scaling",
     "Curves": "curves",
     "Throughput & memory": "throughput_memory",
@@ -142,7 +143,9 @@ def test_page_views_filter_downloads_and_screenshots(server, browser, tmp_path):
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = open_page(browser, url)
     assert page.locator(".stException, [data-testid='stException']").count() == 0
-    assert "could not be read" in page.locator("[data-testid='stAlert']").first.inner_text()
+    notice = page.locator("[data-testid='stAlert']").first.inner_text()
+    assert "could not be read" in notice and "nested too deeply" in notice and "too large" in notice
+    assert "Traceback" not in page.content() and str(dirs["runs"]) not in notice  # no local paths
     page.screenshot(path=SHOTS / "page.png")
 
     page.set_viewport_size({"width": 1400, "height": 2000})  # a whole view fits: no inner scrolling
@@ -153,7 +156,7 @@ def test_page_views_filter_downloads_and_screenshots(server, browser, tmp_path):
 
     show_tab(page, "Curves")
     before = legend(page)
-    assert any(n.startswith("mlp-") for n in before) and any(n.startswith("study-") for n in before)
+    assert any(n.startswith("mlp · cpu_1proc") for n in before) and any(" · study " in n for n in before)
     model = page.locator("[data-testid='stSidebar'] [data-testid='stMultiSelect']").filter(has_text="Model")
     model.locator("input").click()
     page.keyboard.type("conv_autoencoder")
@@ -163,12 +166,12 @@ def test_page_views_filter_downloads_and_screenshots(server, browser, tmp_path):
     deadline = time.monotonic() + 30
 
     def conv_only(names):
-        return names and all(n.startswith(("conv_autoencoder-", "study-ConvAutoencoder")) for n in names)
+        return names and all(n.startswith("conv_autoencoder · ") for n in names)
 
     while not conv_only(after := legend(page)) and time.monotonic() < deadline:  # until the rerun has drawn
         page.wait_for_timeout(300)
     assert conv_only(after), after
-    assert dirs["ids"]["ae"] in after
+    assert any(" · study " in n for n in after) and len(after) == 3
     panel(page).screenshot(path=SHOTS / "curves_filtered.png")
     assert page.locator(".stException, [data-testid='stException']").count() == 0
 
@@ -188,7 +191,7 @@ def test_page_views_filter_downloads_and_screenshots(server, browser, tmp_path):
     show_tab(shared, "Curves")
     assert "vs samples seen" in panel(shared).locator(".js-plotly-plot .gtitle").first.text_content()
     names = legend(shared)
-    assert names and all(n.startswith("mlp-") for n in names)
+    assert names and all(n.startswith("mlp · ") for n in names)
     shared.close()
 
 
@@ -243,3 +246,50 @@ def test_page_refreshes_itself_and_a_stale_heartbeat_turns_crashed(server, brows
     finally:
         path.unlink(missing_ok=True)
         page.close()
+
+
+def test_speedup_view_on_the_committed_results(tmp_path_factory):
+    """The README's screenshots: the Speedup and Overview views on the real runs in docs/results/."""
+    need_browser()
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("results_server") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["make", "-s", "dashboard", f"RUNS_DIR={REPO / 'docs' / 'results'}", f"PORT={port}"],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+            page = open_page(b, url)
+            page.set_viewport_size({"width": 1400, "height": 2400})
+            assert page.locator(".stException, [data-testid='stException']").count() == 0
+            p_ = show_tab(page, "Speedup")
+            bars = p_.locator(".js-plotly-plot .errorbar")
+            assert bars.count() > 0  # intervals are drawn
+            p_.screenshot(path=SHOTS / "results_speedup.png")
+            show_tab(page, "Overview").screenshot(path=SHOTS / "results_overview.png")
+            assert page.locator(".stException, [data-testid='stException']").count() == 0
+            b.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -75,7 +75,9 @@ def test_flags():
     wild = [1.0, 2.0, 0.5, 1.5, 0.7, 1.9, 0.6, 1.2]
     assert "noisy" in stats.comparison(same, wild, devices=2)["flags"]
     assert "noisy" in stats.comparison([1.0], [0.5], devices=2)["flags"]  # one sample: no spread known
-    flags = stats.comparison(same, same, 1, contended=True, warmup_dominated=True, oversubscribed=True)["flags"]
+    flags = stats.comparison(same, same, 1, contended=True, warmup_dominated=True, oversubscribed=True)[
+        "flags"
+    ]
     assert flags == ["contended", "warmup-dominated", "oversubscribed"]
     assert set(flags) <= set(stats.FLAGS)
 

@@ -1,0 +1,153 @@
+"""The bench runner as a user drives it: Ctrl-C ends the whole matrix, a stopped matrix resumes with only
+its missing cells, a cell disturbed by other load is flagged `contended`, a short run `warmup-dominated`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, child_env, launch, records, require_dataset
+
+pytestmark = pytest.mark.slow
+
+
+def matrix(tmp_path: Path, setups: list, mlp: dict) -> Path:
+    path = tmp_path / "matrix.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "setups": setups,
+                "baselines": {"cpu": "cpu_1proc"},
+                "profiles": {
+                    "t": {
+                        "threads_per_process": 1,
+                        "common": {"epochs": 1, "limit_eval": 100, "select_best": False},
+                        "models": {"mlp": mlp},
+                    }
+                },
+            }
+        )
+    )
+    return path
+
+
+def start(tmp_path: Path, *args: str) -> subprocess.Popen:
+    """bench/run.py in its own process group, as a terminal's foreground job."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--runs_dir", str(tmp_path / "runs"), *args],
+        stdout=open(tmp_path / "bench.log", "a"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=child_env(),
+        start_new_session=True,
+    )
+
+
+def wait_for(cond, timeout: float, what: str):
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def state(tmp_path: Path) -> dict:
+    (batch,) = list((tmp_path / "runs" / "bench").iterdir())
+    return json.loads((batch / "state.json").read_text()) | {"dir": batch}
+
+
+def test_ctrl_c_ends_the_matrix_and_resume_runs_only_the_missing_cells(tmp_path):
+    data = require_dataset("mnist")
+    setups = [
+        "cpu_1proc",
+        {"split": {"config": "cpu_1proc_model_split", "strategy": "model_split"}},
+        "cpu_2proc",
+    ]
+    m = matrix(tmp_path, setups, {"batch_size": 64, "limit_train": 54000, "epochs": 3})
+    proc = start(tmp_path, "--matrix", str(m), "--profile", "t", "--data_dir", str(data))
+    try:
+        wait_for(
+            lambda: (tmp_path / "runs" / "bench").is_dir() and len(state(tmp_path)["results"]) == 1,
+            180,
+            "cell 1",
+        )
+        batch_dir = state(tmp_path)["dir"]
+        wait_for(lambda: (batch_dir / "mlp-split-seed0-r0.log").is_file(), 30, "cell 2 to start")
+        time.sleep(4)  # cell 2 is training
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "bench.log").read_text()
+    assert rc == 130, log
+    assert took < 25, f"the matrix took {took:.0f} s to stop"
+    s = state(tmp_path)
+    status = {r["setup"]: r["status"] for r in s["results"]}
+    assert status == {"cpu_1proc": "finished", "split": "interrupted"}, log
+    summary = json.loads((s["dir"] / "summary.json").read_text())
+    assert summary["interrupted"] == "SIGINT" and not summary["complete"]
+    recs = {r["tag"].split(":")[4]: r for r in records(tmp_path / "runs")}
+    assert recs["split"]["status"] == "interrupted" and "cpu_2proc" not in recs
+    out = subprocess.run(["pgrep", "-f", str(tmp_path / "runs")], capture_output=True, text=True)
+    assert out.stdout.strip() == "", "processes of the stopped matrix are still running"
+    assert f"RESUME={s['dir'].name}" in log
+
+    proc = start(tmp_path, "--resume", s["dir"].name)
+    assert proc.wait(timeout=300) == 0, (tmp_path / "bench.log").read_text()
+    log = (tmp_path / "bench.log").read_text()
+    assert "2 of 3 launches to run" in log
+    tags = [r["tag"].split(":")[4] for r in records(tmp_path / "runs")]
+    assert sorted(tags) == ["cpu_1proc", "cpu_2proc", "split", "split"]  # cell 1 not run again
+    summary = json.loads((s["dir"] / "summary.json").read_text())
+    assert summary["complete"] and {c["setup"] for c in summary["cells"] if "speedup" in c} == set(status) | {
+        "cpu_2proc"
+    }
+
+
+def test_a_cell_disturbed_by_a_cpu_hog_is_flagged_contended(tmp_path):
+    data = require_dataset("mnist")
+    setups = ["cpu_1proc", {"split": {"config": "cpu_1proc_model_split", "strategy": "model_split"}}]
+    m = matrix(tmp_path, setups, {"batch_size": 64, "limit_train": 54000, "epochs": 2})
+    proc = start(tmp_path, "--matrix", str(m), "--profile", "t", "--data_dir", str(data))
+    hog = None
+    try:
+        wait_for(lambda: list((tmp_path / "runs").glob("bench/*/mlp-split-seed0-r0.log")), 180, "cell 2")
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # one core busy
+        assert proc.wait(timeout=180) == 0, (tmp_path / "bench.log").read_text()
+    finally:
+        for p in (hog, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+    summary = json.loads(next((tmp_path / "runs").glob("bench/*/summary.json")).read_text())
+    flags = {c["setup"]: c["flags"] for c in summary["cells"]}
+    assert "contended" in flags["split"], summary["cells"]
+    assert "contended" not in flags["cpu_1proc"], summary["cells"]
+    assert "contended" in (tmp_path / "bench.log").read_text()
+
+
+def test_a_short_run_is_flagged_warmup_dominated(tmp_path):
+    data = require_dataset("mnist")
+    args = ("--data_dir", data, "--runs_dir", tmp_path, "--epochs", 1, "--limit_eval", 100)
+    short = launch(None, "mlp", *args, "--limit_train", 640, "--max_steps", 9)
+    full = launch(None, "mlp", *args, "--limit_train", 6400)
+    assert short.returncode == 0 and full.returncode == 0, short.stderr + full.stderr
+    by_steps = {r["history"][-1]["step"]: r["timing"]["steady"] for r in records(tmp_path)}
+    assert by_steps[9]["warmup_dominated"] and by_steps[9]["steps"] <= 4
+    assert not by_steps[100]["warmup_dominated"] and by_steps[100]["steps"] == 100 - 5 - 1
+    assert (
+        by_steps[100]["samples_per_s_ci95"][0]
+        <= by_steps[100]["samples_per_s"]
+        <= by_steps[100]["samples_per_s_ci95"][1]
+    )
+    assert "WARM-UP-DOMINATED" in short.stdout
