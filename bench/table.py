@@ -58,6 +58,29 @@ def main(paths: list[str]) -> str:
         ]
         verdict = ", ".join(agree(c, cs.get(key, {})) for cs in cells[1:])
         lines.append(f"| {key[0]} | {key[1]} | {c['devices']} | {' | '.join(row)} | {verdict} |")
+    pairs = [
+        (c, cells[1][k])
+        for k, c in first.items()
+        if c.get("speedup") is not None
+        and cells[1].get(k, {}).get("speedup") is not None
+        and c["devices"] + 0
+        and c["setup"] != c.get("baseline")
+    ]
+    if pairs:
+        diffs = sorted(abs(b["speedup"] / a["speedup"] - 1) for a, b in pairs)
+        ok = sum(agree(a, b) == "yes" for a, b in pairs)
+        narrow = sum(
+            max(x["speedup"] - x["speedup_ci95"][0], x["speedup_ci95"][1] - x["speedup"]) / x["speedup"]
+            <= AGREE_WITHIN
+            for a, b in pairs
+            for x in (a, b)
+        )
+        lines.append("")
+        lines.append(
+            f"Runs 1 and 2: {ok} of {len(pairs)} compared cells agree (intervals overlap or within 15%); "
+            f"relative difference median {diffs[len(diffs) // 2]:.0%}, largest {diffs[-1]:.0%}; "
+            f"{narrow} of {2 * len(pairs)} intervals within ±15% of their speedup."
+        )
     return "\n".join(lines)
 
 

@@ -346,7 +346,10 @@ def runs_frame(runs: list[dict], now: dt.datetime, stale_s: float = STALE_S) -> 
                 "efficiency": c.get("efficiency"),
                 "flags": ", ".join(c.get("flags") or []),
                 "cell_runs": c.get("runs"),
-                "profile": c.get("profile"),
+                "baseline_setup": c.get("baseline_setup"),
+                "bench_batch": comparisons.bench_tag(r).get("batch"),
+                "profile": comparisons.bench_tag(r).get("profile")
+                or ("study" if kind == "study" else "adhoc"),
             }
         )
     df = pd.DataFrame(rows)
@@ -586,6 +589,7 @@ def cells_frame(df: pd.DataFrame) -> pd.DataFrame:
     g = d.groupby(["comparison", "cell"], sort=False)
     out = g.first().reset_index()
     out["runs"] = g.size().values
+    out["devices"] = out["workers"]
     out["conditions"] = [
         f"{r.hardware} · batch {r.global_batch} · {r.profile or '-'}"
         + (" · study: 2 machines, global batch doubled" if r.kind == "study" else "")
@@ -595,7 +599,13 @@ def cells_frame(df: pd.DataFrame) -> pd.DataFrame:
     out["err_minus"] = out["speedup"] - out["speedup_lo"]
     out["step_plus"] = out["step_hi"] - out["step_s"]
     out["step_minus"] = out["step_s"] - out["step_lo"]
-    out["source_label"] = out["kind"].map({"ours": "ours", "study": "the study (published)"})
+    out["source_label"] = [
+        "the study (published)"
+        if r.kind == "study"
+        else f"ours · {r.profile or 'adhoc'}"
+        + (f" {r.bench_batch}" if isinstance(r.bench_batch, str) else "")
+        for r in out.itertuples()
+    ]
     out["speedup_text"] = [
         f"{stats.sig(r.speedup)} [{stats.sig(r.speedup_lo)}-{stats.sig(r.speedup_hi)}]"
         + (f" ⚑ {r.flags}" if r.flags else "")
@@ -610,10 +620,13 @@ def fig_speedup(df: pd.DataFrame) -> go.Figure:
     """Per model: measured speedup by setup as bars with 95% intervals, ours beside the study's, a 1.0
     break-even line; flags written on the bars."""
     c = cells_frame(df)
-    c = c.dropna(subset=["speedup"]) if len(c) else c
+    if len(c):  # the baselines themselves are the break-even line
+        c = c.dropna(subset=["speedup"])
+        c = c[c["cell"] != c["baseline_setup"]]
     if c.empty:
         return go.Figure(layout={"title": {"text": "Speedup over 1 device: no comparable runs shown"}})
     c = c.sort_values(["model", "kind", "devices", "cell"])
+    groups = sorted(set(c["source_label"]), key=lambda g: (g.startswith("the study"), g))
     models = list(dict.fromkeys(c["model"]))
     rows = math.ceil(len(models) / 2)
     fig = px.bar(
@@ -628,8 +641,9 @@ def fig_speedup(df: pd.DataFrame) -> go.Figure:
         facet_col_wrap=2,
         facet_row_spacing=0.5 / rows if rows > 1 else 0.0,
         facet_col_spacing=0.06,
-        category_orders={"model": models, "source_label": ["ours", "the study (published)"]},
-        color_discrete_map={"ours": "#1f77b4", "the study (published)": "#b0b0b0"},
+        barmode="group",
+        category_orders={"model": models, "source_label": groups},
+        color_discrete_map={g: "#b0b0b0" if g.startswith("the study") else stable_color(g) for g in groups},
         hover_name="cell",
         hover_data={
             "speedup_text": True,
@@ -786,9 +800,8 @@ def fig_curves(hist: pd.DataFrame, df: pd.DataFrame, y: str, x: str, weight: flo
                 continue
             m = meta.loc[rid]
             row = models.index(m["model"]) + 1
-            name = f"{m['model']} · {m['setup']} · seed {m['seed']}" + (
-                " [SYNTHETIC]" if m["synthetic"] else ""
-            )
+            seed = f" · seed {int(m['seed'])}" if pd.notna(m["seed"]) else ""
+            name = f"{m['model']} · {m['setup']}{seed}" + (" [SYNTHETIC]" if m["synthetic"] else "")
             if m["kind"] == "study":
                 name = f"{m['model']} · study {m['setup']}"
             g = g.sort_values(xcol)

@@ -208,12 +208,14 @@ def table(at: AppTest, column: str):
 
 def records(dirs: dict) -> dict[str, dict]:
     out = {}
-    for p in dirs["runs"].glob("*.json"):
+    for p in dirs["runs"].rglob("*.json"):
+        if "bench" in p.relative_to(dirs["runs"]).parts:
+            continue
         try:
             rec = json.loads(p.read_text())
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if rec.get("schema_version") == 1 and isinstance(rec.get("setup"), dict):
+        if isinstance(rec, dict) and rec.get("schema_version") == 1 and isinstance(rec.get("setup"), dict):
             out[rec["run_id"]] = rec
     return out
 
@@ -289,8 +291,14 @@ def test_speedup_bars_with_intervals_and_break_even(page, fixture_dirs):
     base = steady_windows(recs[ids["seed0"]]) + steady_windows(recs[ids["seed1"]])
     expected, ci = dv.stats.ratio_ci(base, steady_windows(ddp))
     fig = figure(page, "Speedup over 1 device by setup")
-    bars = {(tr["name"], x): (y, tr) for tr in fig["data"] for x, y in zip(tr["x"], tr["y"], strict=True)}
+    bars = {
+        (tr["name"].split(" · ")[0], x): (y, tr)
+        for tr in fig["data"]
+        for x, y in zip(tr["x"], tr["y"], strict=True)
+    }
     y, tr = bars[("ours", "cpu_2proc")]
+    assert tr["name"] == "ours · quick fixture"  # the bench profile and batch it was measured in
+    assert ("ours", "cpu_1proc") not in bars  # the baseline is the break-even line
     assert y == pytest.approx(expected)
     i = list(tr["x"]).index("cpu_2proc")
     assert tr["error_y"]["array"][i] == pytest.approx(ci[1] - expected)
@@ -406,9 +414,7 @@ def test_crashed_live_and_synthetic_badges(page):
 
 def test_raw_table_and_downloads(page, fixture_dirs):
     raw = table(page, "heartbeat_age_s")
-    assert (
-        len(raw) == len(records(fixture_dirs)) + 1 + 14
-    )  # + the subfolder's record; 13 study files, 14 runs
+    assert len(raw) == len(records(fixture_dirs)) + 14  # the subfolder's record too; 13 study files, 14 runs
     keys = {b.key for b in page.get("download_button")}
     assert keys == {
         "dl_speedup_bars",
