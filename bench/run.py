@@ -124,13 +124,16 @@ def baseline_of(name: str, setups: dict, matrix: dict) -> str | None:
 
 
 def busy_sample(seconds: float) -> float | None:
-    """Share of the cores busy over `seconds` while this runner only sleeps: other load on the machine."""
+    """Share of the cores busy over `seconds` while this runner only sleeps, less the runner's own CPU time:
+    other load on the machine."""
     from shared.meter import machine_busy_s
 
-    a = machine_busy_s()
+    a, own_a = machine_busy_s(), time.process_time()
     time.sleep(seconds)
-    b = machine_busy_s()
-    return None if a is None or b is None else (b - a) / (seconds * (os.cpu_count() or 1))
+    b, own_b = machine_busy_s(), time.process_time()
+    if a is None or b is None:
+        return None
+    return max(0.0, (b - a) - (own_b - own_a)) / (seconds * (os.cpu_count() or 1))
 
 
 def bar(done: int, total: int, width: int = 20) -> str:

@@ -34,7 +34,15 @@ def agree(a: dict, b: dict) -> str:
 
 def main(paths: list[str]) -> str:
     sums = [json.loads(Path(p).read_text()) for p in paths]
-    cells = [{(c["model"], c["setup"]): c for c in s["cells"] if "skipped" not in c} for s in sums]
+    # the 1-device baseline itself (speedup 1 by definition) is left out
+    cells = [
+        {
+            (c["model"], c["setup"]): c
+            for c in s["cells"]
+            if "skipped" not in c and c["setup"] != c.get("baseline")
+        }
+        for s in sums
+    ]
     first = cells[0]
     lines = []
     if len(sums) == 1:
@@ -61,10 +69,7 @@ def main(paths: list[str]) -> str:
     pairs = [
         (c, cells[1][k])
         for k, c in first.items()
-        if c.get("speedup") is not None
-        and cells[1].get(k, {}).get("speedup") is not None
-        and c["devices"] + 0
-        and c["setup"] != c.get("baseline")
+        if c.get("speedup") is not None and cells[1].get(k, {}).get("speedup") is not None
     ]
     if pairs:
         diffs = sorted(abs(b["speedup"] / a["speedup"] - 1) for a, b in pairs)
