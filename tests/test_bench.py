@@ -71,7 +71,7 @@ def test_ctrl_c_ends_the_matrix_and_resume_runs_only_the_missing_cells(tmp_path)
         {"split": {"config": "cpu_1proc_model_split", "strategy": "model_split"}},
         "cpu_2proc",
     ]
-    m = matrix(tmp_path, setups, {"batch_size": 64, "limit_train": 54000, "epochs": 3})
+    m = matrix(tmp_path, setups, {"batch_size": 64, "limit_train": 54000, "epochs": 2})
     proc = start(tmp_path, "--matrix", str(m), "--profile", "t", "--data_dir", str(data))
     try:
         wait_for(
@@ -79,9 +79,15 @@ def test_ctrl_c_ends_the_matrix_and_resume_runs_only_the_missing_cells(tmp_path)
             180,
             "cell 1",
         )
-        batch_dir = state(tmp_path)["dir"]
-        wait_for(lambda: (batch_dir / "mlp-split-seed0-r0.log").is_file(), 30, "cell 2 to start")
-        time.sleep(4)  # cell 2 is training
+        wait_for(
+            lambda: any(
+                p.name.startswith("mlp-") and ":split:" in p.read_text()
+                for p in (tmp_path / "runs").glob("mlp-*.json")
+            ),
+            120,
+            "cell 2's record",
+        )
+        time.sleep(1)  # cell 2 is training (its record is written once the data and model are set up)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         t0 = time.monotonic()
         rc = proc.wait(timeout=60)
@@ -118,7 +124,7 @@ def test_ctrl_c_ends_the_matrix_and_resume_runs_only_the_missing_cells(tmp_path)
 def test_a_cell_disturbed_by_a_cpu_hog_is_flagged_contended(tmp_path):
     data = require_dataset("mnist")
     setups = ["cpu_1proc", {"split": {"config": "cpu_1proc_model_split", "strategy": "model_split"}}]
-    m = matrix(tmp_path, setups, {"batch_size": 64, "limit_train": 54000, "epochs": 2})
+    m = matrix(tmp_path, setups, {"batch_size": 64, "limit_train": 54000, "epochs": 1})
     proc = start(tmp_path, "--matrix", str(m), "--profile", "t", "--data_dir", str(data))
     hog = None
     try:

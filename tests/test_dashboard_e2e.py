@@ -9,6 +9,7 @@ skips, and fails under CI (CI=true), where the browser is part of what `make tes
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -59,24 +60,15 @@ def need_browser():
         pytest.skip(msg)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def dashboard(runs_dir: Path, log: Path, **env):
     """`make dashboard` on a free port, as a user starts it; the whole process group is stopped afterwards."""
-    need_browser()
-    dirs = build_fixture(tmp_path_factory.mktemp("dashboard_e2e"))
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {
-        **os.environ,
-        "REFERENCE_DIR": str(dirs["reference"]),
-        "DASHBOARD_REFRESH_S": "1",
-        "DASHBOARD_STALE_S": str(STALE_S),
-    }
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            ["make", "-s", "dashboard", f"RUNS_DIR={dirs['runs']}", f"PORT={port}"],
+            ["make", "-s", "dashboard", f"RUNS_DIR={runs_dir}", f"PORT={port}"],
             cwd=REPO,
-            env=env,
+            env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -93,7 +85,7 @@ def server(tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, f"no health answer in 90 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.3)
-        yield url, dirs
+        yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -101,6 +93,19 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    need_browser()
+    dirs = build_fixture(tmp_path_factory.mktemp("dashboard_e2e"))
+    env = {
+        "REFERENCE_DIR": str(dirs["reference"]),
+        "DASHBOARD_REFRESH_S": "1",
+        "DASHBOARD_STALE_S": str(STALE_S),
+    }
+    with dashboard(dirs["runs"], tmp_path_factory.mktemp("server") / "server.log", **env) as url:
+        yield url, dirs
 
 
 @pytest.fixture(scope="module")
@@ -251,28 +256,7 @@ def test_page_refreshes_itself_and_a_stale_heartbeat_turns_crashed(server, brows
 
 def test_speedup_view_on_the_committed_results(browser, tmp_path_factory):
     """The README's screenshots: the Speedup and Overview views on the real runs in docs/results/."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("results_server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            ["make", "-s", "dashboard", f"RUNS_DIR={RESULTS}", f"PORT={port}"],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.3)
+    with dashboard(RESULTS, tmp_path_factory.mktemp("results_server") / "server.log") as url:
         page = open_page(browser, url)
         page.set_viewport_size({"width": 1400, "height": 2400})
         assert page.locator(".stException, [data-testid='stException']").count() == 0
@@ -282,9 +266,3 @@ def test_speedup_view_on_the_committed_results(browser, tmp_path_factory):
         show_tab(page, "Overview").screenshot(path=SHOTS / "results_overview.png")
         assert page.locator(".stException, [data-testid='stException']").count() == 0
         page.close()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
