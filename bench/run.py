@@ -27,6 +27,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -372,6 +373,8 @@ def main():
     stop = Stop()
     n_cuda = cuda_device_count()
     if args.resume:
+        if not re.fullmatch(r"\d{8}-\d{6}", args.resume):
+            sys.exit(f"error: --resume {args.resume!r}: not a bench batch id (like 20261129-085349)")
         log_dir = Path(args.runs_dir) / "bench" / args.resume
         try:
             state = json.loads((log_dir / "state.json").read_text())
