@@ -52,6 +52,11 @@ bench-strategies: venv
 bench-speed: venv
 	$(BIN)/python bench/speed.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) $(SPEED_ARGS)
 
+# the result tables of README.md and docs/speed.md, from the clean records listed in docs/results/report.yaml
+.PHONY: report
+report: venv
+	$(BIN)/python bench/report.py
+
 dashboard: venv
 	RUNS_DIR=$(RUNS_DIR) $(BIN)/streamlit run dashboard.py --server.headless true --server.address 127.0.0.1 \
 		--server.port $(or $(PORT),8501) --browser.gatherUsageStats false

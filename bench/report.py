@@ -1,0 +1,367 @@
+"""The result tables of README.md and docs/, generated from the run records in docs/results/ (`make report`).
+
+A manifest (docs/results/report.yaml) lists each table: the file it lives in, between
+`<!-- report:NAME -->` and `<!-- /report:NAME -->`, its kind and the bench summaries it is made from
+(`summary.json` written by bench/run.py; the run records sit next to it, or in the runs folder above
+`bench/<batch>/`). Every record a table uses must come from a clean tree: one whose
+`environment.git_commit` ends in `-dirty`, or has none, stops the report with one line naming the file
+(exit 2) and no file is written. Each row links its records and shows the first 8 hex digits of the
+script's `environment.script_sha256` ("—" in records older than that field).
+
+    python bench/report.py                      # rewrite the tables between their markers
+    python bench/report.py --check              # exit 1, with a one-line summary, if a file is out of date
+    python bench/report.py --print SUMMARY.json [SUMMARY.json ...]   # one table to stdout, nothing checked
+
+Kinds: `headline` (per model: the 1-device step time and the speedup of `setup` over it) and `cells`
+(every cell of one bench; with several summaries, the speedups side by side and whether they agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from shared.stats import sig  # noqa: E402
+
+AGREE_WITHIN = 0.15  # two speedups agree when their intervals overlap or they are within 15%
+
+
+class Refused(Exception):
+    """A table cannot be generated (dirty or missing record, bad manifest, missing marker): exit 2."""
+
+
+# ---- records
+
+
+class Records:
+    """Loads the run records a table uses and remembers every path, for the clean-tree check."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.cache: dict[Path, dict] = {}
+
+    def path(self, summary: Path, run_id: str) -> Path:
+        for folder in (summary.parent, summary.parent.parent.parent):  # docs/results/<batch>/, runs/
+            if (p := folder / f"{run_id}.json").is_file():
+                return p
+        raise Refused(
+            f"{self.rel(summary.parent / f'{run_id}.json')}: record not found (named in {self.rel(summary)})"
+        )
+
+    def get(self, summary: Path, run_id: str) -> tuple[Path, dict]:
+        p = self.path(summary, run_id)
+        if p not in self.cache:
+            self.cache[p] = json.loads(p.read_text())
+        return p, self.cache[p]
+
+    def rel(self, p: Path) -> str:
+        try:
+            return str(p.resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(p)
+
+    def check_clean(self) -> None:
+        dirty = []
+        for p, rec in sorted(self.cache.items()):
+            commit = (rec.get("environment") or {}).get("git_commit")
+            if not commit or str(commit).endswith("-dirty"):
+                dirty.append((p, commit))
+        if dirty:
+            p, commit = dirty[0]
+            more = f" (and {len(dirty) - 1} more records)" if len(dirty) > 1 else ""
+            why = f"environment.git_commit {commit}" if commit else "no environment.git_commit"
+            raise Refused(
+                f"{self.rel(p)}: written from a dirty tree ({why}); the report uses clean records only{more}"
+            )
+
+
+# ---- formatting
+
+
+def ci(v, lo_hi) -> str:
+    return f"{sig(v)} [{sig(lo_hi[0])}–{sig(lo_hi[1])}]" if v is not None and lo_hi else "—"
+
+
+def link(label: str, target: Path, base: Path | None) -> str:
+    return f"[{label}]({os.path.relpath(target, base)})" if base else label
+
+
+def hardware(rec: dict) -> str:
+    name = (rec["setup"].get("device_names") or ["?"])[0]
+    name = re.sub(r"\((R|TM)\)|\s*\(\d+ cores\)", "", name)  # the cores are said apart
+    return re.sub(r"\s+", " ", name).strip()
+
+
+def conditions(rec: dict, procs: int, cores: int) -> str:
+    """Where a speedup was measured: the device, and how the processes share the cores."""
+    if rec["environment"].get("cuda"):
+        return f"{hardware(rec)}, {procs} process{'es' * (procs > 1)}"
+    threads = rec["environment"].get("torch_threads", 1)
+    if procs * threads <= cores:
+        each = "one core each" if threads == 1 else f"{threads} threads each"
+        return f"{hardware(rec)}: {procs} process{'es' * (procs > 1)} on {cores} cores, {each}"
+    return f"{hardware(rec)}: {procs} processes × {threads} thread on {cores} cores (oversubscribed)"
+
+
+def short_commit(rec: dict) -> str:
+    c = rec["environment"].get("git_commit") or "?"
+    return c[:7] + ("-dirty" if c.endswith("-dirty") else "")
+
+
+def script_sha(recs: list[dict]) -> str:
+    shas = sorted({(r["environment"].get("script_sha256") or "")[:8] or "—" for r in recs})
+    return ", ".join(f"`{s}`" if s != "—" else s for s in shas)
+
+
+class Batch:
+    """One bench summary with its cells keyed by (model, setup) and the records behind them."""
+
+    def __init__(self, path: Path, records: Records):
+        self.path, self.records = path, records
+        self.summary = json.loads(path.read_text())
+        self.cells = {(c["model"], c["setup"]): c for c in self.summary["cells"] if "skipped" not in c}
+
+    def recs(self, cell: dict) -> list[tuple[Path, dict]]:
+        return [self.records.get(self.path, rid) for rid in cell.get("run_ids", [])]
+
+    def links(self, cell: dict, label: str, base: Path | None) -> str:
+        recs = self.recs(cell)
+        if not recs:
+            return "—"
+        first = link(label, recs[0][0], base)
+        return first if len(recs) == 1 else f"{first} (first of n={len(recs)})"
+
+    def caption(self, base: Path | None) -> str:
+        s, plan = self.summary, self.summary["plan"]
+        recs = [r for c in self.cells.values() for _, r in self.recs(c)]
+        rec, env = recs[0], recs[0]["environment"]
+        started = plan.get("started_at", rec["started_at"])
+        commits = ", ".join(sorted({short_commit(r) for r in recs}))
+        text = (
+            f"Bench batch `{s['batch']}` (profile `{s['profile']}`, {len(recs)} records), started {started[:10]} "
+            f"{started[11:16]} UTC, commit {commits}; {hardware(rec)}, {s['cpu_cores']} CPU cores, "
+            f"{s['cuda_devices']} CUDA devices, {env.get('torch_threads')} torch thread per process; torch "
+            f"{env.get('torch')}, accelerate {env.get('accelerate')}. Repetition: {s['repetition']}. "
+            f"Step time: median over the pooled windows; "
+            f"speedup: the baseline's median step time / the setup's, at the same global batch, with a 95% "
+            f"percentile-bootstrap interval. {link('summary.json', self.path, base)}."
+        )
+        return "\n".join(textwrap.wrap(text, 112, break_long_words=False, break_on_hyphens=False))
+
+
+# ---- tables
+
+
+def headline(batches: list[Batch], spec: dict, base: Path | None) -> str:
+    b = batches[0]
+    setup = spec["setup"]
+    cores = b.summary["cpu_cores"]
+    some = next((c for (_, s), c in b.cells.items() if s == setup), {})
+    what = f"`{setup}` ({some.get('strategy')}, {some.get('procs')} processes)"
+    rows = [
+        f"| model | work (profile `{b.summary['profile']}`) | metric, 1 device → {setup} | step s, 1 device [95% CI] | "
+        f"speedup of {what} [95% CI] | flags | hardware, processes | date | launches | commit · script | records |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in b.summary["plan"]["models"]:
+        cell = b.cells.get((model, setup))
+        base_cell = b.cells.get((model, cell["baseline"])) if cell and cell.get("baseline") else None
+        if not cell or not base_cell:
+            continue
+        recs = [r for _, r in b.recs(cell)]
+        brecs = [r for _, r in b.recs(base_cell)]
+        r0 = recs[0]
+        key = cell["metric"]
+        label = re.sub(r" \(.*\)$", "", r0["metrics"].get(key, {}).get("label", key))
+        work = (
+            f"{r0['config']['epochs']} epoch{'s' * (r0['config']['epochs'] > 1)} · "
+            f"{r0['data']['used']['train']:,} {r0['data']['name']} samples · batch {cell['global_batch']}"
+        )
+        launches = f"{base_cell['launches']} + {cell['launches']} ({base_cell.get('windows')} + {cell.get('windows')} windows)"
+        records = f"{b.links(base_cell, '1 device', base)} · {b.links(cell, setup, base)}"
+        rows.append(
+            f"| {model} | {work} | {label} {sig(base_cell['value'])} → {sig(cell['value'])} | "
+            f"{ci(base_cell.get('step_s'), base_cell.get('step_s_ci95'))} | "
+            f"**{ci(cell.get('speedup'), cell.get('speedup_ci95'))}** | {', '.join(cell.get('flags', [])) or '—'} | "
+            f"{conditions(r0, cell['procs'], cores)} | {r0['started_at'][:10]} | {launches} | "
+            f"{short_commit(r0)} · {script_sha(brecs + recs)} | {records} |"
+        )
+    return "\n".join(rows) + "\n\n" + b.caption(base)
+
+
+def agree(a: dict, b: dict) -> str:
+    if a.get("speedup") is None or b.get("speedup") is None:
+        return "—"
+    (alo, ahi), (blo, bhi) = a["speedup_ci95"], b["speedup_ci95"]
+    overlap = alo <= bhi and blo <= ahi
+    close = abs(b["speedup"] / a["speedup"] - 1) <= AGREE_WITHIN
+    return "yes" if overlap or close else f"**no** ({b['speedup'] / a['speedup'] - 1:+.0%})"
+
+
+def cells_one(b: Batch, base: Path | None) -> str:
+    cores = b.summary["cpu_cores"]
+    rows = [
+        "| model | setup | strategy | devices | processes on the cores | step s [95% CI] | speedup [95% CI] | "
+        "efficiency [95% CI] | flags | launches (windows) | script | records |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, setup), c in b.cells.items():
+        recs = b.recs(c)
+        if not recs:
+            continue
+        r0 = recs[0][1]
+        is_base = setup == c.get("baseline")
+        speedup = "baseline" if is_base else ci(c.get("speedup"), c.get("speedup_ci95"))
+        eff = "—" if is_base else ci(c.get("efficiency"), c.get("efficiency_ci95"))
+        procs = conditions(r0, c["procs"], cores).split(": ", 1)[-1]
+        rows.append(
+            f"| {model} | {setup} | {c.get('strategy')} | {c['devices']} | {procs} | "
+            f"{ci(c.get('step_s'), c.get('step_s_ci95'))} | {speedup} | {eff} | {', '.join(c.get('flags', [])) or '—'} | "
+            f"{c['launches']} ({c.get('windows')}) | {script_sha([r for _, r in recs])} | {b.links(c, 'record', base)} |"
+        )
+    return "\n".join(rows) + "\n\n" + b.caption(base)
+
+
+def cells_many(batches: list[Batch], base: Path | None) -> str:
+    first = batches[0]
+    n = len(batches)
+    head = " | ".join(f"speedup {i + 1} [95% CI] | flags {i + 1}" for i in range(n))
+    rows = [
+        f"| model | setup | devices | {head} | agree with 1 | records |",
+        "|---|---|---|" + "---|---|" * n + "---|---|",
+    ]
+    pairs = []
+    for key, c in first.cells.items():
+        if key[1] == c.get("baseline"):
+            continue
+        others = [b.cells.get(key, {}) for b in batches]
+        cols = " | ".join(
+            f"{ci(o.get('speedup'), o.get('speedup_ci95'))} | {', '.join(o.get('flags', [])) or '—'}"
+            for o in others
+        )
+        verdict = ", ".join(agree(c, o) for o in others[1:])
+        recs = " · ".join(
+            b.links(o, str(i + 1), base) if o else "—"
+            for i, (b, o) in enumerate(zip(batches, others, strict=True))
+        )
+        rows.append(f"| {key[0]} | {key[1]} | {c['devices']} | {cols} | {verdict} | {recs} |")
+        if c.get("speedup") is not None and others[1].get("speedup") is not None:
+            pairs.append((c, others[1]))
+    out = "\n".join(rows)
+    if pairs:
+        diffs = sorted(abs(b["speedup"] / a["speedup"] - 1) for a, b in pairs)
+        ok = sum(agree(a, b) == "yes" for a, b in pairs)
+        narrow = sum(
+            max(x["speedup"] - x["speedup_ci95"][0], x["speedup_ci95"][1] - x["speedup"]) / x["speedup"]
+            <= AGREE_WITHIN
+            for a, b in pairs
+            for x in (a, b)
+        )
+        out += "\n\n" + "\n".join(
+            textwrap.wrap(
+                f"Runs 1 and 2: {ok} of {len(pairs)} compared cells agree (intervals overlap or within 15%); "
+                f"relative difference median {diffs[len(diffs) // 2]:.0%}, largest {diffs[-1]:.0%}; "
+                f"{narrow} of {2 * len(pairs)} intervals within ±15% of their speedup.",
+                112,
+                break_on_hyphens=False,
+            )
+        )
+    captions = "\n".join(f"{i + 1}. {b.caption(base)}" for i, b in enumerate(batches))
+    return out + "\n\n" + captions
+
+
+def table(spec: dict, batches: list[Batch], base: Path | None) -> str:
+    if spec.get("kind", "cells") == "headline":
+        return headline(batches, spec, base)
+    return cells_one(batches[0], base) if len(batches) == 1 else cells_many(batches, base)
+
+
+# ---- files
+
+
+def generate(root: Path, manifest: Path) -> dict[Path, str]:
+    """The new text of every file the manifest names; raises Refused before anything is written."""
+    spec = yaml.safe_load(manifest.read_text()) or {}
+    records = Records(root)
+    texts: dict[Path, str] = {}
+    for t in spec.get("tables") or []:
+        if not {"name", "file", "summaries"} <= set(t):
+            raise Refused(f"{records.rel(manifest)}: a table needs name, file and summaries: {t}")
+        target = root / t["file"]
+        if target not in texts:
+            texts[target] = target.read_text()
+        batches = [Batch(root / s, records) for s in t["summaries"]]
+        body = table(t, batches, target.parent)
+        start, end = f"<!-- report:{t['name']} -->", f"<!-- /report:{t['name']} -->"
+        pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+        if not (m := pattern.search(texts[target])):
+            raise Refused(f"{t['file']}: no {start} … {end} markers for table {t['name']}")
+        texts[target] = f"{texts[target][: m.start()]}{start}\n\n{body}\n\n{end}{texts[target][m.end() :]}"
+    records.check_clean()
+    return texts
+
+
+def write_replace(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, path.stat().st_mode & 0o777)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--root", type=Path, default=Path(__file__).resolve().parent.parent, help="repository root"
+    )
+    ap.add_argument("--manifest", type=Path, default=None, help="default: <root>/docs/results/report.yaml")
+    ap.add_argument(
+        "--check", action="store_true", help="exit 1 if a file differs from what would be generated"
+    )
+    ap.add_argument(
+        "--print", nargs="+", metavar="SUMMARY", help="print one table of these summaries and exit"
+    )
+    args = ap.parse_args(argv)
+    root = args.root.resolve()
+    try:
+        if args.print:
+            records = Records(root)
+            batches = [Batch(Path(p).resolve(), records) for p in args.print]
+            print(table({"kind": "cells"}, batches, Path.cwd()))
+            return 0
+        texts = generate(root, args.manifest or root / "docs" / "results" / "report.yaml")
+    except Refused as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 2
+    stale = {p: t for p, t in texts.items() if p.read_text() != t}
+    if args.check:
+        if stale:
+            parts = []
+            for p, t in stale.items():
+                diff = difflib.unified_diff(p.read_text().splitlines(), t.splitlines(), lineterm="", n=0)
+                changed = sum(1 for d in diff if d[:1] in "+-" and d[:3] not in ("+++", "---"))
+                parts.append(f"{p.relative_to(root)} ({changed} lines)")
+            print(f"report --check: out of date: {', '.join(parts)}; run make report", file=sys.stderr)
+            return 1
+        print(f"report --check: {len(texts)} files up to date")
+        return 0
+    for p, t in stale.items():
+        write_replace(p, t)
+    print(
+        f"report: {len(stale)} of {len(texts)} files rewritten ({', '.join(str(p.relative_to(root)) for p in texts)})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

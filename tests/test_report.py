@@ -1,0 +1,152 @@
+"""bench/report.py and the front page: the committed tables are what the records give, a dirty record stops
+the report without touching the file, every relative link in README.md and docs/ resolves inside the
+repository, and README.md stays a front page (≤ 250 lines). No torch, no launches."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REPORT = REPO / "bench" / "report.py"
+BATCH = REPO / "docs" / "results" / "2026-11-29" / "quick-run1"
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPORT), *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A repository-shaped folder: one copied bench batch, a manifest and a page with a table's markers."""
+    shutil.copytree(BATCH, tmp_path / "results" / "batch")
+    (tmp_path / "report.yaml").write_text(
+        "tables:\n"
+        "  - {name: headline, file: PAGE.md, kind: headline, setup: cpu_2proc,"
+        " summaries: [results/batch/summary.json]}\n"
+        "  - {name: cells, file: PAGE.md, kind: cells, summaries: [results/batch/summary.json]}\n"
+        "  - {name: pair, file: PAGE.md, summaries: [results/batch/summary.json, results/batch/summary.json]}\n"
+    )
+    (tmp_path / "PAGE.md").write_text(
+        "# page\n\n<!-- report:headline -->\nold\n<!-- /report:headline -->\n\ntext between\n\n"
+        "<!-- report:cells -->\n<!-- /report:cells -->\n\n<!-- report:pair -->\n<!-- /report:pair -->\nend\n"
+    )
+    return tmp_path
+
+
+def run_site(site: Path, *args: str) -> subprocess.CompletedProcess:
+    return report("--root", str(site), "--manifest", str(site / "report.yaml"), *args)
+
+
+def test_committed_tables_are_regenerated_exactly():
+    r = report("--check")
+    assert r.returncode == 0, r.stderr
+
+
+def test_report_writes_tables_that_link_their_records(site: Path):
+    r = run_site(site)
+    assert r.returncode == 0, r.stderr
+    page = (site / "PAGE.md").read_text()
+    assert "old" not in page and "text between" in page and page.endswith("end\n")
+    summary = json.loads((site / "results" / "batch" / "summary.json").read_text())
+    ddp = next(c for c in summary["cells"] if c["model"] == "mlp" and c["setup"] == "cpu_2proc")
+    lo, hi = ddp["speedup_ci95"]
+    assert f"**{ddp['speedup']:.3f} [{lo:.3f}–{hi:.3f}]**" in page  # the headline's mlp row, 3 digits
+    assert f"(results/batch/{ddp['run_ids'][0]}.json)" in page
+    assert "2 processes on 2 cores, one core each" in page
+    assert "agree with 1" in page and "24 of 24 compared cells agree" in page
+    assert run_site(site, "--check").returncode == 0
+    assert run_site(site).stdout.startswith("report: 0 of 1 files rewritten")
+
+    (site / "PAGE.md").write_text(page.replace(" | 0.631 ", " | 0.632 ", 1))
+    r = run_site(site, "--check")
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and "PAGE.md (2 lines)" in r.stderr
+
+
+def test_script_sha_is_shown_when_the_record_has_it(site: Path):
+    rec_path = site / "results" / "batch" / "mlp-20261129-085406-dca596.json"
+    rec = json.loads(rec_path.read_text())
+    rec["environment"]["script_sha256"] = "ab12cd34" + "0" * 56
+    rec_path.write_text(json.dumps(rec))
+    assert run_site(site).returncode == 0
+    page = (site / "PAGE.md").read_text()
+    assert "343030a · `ab12cd34`, —" in page  # the mlp headline row: baseline record without it, ddp with it
+    assert page.count("`ab12cd34`") == 2  # and its row in the cells table
+
+
+@pytest.mark.parametrize("commit", ["343030a24092f7a972c1ca0cd4812f5c97b0e492-dirty", None])
+def test_dirty_record_stops_the_report_and_leaves_the_file(site: Path, commit):
+    before = (site / "PAGE.md").read_bytes()
+    rec_path = site / "results" / "batch" / "cnn-20261129-085614-4dd48c.json"
+    rec = json.loads(rec_path.read_text())
+    if commit:
+        rec["environment"]["git_commit"] = commit
+    else:
+        del rec["environment"]["git_commit"]
+    rec_path.write_text(json.dumps(rec))
+    for args in ((), ("--check",)):
+        r = run_site(site, *args)
+        assert r.returncode == 2, r.stdout + r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "results/batch/cnn-20261129-085614-4dd48c.json" in lines[0], lines
+        assert "dirty tree" in lines[0]
+        assert (site / "PAGE.md").read_bytes() == before
+    assert not [p for p in site.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_missing_record_or_marker_stops_the_report(site: Path):
+    before = (site / "PAGE.md").read_bytes()
+    (site / "results" / "batch" / "nbow-20261129-090022-7aa9ca.json").unlink()
+    r = run_site(site)
+    assert r.returncode == 2 and "nbow-20261129-090022-7aa9ca.json: record not found" in r.stderr
+    shutil.copy(BATCH / "nbow-20261129-090022-7aa9ca.json", site / "results" / "batch")
+    (site / "PAGE.md").write_text(before.decode().replace("<!-- /report:cells -->", ""))
+    r = run_site(site)
+    assert r.returncode == 2 and "no <!-- report:cells -->" in r.stderr
+
+
+def markdown_pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def test_relative_links_resolve_inside_the_repository():
+    bad = []
+    for page in markdown_pages():
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+        for target in LINK.findall(text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+                continue  # a URL, or an anchor on the same page
+            path = (page.parent / target.split("#")[0]).resolve()
+            if not path.is_relative_to(REPO) or not path.exists():
+                bad.append(f"{page.relative_to(REPO)}: {target}")
+    assert not bad, bad
+    assert LINK.findall("see [speed](docs/speed.md#flags) and ![x](a.png)") == [
+        "docs/speed.md#flags",
+        "a.png",
+    ]
+
+
+def test_readme_is_a_front_page():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, len(lines)
+    text = "\n".join(lines)
+    for must in (
+        "make bench-all",
+        "make test",
+        "<!-- report:headline -->",
+        "docs/screenshots/",
+        "make report",
+    ):
+        assert must in text, must
+    for script in ("mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"):
+        assert f"scripts/{script}.py" in text, script
