@@ -15,11 +15,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from shared import dashboard_views as dv
+from board import figures, frames, tables
+from board.load import folder_signature, load_folder
+from shared import stats
 
 RUNS_DIR = os.environ.get("RUNS_DIR", "runs")
 REFERENCE_DIR = os.environ.get("REFERENCE_DIR", str(Path(__file__).with_name("reference") / "seed_results"))
-STALE_S = float(os.environ.get("DASHBOARD_STALE_S", dv.STALE_S))
+STALE_S = float(os.environ.get("DASHBOARD_STALE_S", frames.STALE_S))
 REFRESH_S = float(os.environ.get("DASHBOARD_REFRESH_S", 10))
 FILTERS = {
     "model": "Model",
@@ -36,8 +38,8 @@ st.set_page_config(page_title="distbench runs", layout="wide")
 @st.cache_data(show_spinner=False, max_entries=4)
 def load(runs_dir: str, reference_dir: str, signature: tuple):
     """Keyed on every file's name, mtime and size: a new epoch in any record reloads, nothing else does."""
-    runs, problems = dv.load_folder(runs_dir, reference_dir)
-    return runs, problems, dv.history_frame(runs)
+    runs, problems = load_folder(runs_dir, reference_dir)
+    return runs, problems, frames.history_frame(runs)
 
 
 def url_state(key: str, options: list, default, multi: bool = False):
@@ -74,7 +76,10 @@ def show(fig, name: str):
     st.plotly_chart(
         fig,
         key=f"fig_{name}",
-        config={**dv.PNG, "toImageButtonOptions": {**dv.PNG["toImageButtonOptions"], "filename": name}},
+        config={
+            **figures.PNG,
+            "toImageButtonOptions": {**figures.PNG["toImageButtonOptions"], "filename": name},
+        },
     )
     st.download_button(
         "HTML",
@@ -88,7 +93,7 @@ def show(fig, name: str):
 
 
 # ----------------------------------------------------------------------------- data
-signature = dv.folder_signature(RUNS_DIR, REFERENCE_DIR)
+signature = folder_signature(RUNS_DIR, REFERENCE_DIR)
 runs, problems, hist_all = load(RUNS_DIR, REFERENCE_DIR, signature)
 by_id = {r["run_id"]: r for r in runs}
 
@@ -124,7 +129,7 @@ with st.sidebar:
         key="stale_s",
         help="A `running` record not updated for this long is shown as crashed.",
     )
-    df_all = dv.runs_frame(runs, dt.datetime.now(dt.timezone.utc), stale_s)
+    df_all = frames.runs_frame(runs, dt.datetime.now(dt.timezone.utc), stale_s)
     chosen = {}
     for col, label in FILTERS.items():
         options = sorted(df_all[col].fillna("?").astype(str).unique())
@@ -132,12 +137,12 @@ with st.sidebar:
         chosen[col] = st.multiselect(label, options, key=col, placeholder="all")
         to_url(col, chosen[col])
     st.caption("Filters and view settings are kept in the page address: copy it to share this view.")
-df = dv.apply_filters(df_all, chosen)
+df = frames.apply_filters(df_all, chosen)
 if df.empty:
     st.info("No run matches the filters.")
     st.stop()
 hist = hist_all[hist_all["run_id"].isin(df["run_id"])]
-info = dv.metric_info([by_id[r] for r in df["run_id"]])
+info = frames.metric_info([by_id[r] for r in df["run_id"]])
 
 # ----------------------------------------------------------------------------- headline numbers
 ours = df[df["kind"] == "ours"]
@@ -152,16 +157,16 @@ if len(clean):
     top = clean.loc[clean["speedup"].idxmax()]
     cols[4].metric(
         "best unflagged speedup (ours)",
-        f"{dv.stats.sig(top['speedup'])}x",
+        f"{stats.sig(top['speedup'])}x",
         help=f"{top['model']} {top['setup']} on {top['hardware']}, batch {top['global_batch']}: 95% interval "
-        f"{dv.stats.sig(top['speedup_lo'])}-{dv.stats.sig(top['speedup_hi'])}x over {top['cell_runs']} run(s)",
+        f"{stats.sig(top['speedup_lo'])}-{stats.sig(top['speedup_hi'])}x over {top['cell_runs']} run(s)",
     )
 else:
     cols[4].metric(
         "best unflagged speedup (ours)", "—", help="No comparison of ours without a flag is shown."
     )
 badges = st.container()
-if note := dv.synthetic_note(df):
+if note := frames.synthetic_note(df):
     badges.badge("SYNTHETIC data", icon=":material/warning:", color="orange")
     badges.caption(note)
 if (df["kind"] == "study").any():
@@ -174,7 +179,7 @@ if (df["kind"] == "study").any():
 running = df_all[df_all["status"] == "running"]
 if len(running):
     deadline = min(
-        dv.parse_time(t) or dt.datetime.max.replace(tzinfo=dt.timezone.utc) for t in running["updated_at"]
+        frames.parse_time(t) or dt.datetime.max.replace(tzinfo=dt.timezone.utc) for t in running["updated_at"]
     ) + dt.timedelta(seconds=stale_s)
     badges.badge(f"live: {len(running)} run(s) running", icon=":material/sync:", color="green")
 
@@ -182,7 +187,7 @@ if len(running):
     def watch():
         """Cheap check every few seconds; the whole page reruns only when a file changed or a heartbeat went stale."""
         if (
-            dv.folder_signature(RUNS_DIR, REFERENCE_DIR) != signature
+            folder_signature(RUNS_DIR, REFERENCE_DIR) != signature
             or dt.datetime.now(dt.timezone.utc) > deadline
         ):
             st.rerun()
@@ -192,7 +197,7 @@ if len(running):
         watch()
 
 # ----------------------------------------------------------------------------- charts
-FLAG_HELP = " ".join(f"**{k}**: {v}." for k, v in dv.stats.FLAGS.items())
+FLAG_HELP = " ".join(f"**{k}**: {v}." for k, v in stats.FLAGS.items())
 tabs = st.tabs(
     [
         "Speedup",
@@ -207,7 +212,7 @@ tabs = st.tabs(
     ]
 )
 with tabs[0]:
-    show(dv.fig_speedup(df), "speedup_bars")
+    show(figures.fig_speedup(df), "speedup_bars")
     st.caption(
         "Speedup = median steady-state step time of the 1-device run / this setup's, at the same global "
         "batch, data, step budget, profile and hardware (warm-up excluded); bars = 95% bootstrap intervals "
@@ -216,12 +221,12 @@ with tabs[0]:
         "(one 'device'); a model split in one CPU process is one device. Flags on the bars: " + FLAG_HELP
     )
 with tabs[1]:
-    summary = dv.overview(df)
+    summary = tables.overview(df)
     st.dataframe(
         summary,
         hide_index=True,
         width="stretch",
-        height=dv.table_height(len(summary)),
+        height=tables.table_height(len(summary)),
         column_config={
             **{
                 c: st.column_config.NumberColumn(format="%.3g")
@@ -244,7 +249,7 @@ with tabs[2]:
         key="log_time",
         help="Step times differ by orders of magnitude between models and hardware.",
     )
-    show(dv.fig_epoch_time(df, log_y), "epoch_time")
+    show(figures.fig_epoch_time(df, log_y), "epoch_time")
     st.caption(
         "Median steady-state seconds per training step (shared/meter.py: warm-up, each epoch's first and "
         "last step and checkpoint writes left out); error bars = 95% bootstrap interval over timed windows "
@@ -254,42 +259,42 @@ with tabs[2]:
 with tabs[3]:
     left, right = st.columns(2)
     with left:
-        show(dv.fig_scaling(df, "speedup"), "speedup")
+        show(figures.fig_scaling(df, "speedup"), "speedup")
     with right:
-        show(dv.fig_scaling(df, "efficiency"), "efficiency")
+        show(figures.fig_scaling(df, "efficiency"), "efficiency")
     st.caption(
         "One point per setup (its runs pooled), colour = strategy, symbol = model, error bars = 95% "
         "intervals; efficiency = speedup / devices. Setups without a comparable 1-device run are not drawn. "
         "The study's runs are compared as it did: with its Colab 1-GPU run (two machines, global batch doubled)."
     )
-keys = dv.curve_keys(hist, info)  # the history metrics the runs shown carry (none before a first epoch)
+keys = frames.curve_keys(hist, info)  # the history metrics the runs shown carry (none before a first epoch)
 y = "train/loss" if "train/loss" in keys else next(iter(keys), None)
 with tabs[4]:
     if not keys:
         st.info("No run shown has finished an epoch yet.")
     else:
         c1, c2, c3 = st.columns(3)
-        y = select(c1, "Metric", "metric", keys, y, format_func=lambda k: dv.metric_choice(k, info))
-        x = select(c2, "x axis", "x", list(dv.X_AXES), "epoch")
+        y = select(c1, "Metric", "metric", keys, y, format_func=lambda k: frames.metric_choice(k, info))
+        x = select(c2, "x axis", "x", list(figures.X_AXES), "epoch")
         steps = [f"{v / 100:g}" for v in range(0, 100, 5)]
         url_state("ema", steps, "0.6")
         weight = float(c3.select_slider("EMA smoothing", steps, key="ema"))
         to_url("ema", f"{weight:g}", "0.6")
-        show(dv.fig_curves(hist, df, y, x, weight, info), "curves")
-        drawn = set(hist.dropna(subset=[dv.X_AXES[x]])["run_id"]) if dv.X_AXES[x] in hist else set()
+        show(figures.fig_curves(hist, df, y, x, weight, info), "curves")
+        drawn = set(hist.dropna(subset=[figures.X_AXES[x]])["run_id"]) if figures.X_AXES[x] in hist else set()
         missing = sorted(set(df["run_id"]) - drawn)
         st.caption(
             "Faint points: raw values; lines: debiased EMA. Non-finite losses (diverged) are not drawn."
             + (
-                f" Not on this axis ({len(missing)} runs without `{dv.X_AXES[x]}`): {', '.join(missing)}."
+                f" Not on this axis ({len(missing)} runs without `{figures.X_AXES[x]}`): {', '.join(missing)}."
                 if missing
                 else ""
             )
         )
 with tabs[5]:
-    show(dv.fig_per_run(df, "throughput", "Throughput (median over epochs)", "samples/s"), "throughput")
+    show(figures.fig_per_run(df, "throughput", "Throughput (median over epochs)", "samples/s"), "throughput")
     show(
-        dv.fig_per_run(df, "peak_gib", "Peak memory (max over epochs and ranks)", "GiB", log_x=False),
+        figures.fig_per_run(df, "peak_gib", "Peak memory (max over epochs and ranks)", "GiB", log_x=False),
         "memory",
     )
     st.caption(
@@ -301,14 +306,14 @@ with tabs[6]:
         df.assign(study=df["kind"] != "ours").sort_values(["study", "workers", "model", "run_id"])["run_id"]
     )
     labels = dict(zip(df["run_id"], df["label"], strict=True))
-    base_id = select(st, "Baseline run", "baseline", ids, dv.default_baseline(df), format_func=labels.get)
+    base_id = select(st, "Baseline run", "baseline", ids, tables.default_baseline(df), format_func=labels.get)
     same_model = [r for r in ids if r != base_id and by_id[r]["model"] == by_id[base_id]["model"]]
-    table = dv.baseline_table(by_id, df_all, base_id, same_model, info)
+    table = tables.baseline_table(by_id, df_all, base_id, same_model, info)
     st.dataframe(
         table,
         hide_index=True,
         width="stretch",
-        height=dv.table_height(len(table), 25),
+        height=tables.table_height(len(table), 25),
         column_config={
             c: st.column_config.NumberColumn(format="%.4g") for c in ("value", "baseline", "delta", "ratio")
         },
@@ -321,24 +326,24 @@ with tabs[7]:
     kept = [r for r in st.session_state.get("diff_runs", []) if r in ids]
     st.session_state["diff_runs"] = kept or [base_id, *same_model][:6]  # until the user picks
     picked = st.multiselect("Runs to compare", ids, key="diff_runs", format_func=labels.get)
-    diff = dv.config_diff([by_id[r] for r in picked])
+    diff = tables.config_diff([by_id[r] for r in picked])
     if len(picked) < 2:
         st.info("Pick two or more runs.")
     elif diff.empty:
         st.success("These runs have identical configurations.")
     else:
-        st.dataframe(diff, width="stretch", height=dv.table_height(len(diff)))
+        st.dataframe(diff, width="stretch", height=tables.table_height(len(diff)))
         st.caption(f"Only the {len(diff)} keys whose values differ (— = key absent).")
 with tabs[8]:
-    groups = dv.seed_groups(df) if keys else {}
+    groups = frames.seed_groups(df) if keys else {}
     if not groups:
         st.info(
             "No experiment shown has more than one run. `make bench-all` with the full profile runs three "
             "seeds of each."
         )
     else:
-        band = select(st, "Metric", "band", keys, y, format_func=lambda k: dv.metric_choice(k, info))
-        show(dv.fig_seed_bands(hist, groups, band, info), "seeds")
+        band = select(st, "Metric", "band", keys, y, format_func=lambda k: frames.metric_choice(k, info))
+        show(figures.fig_seed_bands(hist, groups, band, info), "seeds")
         st.caption(
             "A group = runs whose configuration differs only in the seed (same setup, hardware and "
             "data); line = mean per epoch, band = ± one standard deviation over the group's runs."

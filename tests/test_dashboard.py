@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from shared import dashboard_views as dv
+from board import figures, frames
+from shared import stats
 from tests.conftest import DATA_DIR, REPO, child_env, explain, launch, require_dataset
 
 STUDY = REPO / "reference" / "seed_results"
@@ -252,8 +253,8 @@ def test_overview_table_per_model(page, fixture_dirs):
     assert ddp["speedup"] > 0 and ddp["devices"] == 2
     lo, hi = (float(x) for x in ddp["speedup [95% CI]"].split("[")[1].rstrip("]").split("-"))
     assert lo <= ddp["speedup"] * 1.01 and ddp["speedup"] <= hi * 1.01  # 3 significant figures
-    assert ddp["efficiency"] == dv.stats.sig(ddp["speedup"] / 2, 2)
-    assert set(ddp["flags"].split(", ")) - {""} <= set(dv.stats.FLAGS)
+    assert ddp["efficiency"] == stats.sig(ddp["speedup"] / 2, 2)
+    assert set(ddp["flags"].split(", ")) - {""} <= set(stats.FLAGS)
     assert ours.loc[("conv_autoencoder", "single x1 cpu", "local"), "metric"] == "test/loss"
     assert (
         ours.loc[("mlp", "single x1 cpu", "local"), "status"] == "1 crashed, 1 failed, 1 finished, 1 running"
@@ -275,12 +276,12 @@ def test_step_time_bars_with_intervals(page, fixture_dirs):
     hw = ddp["setup"]["device_names"][0]
     bars = {(tr["name"], x): (y, tr) for tr in fig["data"] for x, y in zip(tr["x"], tr["y"], strict=True)}
     y, tr = bars[(hw, "cpu_2proc")]
-    assert y == pytest.approx(dv.stats.median(steady_windows(ddp)))
+    assert y == pytest.approx(stats.median(steady_windows(ddp)))
     assert tr["error_y"]["array"] and tr["error_y"]["arrayminus"]  # the 95% interval
     pooled = steady_windows(recs[fixture_dirs["ids"]["seed0"]]) + steady_windows(
         recs[fixture_dirs["ids"]["seed1"]]
     )
-    assert bars[(hw, "cpu_1proc")][0] == pytest.approx(dv.stats.median(pooled))  # seeds pooled
+    assert bars[(hw, "cpu_1proc")][0] == pytest.approx(stats.median(pooled))  # seeds pooled
     assert bars[("Colab T4", "single x1 (Colab T4)")] and bars[("Kaggle T4 x2", "ddp x2 (Kaggle T4 x2)")]
 
 
@@ -289,7 +290,7 @@ def test_speedup_bars_with_intervals_and_break_even(page, fixture_dirs):
     ids = fixture_dirs["ids"]
     ddp = recs[ids["ddp"]]
     base = steady_windows(recs[ids["seed0"]]) + steady_windows(recs[ids["seed1"]])
-    expected, ci = dv.stats.ratio_ci(base, steady_windows(ddp))
+    expected, ci = stats.ratio_ci(base, steady_windows(ddp))
     fig = figure(page, "Speedup over 1 device by setup")
     bars = {
         (tr["name"].split(" · ")[0], x): (y, tr)
@@ -311,7 +312,7 @@ def test_speedup_and_efficiency_against_the_ideal_line(page, fixture_dirs):
     recs = records(fixture_dirs)
     ids = fixture_dirs["ids"]
     base = steady_windows(recs[ids["seed0"]]) + steady_windows(recs[ids["seed1"]])
-    expected, _ = dv.stats.ratio_ci(base, steady_windows(recs[ids["ddp"]]))
+    expected, _ = stats.ratio_ci(base, steady_windows(recs[ids["ddp"]]))
     for title, value in (("Speedup vs devices", expected), ("Scaling efficiency", expected / 2)):
         fig = figure(page, title)
         ideal = next(tr for tr in fig["data"] if tr["name"] == "ideal")
@@ -493,7 +494,7 @@ def test_curve_axes_and_smoothing(fixture_dirs, monkeypatch):
     seed1 = records(fixture_dirs)[fixture_dirs["ids"]["seed1"]]
     line = next(tr for tr in fig["data"] if tr["hovertext"] == seed1["run_id"] and tr["mode"] == "lines")
     assert line["x"] == [h["time/elapsed_s"] for h in seed1["history"]]
-    assert line["y"] == pytest.approx(dv.ema([h["train/loss"] for h in seed1["history"]], 0.9))
+    assert line["y"] == pytest.approx(figures.ema([h["train/loss"] for h in seed1["history"]], 0.9))
     assert at.query_params["ema"] == "0.9" and at.query_params["x"] == "wall-clock seconds"
 
 
@@ -528,26 +529,28 @@ def test_no_runs_is_a_friendly_stop(fixture_dirs, monkeypatch, tmp_path):
 
 def test_numbers_ema_and_setup_names():
     assert (
-        dv.number("nan") != dv.number("nan") and dv.number("inf") == float("inf") and dv.number("x") is None
+        frames.number("nan") != frames.number("nan")
+        and frames.number("inf") == float("inf")
+        and frames.number("x") is None
     )
-    assert dv.number(True) is None and dv.number(3) == 3.0
-    assert dv.ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull towards 0
-    smoothed = dv.ema([0.0, float("nan"), 10.0], 0.5)
+    assert frames.number(True) is None and frames.number(3) == 3.0
+    assert figures.ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull towards 0
+    smoothed = figures.ema([0.0, float("nan"), 10.0], 0.5)
     assert smoothed[1] != smoothed[1] and 0 < smoothed[2] < 10
     rec = {
         "tag": "bench:b:quick:mlp:cpu_2proc:seed3",
         "config": {},
         "setup": {"strategy": "ddp", "num_processes": 2, "devices": ["cpu:0", "cpu:0"]},
     }
-    assert dv.setup_name(rec) == "cpu_2proc" and dv.seed_of(rec) == 3
-    assert dv.setup_name({**rec, "tag": None}) == "ddp x2 cpu"
+    assert frames.setup_name(rec) == "cpu_2proc" and frames.seed_of(rec) == 3
+    assert frames.setup_name({**rec, "tag": None}) == "ddp x2 cpu"
     split = {"setup": {"strategy": "model_split", "num_processes": 1, "devices": ["cuda:0", "cuda:1"]}}
-    assert dv.workers(split) == 2
+    assert frames.workers(split) == 2
     split = {
         "setup": {"strategy": "model_split", "num_processes": 1, "devices": ["cpu"], "mesh_shape": {"mp": 2}}
     }
-    assert dv.workers(split) == 1  # one CPU process holding both stages is one device
-    assert dv.setup_name(split) == "model_split x1 cpu"
+    assert frames.workers(split) == 1  # one CPU process holding both stages is one device
+    assert frames.setup_name(split) == "model_split x1 cpu"
     hybrid = {
         "setup": {
             "strategy": "hybrid",
@@ -556,21 +559,21 @@ def test_numbers_ema_and_setup_names():
             "mesh_shape": {"dp": 2, "pp": 2},
         }
     }
-    assert dv.workers(hybrid) == 4
+    assert frames.workers(hybrid) == 4
 
 
 def test_stale_heartbeat_is_crashed():
     now = dt.datetime.now(dt.timezone.utc)
     rec = {"status": "running", "updated_at": (now - dt.timedelta(seconds=700)).isoformat()}
-    assert dv.effective_status(rec, now, 600) == "crashed"
-    assert dv.effective_status(rec, now, 800) == "running"
-    assert dv.effective_status({**rec, "status": "finished"}, now, 1) == "finished"
+    assert frames.effective_status(rec, now, 600) == "crashed"
+    assert frames.effective_status(rec, now, 800) == "running"
+    assert frames.effective_status({**rec, "status": "finished"}, now, 1) == "finished"
 
 
 def test_the_page_imports_no_torch():
     """STYLE.md: the dashboard starts in a second on a laptop without a GPU stack."""
     code = (
-        "import sys, shared.dashboard_views, shared.reference; "
+        "import sys, board.load, board.frames, board.tables, board.figures, board.reference; "
         "print(sorted(m for m in ('torch', 'accelerate') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)

@@ -1,4 +1,4 @@
-"""shared.reference: the study's 13 published files read in their own format, and broken variants of them."""
+"""board.reference: the study's 13 published files read in their own format, and broken variants of them."""
 
 import json
 import math
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.reference import convert, is_study_format, load_reference, read_study_file
+from board.reference import convert, is_study_format, load_reference, read_study_file
 from tests.conftest import REPO
 
 STUDY = REPO / "reference" / "seed_results"

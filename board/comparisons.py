@@ -18,8 +18,8 @@ import hashlib
 import json
 import math
 
+from board.reference import HARDWARE_1GPU
 from shared import stats
-from shared.reference import HARDWARE_1GPU
 
 # config keys that choose how the work is parallelised or bookkept, not what work is done
 NOT_WORK = {
