@@ -27,6 +27,22 @@ venv: $(BIN)/.installed
 test: venv
 	DISTBENCH_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# the fast tier while editing: everything but real launches and the browser (marked slow), about a minute
+.PHONY: test-fast
+test-fast: venv
+	DISTBENCH_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# the dashboard screenshots in docs/screenshots/ (the browser test, writing its screenshots there)
+.PHONY: screenshots
+screenshots: venv browser
+	DISTBENCH_SCREENSHOTS=docs/screenshots DISTBENCH_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q tests/test_dashboard_e2e.py
+
+# every script for a few steps (presets/debug/) on 1 and on 2 processes, launched as a user would; synthetic
+# data unless SMOKE_ARGS="--data local --data_dir ..." : does everything still run end to end?
+.PHONY: smoke
+smoke: venv
+	$(BIN)/python bench/smoke.py $(SMOKE_ARGS)
+
 # The dashboard's browser test needs Chromium: installed with apt-get when missing (as root); otherwise that
 # test skips, and fails under CI (CI=true).
 .PHONY: browser

@@ -34,8 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from shared.data import load_cifar10, load_mnist, make_loader  # noqa: E402
 from shared.device_data import DeviceLoader  # noqa: E402
-from shared.record import RunRecord  # noqa: E402
-from shared.runtime import device_name, environment  # noqa: E402
+from shared.record import (  # noqa: E402
+    RunRecord,  # noqa: E402
+    device_name,
+    environment,
+)
 from shared.text import load_imdb, load_multi30k, pad_collate, pad_pair_collate  # noqa: E402
 
 MODELS = ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"]
@@ -104,9 +107,7 @@ def image_case(name: str, args, device):
 
     def build(fused: bool):
         torch.manual_seed(0)
-        model = (mod.build_model() if name in ("mlp", "conv_autoencoder") else mod.build_model(cfg)).to(
-            device
-        )
+        model = mod.build_model(cfg, dict(data.info)).to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         opt_kw = {"fused": True} if fused else {}
         if name == "cnn":
@@ -205,7 +206,7 @@ def text_case(name: str, args, device):
 
     def build():
         torch.manual_seed(0)
-        model = (mod.build_model(cfg, info)[0] if name == "nbow" else mod.build_model(cfg, info)).to(device)
+        model = mod.build_model(cfg, dict(info)).to(device)
         return model, torch.optim.Adam(
             model.parameters(), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {})
         )

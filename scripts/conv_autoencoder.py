@@ -26,27 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 
-from shared.checkpoint import Progress
 from shared.config import RunConfig
-from shared.data import load_mnist, make_loader
-from shared.device_data import make_train_loader
-from shared.parallel import Parallel
-from shared.runtime import (
-    BestCheckpoint,
-    Run,
-    compile_warmup,
-    count_params,
-    entry,
-    load_config,
-    make_accelerator,
-    memory_format,
-    peak_memory_gib,
-    reset_peak_memory,
-    shutdown,
-    synced_clock,
-)
+from shared.data import load_mnist
+from shared.session import Session, run
 
 
 @dataclass
@@ -61,21 +44,23 @@ METRICS = {
     "train/loss": {"label": "train loss (per-pixel MSE)", "goal": "min"},
     "val/loss": {"label": "validation per-pixel MSE", "goal": "min"},
     "val/psnr": {"label": "validation PSNR", "unit": "dB", "goal": "max"},
-    "test/loss": {"label": "test per-pixel MSE", "goal": "min"},
+    "test/loss": {"label": "test per-pixel MSE", "goal": "min", "primary": True},
     "test/psnr": {"label": "test PSNR", "unit": "dB", "goal": "max"},
 }
 
 
 # model_split / pipeline stages start at these layers, best first: 2 stages = encoder | decoder
 SPLIT_POINTS = ["6", "3", "8"]
+UNSUPPORTED = {}  # every shared knob applies
 
 
 def preprocess(x: torch.Tensor, cfg: Config) -> torch.Tensor:
     """uint8 (N, 1, 28, 28) -> float in [0, 1], as ToTensor; the target is the input itself."""
-    return (x.float() / 255).contiguous(memory_format=memory_format(cfg))
+    memory_format = torch.channels_last if cfg.channels_last == "true" else torch.contiguous_format
+    return (x.float() / 255).contiguous(memory_format=memory_format)
 
 
-def build_model() -> nn.Sequential:
+def build_model(cfg: Config, info: dict) -> nn.Sequential:
     return nn.Sequential(
         # encoder: 1x28x28 -> 4x7x7
         nn.Conv2d(1, 16, 3, padding=1),
@@ -92,35 +77,38 @@ def build_model() -> nn.Sequential:
     )
 
 
-def train_one_epoch(model, loader, optimizer, par, cfg, progress):
+def train_one_epoch(s: Session, model, loader, optimizer) -> tuple[float, int]:
     model.train()
-    for batch in progress.batches(loader):  # a resumed run skips the batches it already trained on
-        x = preprocess(batch["x"], cfg)
+    loss_sum, seen = s.epoch_sums(2)  # on the device, reduced once per epoch; kept in checkpoints
+    for batch in s.batches(loader):  # a resumed run skips the batches it already trained on
+        x = preprocess(batch["x"], s.cfg)
         optimizer.zero_grad(set_to_none=True)
-        # loss_fn(model(x), x) + accelerator.backward, or a pipeline schedule's forward/backward over micro-batches
-        loss = par.forward_backward(model, x, x, F.mse_loss)
-        if not progress.take_step(loss):  # non-finite loss: stop the run, or skip the step (--on_nan skip)
+        if s.micro_batched:  # a pipeline schedule, or --microbatches N accumulated under no_sync
+            loss = s.micro_batch_step(model, x, x, F.mse_loss)
+        else:
+            loss = F.mse_loss(model(x), x)
+            s.accelerator.backward(loss)
+        if not s.step_ok(loss):  # non-finite loss: stop the run, or skip the step (--on_nan skip)
             continue
         optimizer.step()
-        # The epoch's sums stay on the device (saved with checkpoints), reduced once per epoch.
-        progress.stats[0] += loss * len(x)
-        progress.stats[1] += len(x)
-        if progress.step_done():  # checkpoint every N steps and on SIGTERM; True at max_steps
+        loss_sum += loss.detach() * len(x)
+        seen += len(x)
+        if s.step_done():  # checkpoint every N steps and on SIGTERM; True at max_steps
             break
-    loss_sum, seen = par.reduce_sum(progress.stats)
-    return (loss_sum / seen).item(), int(seen.item())
+    loss_sum, seen = s.reduce_sum(torch.stack([loss_sum, seen])).tolist()
+    return loss_sum / seen, int(seen)
 
 
 @torch.no_grad()
-def evaluate(model, loader, par, cfg):
+def evaluate(s: Session, model, loader) -> dict:
     """Per-pixel MSE over the whole split (every image has 784 pixels, so the mean of per-image MSEs)."""
     model.eval()
-    se_sum = torch.zeros((), device=par.device, dtype=torch.float64)
+    se_sum = torch.zeros((), device=s.device, dtype=torch.float64)
     n = 0
     for batch in loader:
-        x = preprocess(batch["x"], cfg)
+        x = preprocess(batch["x"], s.cfg)
         per_image = F.mse_loss(model(x), x, reduction="none").flatten(1).mean(1)
-        per_image = par.gather_for_metrics(per_image)  # drops the padding of the last batch
+        per_image = s.gather_for_metrics(per_image)  # drops the padding of the last batch
         se_sum += per_image.double().sum()
         n += len(per_image)
     mse = se_sum.item() / n
@@ -128,85 +116,28 @@ def evaluate(model, loader, par, cfg):
 
 
 def main():
-    cfg = load_config(Config)
-    accelerator = make_accelerator(cfg)
-    par = Parallel(accelerator, cfg, SPLIT_POINTS)  # checks the strategy before anything is built
-    set_seed(cfg.seed)  # every rank builds the same full model; pipeline stages are cut out of it
-    data = load_mnist(cfg)
-    train_loader, data_path = make_train_loader(data, cfg, par, make_loader)  # on the device, or a DataLoader
-    val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
-    test_loader = make_loader(data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
-    model = build_model().to(memory_format=memory_format(cfg))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
-    n_params = count_params(model)
-    model, optimizer, train_loader, val_loader, test_loader = (
-        par.prepare(  # accelerator.prepare, per strategy
-            model, optimizer, train_loader, val_loader, test_loader
+    with Session(Config, "conv_autoencoder", METRICS, SPLIT_POINTS, UNSUPPORTED) as s:
+        cfg = s.cfg
+        data = load_mnist(cfg)
+        loaders = s.loaders(data)  # train (resident on the device with --data_on_device), val, test
+        model = build_model(cfg, data.info)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
+        # accelerator.prepare per strategy; opens the run record; --compile warms up on this (x, x)
+        warmup = (lambda b: (preprocess(b["x"], cfg),) * 2, F.mse_loss)
+        model, optimizer, train_loader, val_loader, test_loader = s.prepare(
+            model, optimizer, *loaders, warmup=warmup
         )
-    )
-    run = Run(
-        accelerator,
-        cfg,
-        model="conv_autoencoder",
-        script=__file__,
-        data=data,
-        metrics=METRICS,
-        primary_metric="test/loss",
-        model_info={"params": n_params, "steps_per_epoch": len(train_loader)},
-        par=par,
-        data_path=data_path,
-    )
-    best = BestCheckpoint(enabled=cfg.select_best)
-    with run:
-        # --compile: the graphs are compiled on the first batch before epoch 1, timed apart
-        compile_s = compile_warmup(
-            accelerator, cfg, par, model, train_loader, lambda b: (preprocess(b["x"], cfg),) * 2, F.mse_loss
-        )
-        run.timing(compile_s=compile_s)
-        progress = Progress(accelerator, cfg, run, par, model, best)  # loads --resume
-        for epoch in progress.epochs():
-            train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
-            reset_peak_memory(accelerator)
-            t0 = synced_clock(accelerator)
-            train_loss, n_train = train_one_epoch(model, train_loader, optimizer, par, cfg, progress)
-            t1 = synced_clock(accelerator)
-            val = evaluate(model, val_loader, par, cfg)
-            t2 = synced_clock(accelerator)
-            best.update(val["loss"], model, epoch)
-            run.log_epoch(
-                {
-                    "epoch": epoch,
-                    "step": progress.step,
-                    "samples_seen": progress.samples + n_train,
-                    "train/loss": train_loss,
-                    "val/loss": val["loss"],
-                    "val/psnr": val["psnr"],
-                    "val/n_samples": val["n_samples"],
-                    "time/train_s": t1 - t0,
-                    "time/eval_s": t2 - t1,
-                    "time/epoch_s": t2 - t0,
-                    "throughput/samples_per_s": n_train / (t1 - t0),
-                    "memory/peak_gib": peak_memory_gib(accelerator),
-                }
-            )
-            if progress.epoch_done(n_train):  # checkpoint at the epoch end; True once max_steps is reached
-                break
-        best.restore(model)
-        t0 = synced_clock(accelerator)
-        test = evaluate(model, test_loader, par, cfg)
-        run.finish(
-            {
-                "test/loss": test["loss"],
-                "test/psnr": test["psnr"],
-                "test/n_samples": test["n_samples"],
-                "test/epoch": best.epoch or epoch,
-                "test/time_s": synced_clock(accelerator) - t0,
-            },
-            model,
-        )
-    del model, optimizer
-    shutdown(accelerator, par)
+        for _ in s.epochs():  # resumes where --resume left off; ends early at max_steps
+            train_loss, n_train = train_one_epoch(s, model, train_loader, optimizer)
+            with s.evaluating():
+                val = evaluate(s, model, val_loader)
+            s.log_epoch(n_train, {"train/loss": train_loss, "val/loss": val["loss"], "val/psnr": val["psnr"],
+                                  "val/n_samples": val["n_samples"]})  # fmt: skip
+        s.restore_best(model)
+        with s.evaluating():
+            test = evaluate(s, model, test_loader)
+        s.finish({"test/loss": test["loss"], "test/psnr": test["psnr"], "test/n_samples": test["n_samples"]})
 
 
 if __name__ == "__main__":
-    entry(main)
+    run(main)

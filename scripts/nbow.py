@@ -36,24 +36,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 
-from shared.checkpoint import Progress
 from shared.config import ConfigError, RunConfig
-from shared.data import make_loader
-from shared.parallel import Parallel
-from shared.runtime import (
-    BestCheckpoint,
-    Run,
-    count_params,
-    entry,
-    load_config,
-    make_accelerator,
-    peak_memory_gib,
-    reset_peak_memory,
-    shutdown,
-    synced_clock,
-)
+from shared.session import Session, run
 from shared.text import Vocab, load_imdb, pad_collate
 
 
@@ -75,14 +60,18 @@ METRICS = {
     "val/loss": {"label": "validation loss (cross-entropy)", "goal": "min"},
     "val/acc": {"label": "validation accuracy", "unit": "fraction", "goal": "max"},
     "test/loss": {"label": "test loss (cross-entropy)", "goal": "min"},
-    "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max"},
+    "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max", "primary": True},
 }
 # model_split: the embedding (and the mean) on the first device, the classifier on the second
 SPLIT_POINTS = ["fc"]
-NO_PIPELINE = (
-    "the embedding holds 99.99% of the parameters and the work, so a second stage would hold one "
-    "Linear(300, 2): all communication and bubble (README, 'Why a pipeline does not fit NBoW and Seq2Seq')"
-)
+# shared knobs this model has no use for (setting one is an error, not a silent no-op)
+UNSUPPORTED = {
+    "pipeline": "the embedding holds 99.99% of the parameters and the work, so a second stage would hold one "
+    "Linear(300, 2): all communication and bubble (docs/strategies.md, 'Why a pipeline does not fit NBoW and Seq2Seq')",
+    "data_on_device": "reviews are token lists padded per batch, not a tensor the device could hold",
+    "channels_last": "NBoW has no convolutions",
+    "compile": "batches of every padded length would each compile a new graph",
+}
 
 
 class NBoW(nn.Module):
@@ -139,7 +128,7 @@ def read_vectors(path: str, vocab: Vocab, dim: int) -> tuple[torch.Tensor, int]:
     return weight, len(found)
 
 
-def build_model(cfg: Config, info: dict) -> tuple[NBoW, str]:
+def build_model(cfg: Config, info: dict) -> NBoW:
     model = NBoW(info["vocab_size"], cfg.embedding_dim, info["pad_index"])
     if not cfg.vectors:
         # nn.Embedding's N(0, 1) is ~10x the scale of the pretrained vectors the tutorial starts from; with it the
@@ -147,42 +136,48 @@ def build_model(cfg: Config, info: dict) -> tuple[NBoW, str]:
         nn.init.normal_(model.embedding.weight, 0.0, cfg.init_std)
         with torch.no_grad():
             model.embedding.weight[info["pad_index"]].zero_()
-        return model, f"random N(0, {cfg.init_std}^2)"
+        info["init"] = f"random N(0, {cfg.init_std}^2)"  # the record says how the embedding started
+        return model
     weight, found = read_vectors(cfg.vectors, info["vocab"], cfg.embedding_dim)
     model.embedding.weight.data.copy_(weight)
-    return model, f"glove:{cfg.vectors} ({found} of {info['vocab_size']} tokens)"
+    info["init"] = f"glove:{cfg.vectors} ({found} of {info['vocab_size']} tokens)"
+    return model
 
 
-def train_one_epoch(model, loader, optimizer, par, cfg, progress):
+def train_one_epoch(s: Session, model, loader, optimizer) -> tuple[float, int]:
     model.train()
-    for batch in progress.batches(loader):  # a resumed run skips the batches it already trained on
+    loss_sum, seen = s.epoch_sums(2)  # on the device, reduced once per epoch; kept in checkpoints
+    for batch in s.batches(loader):  # a resumed run skips the batches it already trained on
+        x, y = batch["ids"], batch["y"]
         optimizer.zero_grad(set_to_none=True)
-        # loss_fn(model(ids), y) + accelerator.backward (with --microbatches, accumulated under no_sync)
-        loss = par.forward_backward(model, batch["ids"], batch["y"], F.cross_entropy)
-        if not progress.take_step(loss):  # non-finite loss: stop the run, or skip the step (--on_nan skip)
+        if s.micro_batched:  # --microbatches N accumulated under no_sync
+            loss = s.micro_batch_step(model, x, y, F.cross_entropy)
+        else:
+            loss = F.cross_entropy(model(x), y)
+            s.accelerator.backward(loss)
+        if not s.step_ok(loss):  # non-finite loss: stop the run, or skip the step (--on_nan skip)
             continue
         optimizer.step()
-        # The epoch's sums stay on the device (saved with checkpoints), reduced once per epoch.
-        progress.stats[0] += loss * len(batch["y"])
-        progress.stats[1] += len(batch["y"])
-        if progress.step_done():  # checkpoint every N steps and on SIGTERM; True at max_steps
+        loss_sum += loss.detach() * len(y)
+        seen += len(y)
+        if s.step_done():  # checkpoint every N steps and on SIGTERM; True at max_steps
             break
-    loss_sum, seen = par.reduce_sum(progress.stats)
-    return (loss_sum / seen).item(), int(seen.item())
+    loss_sum, seen = s.reduce_sum(torch.stack([loss_sum, seen])).tolist()
+    return loss_sum / seen, int(seen)
 
 
 @torch.no_grad()
-def evaluate(model, loader, par):
+def evaluate(s: Session, model, loader) -> dict:
     """Sample-weighted loss and accuracy over the whole split, each sample counted once across ranks."""
     model.eval()
-    loss_sum = torch.zeros((), device=par.device, dtype=torch.float64)
-    correct = torch.zeros((), device=par.device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
+    correct = torch.zeros((), device=s.device, dtype=torch.long)
     n = 0
     for batch in loader:
         logits = model(batch["ids"])
         losses = F.cross_entropy(logits, batch["y"], reduction="none")
         hits = logits.argmax(1) == batch["y"]
-        losses, hits = par.gather_for_metrics((losses, hits))  # drops the padding of the last batch
+        losses, hits = s.gather_for_metrics((losses, hits))  # drops the padding of the last batch
         loss_sum += losses.double().sum()
         correct += hits.sum()
         n += len(losses)
@@ -190,87 +185,25 @@ def evaluate(model, loader, par):
 
 
 def main():
-    cfg = load_config(Config)
-    accelerator = make_accelerator(cfg)
-    par = Parallel(accelerator, cfg, SPLIT_POINTS, no_pipeline=NO_PIPELINE)  # checks the strategy first
-    set_seed(cfg.seed)
-    data = load_imdb(cfg)
-    collate = pad_collate(data.info["pad_index"])
-    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, collate_fn=collate)
-    val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, collate_fn=collate)
-    test_loader = make_loader(
-        data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, collate_fn=collate
-    )
-    model, init = build_model(cfg, data.info)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
-    model_info = {
-        "params": count_params(model),
-        "vocab_size": data.info["vocab_size"],
-        "init": init,
-        "steps_per_epoch": len(train_loader),
-    }
-    model, optimizer, train_loader, val_loader, test_loader = (
-        par.prepare(  # accelerator.prepare, per strategy
-            model, optimizer, train_loader, val_loader, test_loader
-        )
-    )
-    run = Run(
-        accelerator,
-        cfg,
-        model="nbow",
-        script=__file__,
-        data=data,
-        metrics=METRICS,
-        primary_metric="test/acc",
-        model_info=model_info,
-        par=par,
-    )
-    best = BestCheckpoint(enabled=cfg.select_best)
-    with run:
-        progress = Progress(accelerator, cfg, run, par, model, best)  # loads --resume
-        for epoch in progress.epochs():
-            train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
-            reset_peak_memory(accelerator)
-            t0 = synced_clock(accelerator)
-            train_loss, n_train = train_one_epoch(model, train_loader, optimizer, par, cfg, progress)
-            t1 = synced_clock(accelerator)
-            val = evaluate(model, val_loader, par)
-            t2 = synced_clock(accelerator)
-            best.update(val["loss"], model, epoch)
-            run.log_epoch(
-                {
-                    "epoch": epoch,
-                    "step": progress.step,
-                    "samples_seen": progress.samples + n_train,
-                    "train/loss": train_loss,
-                    "val/loss": val["loss"],
-                    "val/acc": val["acc"],
-                    "val/n_samples": val["n_samples"],
-                    "time/train_s": t1 - t0,
-                    "time/eval_s": t2 - t1,
-                    "time/epoch_s": t2 - t0,
-                    "throughput/samples_per_s": n_train / (t1 - t0),
-                    "memory/peak_gib": peak_memory_gib(accelerator),
-                }
-            )
-            if progress.epoch_done(n_train):  # checkpoint at the epoch end; True once max_steps is reached
-                break
-        best.restore(model)
-        t0 = synced_clock(accelerator)
-        test = evaluate(model, test_loader, par)
-        run.finish(
-            {
-                "test/loss": test["loss"],
-                "test/acc": test["acc"],
-                "test/n_samples": test["n_samples"],
-                "test/epoch": best.epoch or epoch,
-                "test/time_s": synced_clock(accelerator) - t0,
-            },
-            model,
-        )
-    del model, optimizer
-    shutdown(accelerator, par)
+    with Session(Config, "nbow", METRICS, SPLIT_POINTS, UNSUPPORTED) as s:
+        cfg = s.cfg
+        data = load_imdb(cfg)
+        loaders = s.loaders(data, collate_fn=pad_collate(data.info["pad_index"]))  # train, val, test
+        model = build_model(cfg, data.info)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
+        # accelerator.prepare per strategy; opens the run record
+        model, optimizer, train_loader, val_loader, test_loader = s.prepare(model, optimizer, *loaders)
+        for _ in s.epochs():  # resumes where --resume left off; ends early at max_steps
+            train_loss, n_train = train_one_epoch(s, model, train_loader, optimizer)
+            with s.evaluating():
+                val = evaluate(s, model, val_loader)
+            s.log_epoch(n_train, {"train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"],
+                                  "val/n_samples": val["n_samples"]})  # fmt: skip
+        s.restore_best(model)
+        with s.evaluating():
+            test = evaluate(s, model, test_loader)
+        s.finish({"test/loss": test["loss"], "test/acc": test["acc"], "test/n_samples": test["n_samples"]})
 
 
 if __name__ == "__main__":
-    entry(main)
+    run(main)

@@ -37,26 +37,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 from sacrebleu.metrics import BLEU
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from shared.checkpoint import Progress
 from shared.config import RunConfig
 from shared.data import make_loader
-from shared.parallel import Parallel, SetupError
-from shared.runtime import (
-    BestCheckpoint,
-    Run,
-    count_params,
-    entry,
-    load_config,
-    make_accelerator,
-    peak_memory_gib,
-    reset_peak_memory,
-    shutdown,
-    synced_clock,
-)
+from shared.session import Session, run
 from shared.text import load_multi30k, pad_pair_collate, word_punct
 
 
@@ -83,7 +69,7 @@ METRICS = {
     "val/loss": {"label": "validation loss (cross-entropy per target token)", "goal": "min"},
     "val/ppl": {"label": "validation perplexity (exp of the loss)", "goal": "min"},
     "test/loss": {"label": "test loss (cross-entropy per target token)", "goal": "min"},
-    "test/ppl": {"label": "test perplexity (exp of the loss)", "goal": "min"},
+    "test/ppl": {"label": "test perplexity (exp of the loss)", "goal": "min", "primary": True},
     "test/bleu": {
         "label": "test BLEU-4, greedy decoding (sacrebleu, word_punct tokens)",
         "unit": "fraction",
@@ -92,10 +78,15 @@ METRICS = {
 }
 # model_split: the encoder on the first device, the decoder (and its loop) on the second
 SPLIT_POINTS = ["decoder"]
-NO_PIPELINE = (
-    "the decoder is a loop over target positions fed by teacher-forcing draws, not a static chain of stages "
-    "(README, 'Why a pipeline does not fit NBoW and Seq2Seq')"
-)
+# shared knobs this model has no use for (setting one is an error, not a silent no-op)
+UNSUPPORTED = {
+    "pipeline": "the decoder is a loop over target positions fed by teacher-forcing draws, not a static chain "
+    "of stages (docs/strategies.md, 'Why a pipeline does not fit NBoW and Seq2Seq')",
+    "microbatches": "the loss is normalised by the global batch's token count",
+    "data_on_device": "sentences are token lists padded per batch, not a tensor the device could hold",
+    "channels_last": "Seq2Seq has no convolutions",
+    "compile": "batches of every padded length would each compile a new graph",
+}
 
 
 class Encoder(nn.Module):
@@ -182,7 +173,7 @@ def build_model(cfg: Config, info: dict) -> Seq2Seq:
     return model
 
 
-def pad_as_one_batch(t, par, pad, real_rows=None):
+def pad_as_one_batch(s: Session, t, pad, real_rows=None):
     """Pad (or cut) each data-parallel shard to the length of the global batch's longest real sentence.
 
     Each rank collates only its own rows, so without this a rank pads to its shard's longest sentence. The
@@ -192,7 +183,7 @@ def pad_as_one_batch(t, par, pad, real_rows=None):
     rows are real samples (evaluation's last batch is filled up with repeats, which are dropped later and
     must not lengthen the others). Costs one small all-reduce (and a host sync) per batch.
     """
-    if par.plan.dp == 1:
+    if s.dp == 1:
         return t
     longest = (
         (t[:real_rows] != pad).sum(1).max(0, keepdim=True).values if len(t[:real_rows]) else t.new_zeros(1)
@@ -202,68 +193,70 @@ def pad_as_one_batch(t, par, pad, real_rows=None):
     return t[:, :length] if t.shape[1] >= length else F.pad(t, (0, length - t.shape[1]), value=pad)
 
 
-def real_rows(par, n: int) -> int:
+def real_rows(s: Session, n: int) -> int:
     """Rows of this rank's batch that are real samples: all but in the last batch of an evaluation split,
     which Accelerate fills up with samples from the start (gather_for_metrics drops those again)."""
-    state = par.acc.gradient_state
+    state = s.accelerator.gradient_state
     if not (state.end_of_dataloader and state.remainder > 0):
         return n
-    return max(0, min(n, state.remainder - par.data_rank * n))
+    return max(0, min(n, state.remainder - s.data_rank * n))
 
 
-def train_one_epoch(model, loader, optimizer, accelerator, par, cfg, pads, gen, progress):
+def train_one_epoch(s: Session, model, loader, optimizer) -> tuple[float, int]:
     model.train()
-    src_pad, pad = pads
-    stats = progress.stats  # loss summed over tokens, tokens, sentences (saved with checkpoints)
-    for batch in progress.batches(loader):  # a resumed run skips the batches it already trained on
-        src, trg = pad_as_one_batch(batch["src"], par, src_pad), pad_as_one_batch(batch["trg"], par, pad)
+    src_pad, pad = s.data.info["src_pad_index"], s.data.info["trg_pad_index"]
+    loss_sum, n_tokens, seen = s.epoch_sums(3)  # on the device, reduced once per epoch; kept in checkpoints
+    coins = (
+        torch.Generator()
+    )  # teacher-forcing coins: a CPU generator, so drawing them never syncs the device
+    for batch in s.batches(loader):  # a resumed run skips the batches it already trained on
+        src, trg = pad_as_one_batch(s, batch["src"], src_pad), pad_as_one_batch(s, batch["trg"], pad)
         # The tutorial's coin per time step for the whole batch (random.random() < ratio), from a generator
         # re-seeded by (seed, step): every rank draws the same coin for time step t, although each rank pads
         # its shard to its own length (Accelerate shards the batch indices; each rank collates its own rows).
-        gen.manual_seed(cfg.seed * 1_000_003 + progress.step)
-        teacher_force = (torch.rand(trg.shape[1] - 1, generator=gen) < cfg.teacher_forcing).tolist()
+        coins.manual_seed(s.cfg.seed * 1_000_003 + s.step)
+        teacher_force = (torch.rand(trg.shape[1] - 1, generator=coins) < s.cfg.teacher_forcing).tolist()
         logits = model(src, trg, teacher_force)
         target = trg[:, 1:]
         summed = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=pad, reduction="sum")
-        n_tokens = (target != pad).sum()
+        tokens = (target != pad).sum()
         # Mean over the tokens of the GLOBAL batch: DDP and FSDP average gradients over the data-parallel
         # ranks, so each divides its sum by the global count / replicas. Per-rank means would weight short
         # shards' tokens more.
-        loss = summed * par.plan.dp / par.reduce_sum(n_tokens)
+        loss = summed * s.dp / s.reduce_sum(tokens)
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if not progress.take_step(loss):  # non-finite loss: stop the run, or skip the step (--on_nan skip)
+        s.accelerator.backward(loss)
+        if not s.step_ok(loss):  # non-finite loss: stop the run, or skip the step (--on_nan skip)
             continue
-        accelerator.clip_grad_norm_(model.parameters(), cfg.clip)
+        s.accelerator.clip_grad_norm_(model.parameters(), s.cfg.clip)
         optimizer.step()
-        # Accumulate on the device: no host sync per step, one reduction per epoch.
-        stats[0] += summed.detach()
-        stats[1] += n_tokens
-        stats[2] += len(trg)
-        if progress.step_done():  # checkpoint every N steps and on SIGTERM; True at max_steps
+        loss_sum += summed.detach()
+        n_tokens += tokens
+        seen += len(trg)
+        if s.step_done():  # checkpoint every N steps and on SIGTERM; True at max_steps
             break
-    loss_sum, n_tokens, seen = par.reduce_sum(stats).tolist()
+    loss_sum, n_tokens, seen = s.reduce_sum(torch.stack([loss_sum, n_tokens, seen])).tolist()
     return loss_sum / n_tokens, int(seen)
 
 
 @torch.no_grad()
-def evaluate(model, loader, par, pads):
+def evaluate(s: Session, model, loader) -> dict:
     """Per-token loss with teacher forcing off (the tutorial's evaluate) over the whole split, each sentence
     counted once across ranks: per-sentence sums of loss and of tokens are gathered, not batch means."""
     model.eval()
-    src_pad, pad = pads
-    loss_sum = torch.zeros((), device=par.device, dtype=torch.float64)
-    n_tokens = torch.zeros((), device=par.device, dtype=torch.long)
+    src_pad, pad = s.data.info["src_pad_index"], s.data.info["trg_pad_index"]
+    loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
+    n_tokens = torch.zeros((), device=s.device, dtype=torch.long)
     n = 0
     for batch in loader:
-        real = real_rows(par, len(batch["src"]))
-        src = pad_as_one_batch(batch["src"], par, src_pad, real)
-        trg = pad_as_one_batch(batch["trg"], par, pad, real)
+        real = real_rows(s, len(batch["src"]))
+        src = pad_as_one_batch(s, batch["src"], src_pad, real)
+        trg = pad_as_one_batch(s, batch["trg"], pad, real)
         logits = model(src, trg, [False] * (trg.shape[1] - 1))
         target = trg[:, 1:]
         losses = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=pad, reduction="none").sum(1)
         counts = (target != pad).sum(1)
-        losses, counts = par.gather_for_metrics((losses, counts))  # drops the padding of the last batch
+        losses, counts = s.gather_for_metrics((losses, counts))  # drops the padding of the last batch
         loss_sum += losses.double().sum()
         n_tokens += counts.sum()
         n += len(losses)
@@ -318,103 +311,31 @@ def bleu(model, data, cfg, device) -> dict:
 
 
 def main():
-    cfg = load_config(Config)
-    accelerator = make_accelerator(cfg)
-    par = Parallel(accelerator, cfg, SPLIT_POINTS, no_pipeline=NO_PIPELINE)  # checks the strategy first
-    if par.plan.microbatches > 1:
-        raise SetupError(
-            "seq2seq normalises its loss by the global batch's token count and takes no --microbatches"
-        )
-    set_seed(cfg.seed)
-    data = load_multi30k(cfg)
-    pads = data.info["src_pad_index"], data.info["trg_pad_index"]
-    collate = pad_pair_collate(*pads)
-    train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, collate_fn=collate)
-    val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, collate_fn=collate)
-    test_loader = make_loader(
-        data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, collate_fn=collate
-    )
-    model = build_model(cfg, data.info)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
-    model_info = {
-        "params": count_params(model),
-        "src_vocab_size": data.info["src_vocab_size"],
-        "trg_vocab_size": data.info["trg_vocab_size"],
-        "steps_per_epoch": len(train_loader),
-    }
-    model, optimizer, train_loader, val_loader, test_loader = (
-        par.prepare(  # accelerator.prepare, per strategy
-            model, optimizer, train_loader, val_loader, test_loader
-        )
-    )
-    run = Run(
-        accelerator,
-        cfg,
-        model="seq2seq",
-        script=__file__,
-        data=data,
-        metrics=METRICS,
-        primary_metric="test/ppl",
-        model_info=model_info,
-        par=par,
-    )
-    gen = torch.Generator()  # teacher-forcing coins: a CPU generator, so drawing them never syncs the device
-    best = BestCheckpoint(enabled=cfg.select_best)
-    with run:
-        progress = Progress(accelerator, cfg, run, par, model, best, stats=3)  # loads --resume
-        for epoch in progress.epochs():
-            train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
-            reset_peak_memory(accelerator)
-            t0 = synced_clock(accelerator)
-            train_loss, n_train = train_one_epoch(
-                model, train_loader, optimizer, accelerator, par, cfg, pads, gen, progress
-            )
-            t1 = synced_clock(accelerator)
-            val = evaluate(model, val_loader, par, pads)
-            t2 = synced_clock(accelerator)
-            best.update(val["loss"], model, epoch)
-            run.log_epoch(
-                {
-                    "epoch": epoch,
-                    "step": progress.step,
-                    "samples_seen": progress.samples + n_train,
-                    "train/loss": train_loss,
-                    "val/loss": val["loss"],
-                    "val/ppl": val["ppl"],
-                    "val/n_samples": val["n_samples"],
-                    "time/train_s": t1 - t0,
-                    "time/eval_s": t2 - t1,
-                    "time/epoch_s": t2 - t0,
-                    "throughput/samples_per_s": n_train / (t1 - t0),
-                    "memory/peak_gib": peak_memory_gib(accelerator),
-                }
-            )
-            if progress.epoch_done(n_train):  # checkpoint at the epoch end; True once max_steps is reached
-                break
-        best.restore(model)
-        t0 = synced_clock(accelerator)
-        test = evaluate(model, test_loader, par, pads)
-        # BLEU over the whole test split on every rank with the unwrapped model (FSDP's forward all-gathers
-        # parameters, so all ranks must run it); 1,000 short sentences decode in seconds and the ranks agree,
-        # so nothing needs gathering. The main process records it.
-        scored = bleu(accelerator.unwrap_model(model), data, cfg, par.device)
-        run.finish(
-            {
-                "test/loss": test["loss"],
-                "test/ppl": test["ppl"],
-                "test/n_samples": test["n_samples"],
-                "test/n_tokens": test["n_tokens"],
-                "test/bleu": scored.get("bleu"),
-                "test/bleu_detail": scored.get("detail"),
-                "test/examples": scored.get("examples"),
-                "test/epoch": best.epoch or epoch,
-                "test/time_s": synced_clock(accelerator) - t0,
-            },
-            model,
-        )
-    del model, optimizer
-    shutdown(accelerator, par)
+    with Session(Config, "seq2seq", METRICS, SPLIT_POINTS, UNSUPPORTED) as s:
+        cfg = s.cfg
+        data = load_multi30k(cfg)
+        pads = data.info["src_pad_index"], data.info["trg_pad_index"]
+        loaders = s.loaders(data, collate_fn=pad_pair_collate(*pads))  # train, val, test
+        model = build_model(cfg, data.info)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
+        # accelerator.prepare per strategy; opens the run record
+        model, optimizer, train_loader, val_loader, test_loader = s.prepare(model, optimizer, *loaders)
+        for _ in s.epochs():  # resumes where --resume left off; ends early at max_steps
+            train_loss, n_train = train_one_epoch(s, model, train_loader, optimizer)
+            with s.evaluating():
+                val = evaluate(s, model, val_loader)
+            s.log_epoch(n_train, {"train/loss": train_loss, "val/loss": val["loss"], "val/ppl": val["ppl"],
+                                  "val/n_samples": val["n_samples"]})  # fmt: skip
+        s.restore_best(model)
+        with s.evaluating():
+            test = evaluate(s, model, test_loader)
+            # BLEU over the whole test split on every rank with the unwrapped model (FSDP's forward all-gathers
+            # parameters, so all ranks must run it); 1,000 short sentences decode in seconds and the ranks agree.
+            scored = bleu(s.accelerator.unwrap_model(model), data, cfg, s.device)
+        s.finish({"test/loss": test["loss"], "test/ppl": test["ppl"], "test/n_samples": test["n_samples"],
+                  "test/n_tokens": test["n_tokens"], "test/bleu": scored["bleu"],
+                  "test/bleu_detail": scored["detail"], "test/examples": scored["examples"]})  # fmt: skip
 
 
 if __name__ == "__main__":
-    entry(main)
+    run(main)

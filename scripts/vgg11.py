@@ -33,29 +33,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 
 from shared.augment import normalize, random_crop, random_hflip, random_rotation
-from shared.checkpoint import Progress
-from shared.config import RunConfig
-from shared.data import load_cifar10, make_loader
-from shared.device_data import make_train_loader
-from shared.parallel import Parallel
-from shared.runtime import (
-    BestCheckpoint,
-    Run,
-    SetupError,
-    compile_warmup,
-    count_params,
-    entry,
-    load_config,
-    make_accelerator,
-    memory_format,
-    peak_memory_gib,
-    reset_peak_memory,
-    shutdown,
-    synced_clock,
-)
+from shared.config import ConfigError, RunConfig
+from shared.data import load_cifar10
+from shared.session import Session, run
 
 
 @dataclass
@@ -78,13 +60,14 @@ METRICS = {
     "val/loss": {"label": "validation loss (cross-entropy)", "goal": "min"},
     "val/acc": {"label": "validation accuracy", "unit": "fraction", "goal": "max"},
     "test/loss": {"label": "test loss (cross-entropy)", "goal": "min"},
-    "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max"},
+    "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max", "primary": True},
 }
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as the pretrained weights expect
 VGG11_CFG = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 # model_split / pipeline stages start here, best first. 2 stages: before conv 5, about half the FLOPs at 224 px;
 # at 32 px the classifier (120M multiply-adds, 120M of the 129M parameters) makes it about 30 / 70.
 SPLIT_POINTS = ["features.15", "features.8", "classifier.0"]
+UNSUPPORTED = {}  # every shared knob applies
 
 
 def preprocess(x: torch.Tensor, cfg: Config, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -96,7 +79,8 @@ def preprocess(x: torch.Tensor, cfg: Config, gen: torch.Generator | None = None)
         x = random_crop(
             random_hflip(random_rotation(x, 5.0, gen), gen), cfg.image_size, cfg.crop_padding, gen
         )
-    return normalize(x, MEAN, STD).contiguous(memory_format=memory_format(cfg))
+    memory_format = torch.channels_last if cfg.channels_last == "true" else torch.contiguous_format
+    return normalize(x, MEAN, STD).contiguous(memory_format=memory_format)
 
 
 class VGG11(nn.Sequential):
@@ -135,8 +119,9 @@ class VGG11(nn.Sequential):
                 nn.init.zeros_(m.bias)
 
 
-def build_model(cfg: Config) -> VGG11:
+def build_model(cfg: Config, info: dict) -> VGG11:
     model = VGG11()
+    info["init"] = "imagenet (torchvision vgg11_bn)" if cfg.pretrained else "random"
     if cfg.pretrained:
         try:
             from torchvision.models import VGG11_BN_Weights
@@ -148,7 +133,7 @@ def build_model(cfg: Config) -> VGG11:
                     progress=False
                 )  # hub cache, else download
         except Exception as e:  # noqa: BLE001 - offline, no cache, corrupt file: one clear line
-            raise SetupError(
+            raise ConfigError(
                 f"--pretrained: ImageNet vgg11_bn weights are neither in the torch hub cache "
                 f"({torch.hub.get_dir()}/checkpoints) nor downloadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
             ) from None
@@ -161,37 +146,41 @@ def build_model(cfg: Config) -> VGG11:
     return model
 
 
-def train_one_epoch(model, loader, optimizer, par, cfg, gen, progress):
+def train_one_epoch(s: Session, model, loader, optimizer) -> tuple[float, int]:
     model.train()
-    for batch in progress.batches(loader):  # a resumed run skips the batches it already trained on
+    loss_sum, seen = s.epoch_sums(2)  # on the device, reduced once per epoch; kept in checkpoints
+    for batch in s.batches(loader):  # a resumed run skips the batches it already trained on
+        x, y = preprocess(batch["x"], s.cfg, s.gen), batch["y"]
         optimizer.zero_grad(set_to_none=True)
-        # loss_fn(model(x), y) + accelerator.backward, or a pipeline schedule's forward/backward over micro-batches
-        loss = par.forward_backward(model, preprocess(batch["x"], cfg, gen), batch["y"], F.cross_entropy)
-        if not progress.take_step(loss):  # non-finite loss: stop the run, or skip the step (--on_nan skip)
+        if s.micro_batched:  # a pipeline schedule, or --microbatches N accumulated under no_sync
+            loss = s.micro_batch_step(model, x, y, F.cross_entropy)
+        else:
+            loss = F.cross_entropy(model(x), y)
+            s.accelerator.backward(loss)
+        if not s.step_ok(loss):  # non-finite loss: stop the run, or skip the step (--on_nan skip)
             continue
         optimizer.step()
-        # The epoch's sums stay on the device (saved with checkpoints), reduced once per epoch.
-        progress.stats[0] += loss * len(batch["y"])
-        progress.stats[1] += len(batch["y"])
-        if progress.step_done():  # checkpoint every N steps and on SIGTERM; True at max_steps
+        loss_sum += loss.detach() * len(y)
+        seen += len(y)
+        if s.step_done():  # checkpoint every N steps and on SIGTERM; True at max_steps
             break
-    loss_sum, seen = par.reduce_sum(progress.stats)
-    return (loss_sum / seen).item(), int(seen.item())
+    loss_sum, seen = s.reduce_sum(torch.stack([loss_sum, seen])).tolist()
+    return loss_sum / seen, int(seen)
 
 
 @torch.no_grad()
-def evaluate(model, loader, par, cfg):
+def evaluate(s: Session, model, loader) -> dict:
     """Sample-weighted loss and accuracy over the whole split, each sample counted once across ranks."""
     model.eval()
-    loss_sum = torch.zeros((), device=par.device, dtype=torch.float64)
-    hits_per_class = torch.zeros(10, device=par.device, dtype=torch.long)
-    per_class = torch.zeros(10, device=par.device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
+    hits_per_class = torch.zeros(10, device=s.device, dtype=torch.long)
+    per_class = torch.zeros(10, device=s.device, dtype=torch.long)
     n = 0
     for batch in loader:
-        logits = model(preprocess(batch["x"], cfg))
+        logits = model(preprocess(batch["x"], s.cfg))
         losses = F.cross_entropy(logits, batch["y"], reduction="none")
         preds, labels = logits.argmax(1), batch["y"]
-        losses, preds, labels = par.gather_for_metrics((losses, preds, labels))  # drops last-batch padding
+        losses, preds, labels = s.gather_for_metrics((losses, preds, labels))  # drops last-batch padding
         loss_sum += losses.double().sum()
         hits_per_class += torch.bincount(labels[preds == labels], minlength=10)
         per_class += torch.bincount(labels, minlength=10)
@@ -206,105 +195,41 @@ def evaluate(model, loader, par, cfg):
 
 
 def main():
-    cfg = load_config(Config)
-    if cfg.crop_padding < 0:
-        cfg.crop_padding = 10 if cfg.image_size >= 224 else 4
-    accelerator = make_accelerator(cfg)
-    par = Parallel(accelerator, cfg, SPLIT_POINTS)  # checks the strategy before anything is built
-    set_seed(cfg.seed)  # every rank builds the same full model; pipeline stages are cut out of it
-    data = load_cifar10(cfg)
-    train_loader, data_path = make_train_loader(data, cfg, par, make_loader)  # on the device, or a DataLoader
-    val_loader = make_loader(data.val, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
-    test_loader = make_loader(data.test, cfg.eval_batch_size, shuffle=False, seed=cfg.seed)
-    model = build_model(cfg).to(memory_format=memory_format(cfg))
-    optimizer = torch.optim.Adam(
-        [
-            {"params": [p for p in model.features.parameters() if p.requires_grad], "lr": cfg.features_lr},
-            {"params": [p for p in model.classifier.parameters() if p.requires_grad], "lr": cfg.lr},
-        ],
-        fused=cfg.fused_optimizer == "true",
-    )
-    model_info = {
-        "params": count_params(model),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "init": "imagenet (torchvision vgg11_bn)" if cfg.pretrained else "random",
-    }
-    model, optimizer, train_loader, val_loader, test_loader = (
-        par.prepare(  # accelerator.prepare, per strategy
-            model, optimizer, train_loader, val_loader, test_loader
-        )
-    )
-    run = Run(
-        accelerator,
-        cfg,
-        model="vgg11",
-        script=__file__,
-        data=data,
-        metrics=METRICS,
-        primary_metric="test/acc",
-        model_info={**model_info, "steps_per_epoch": len(train_loader)},
-        par=par,
-        data_path=data_path,
-    )
-    gen = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1000 + par.data_rank)
-    best = BestCheckpoint(enabled=cfg.select_best)
-    with run:
-        # --compile: the graphs are compiled on the first batch before epoch 1, timed apart
-        compile_s = compile_warmup(
-            accelerator,
-            cfg,
-            par,
-            model,
-            train_loader,
-            lambda b: (preprocess(b["x"], cfg), b["y"]),
-            F.cross_entropy,
-        )
-        run.timing(compile_s=compile_s)
-        progress = Progress(accelerator, cfg, run, par, model, best, gens=[gen])  # loads --resume
-        for epoch in progress.epochs():
-            train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
-            reset_peak_memory(accelerator)
-            t0 = synced_clock(accelerator)
-            train_loss, n_train = train_one_epoch(model, train_loader, optimizer, par, cfg, gen, progress)
-            t1 = synced_clock(accelerator)
-            val = evaluate(model, val_loader, par, cfg)
-            t2 = synced_clock(accelerator)
-            best.update(val["loss"], model, epoch)
-            run.log_epoch(
+    with Session(Config, "vgg11", METRICS, SPLIT_POINTS, UNSUPPORTED) as s:
+        cfg = s.cfg
+        if cfg.crop_padding < 0:
+            cfg.crop_padding = 10 if cfg.image_size >= 224 else 4
+        data = load_cifar10(cfg)
+        loaders = s.loaders(data)  # train (resident on the device with --data_on_device), val, test
+        model = build_model(cfg, data.info)
+        optimizer = torch.optim.Adam(
+            [
                 {
-                    "epoch": epoch,
-                    "step": progress.step,
-                    "samples_seen": progress.samples + n_train,
-                    "train/loss": train_loss,
-                    "val/loss": val["loss"],
-                    "val/acc": val["acc"],
-                    "val/n_samples": val["n_samples"],
-                    "time/train_s": t1 - t0,
-                    "time/eval_s": t2 - t1,
-                    "time/epoch_s": t2 - t0,
-                    "throughput/samples_per_s": n_train / (t1 - t0),
-                    "memory/peak_gib": peak_memory_gib(accelerator),
-                }
-            )
-            if progress.epoch_done(n_train):  # checkpoint at the epoch end; True once max_steps is reached
-                break
-        best.restore(model)
-        t0 = synced_clock(accelerator)
-        test = evaluate(model, test_loader, par, cfg)
-        run.finish(
-            {
-                "test/loss": test["loss"],
-                "test/acc": test["acc"],
-                "test/n_samples": test["n_samples"],
-                "test/acc_per_class": dict(zip(data.info["classes"], test["acc_per_class"], strict=True)),
-                "test/epoch": best.epoch or epoch,
-                "test/time_s": synced_clock(accelerator) - t0,
-            },
-            model,
+                    "params": [p for p in model.features.parameters() if p.requires_grad],
+                    "lr": cfg.features_lr,
+                },
+                {"params": [p for p in model.classifier.parameters() if p.requires_grad], "lr": cfg.lr},
+            ],
+            fused=cfg.fused_optimizer == "true",
         )
-    del model, optimizer
-    shutdown(accelerator, par)
+        # accelerator.prepare per strategy; opens the run record; --compile warms up on this (x, y)
+        warmup = (lambda b: (preprocess(b["x"], cfg), b["y"]), F.cross_entropy)
+        model, optimizer, train_loader, val_loader, test_loader = s.prepare(
+            model, optimizer, *loaders, warmup=warmup
+        )
+        for _ in s.epochs():  # resumes where --resume left off; ends early at max_steps
+            train_loss, n_train = train_one_epoch(s, model, train_loader, optimizer)
+            with s.evaluating():
+                val = evaluate(s, model, val_loader)
+            s.log_epoch(n_train, {"train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"],
+                                  "val/n_samples": val["n_samples"]})  # fmt: skip
+        s.restore_best(model)
+        with s.evaluating():
+            test = evaluate(s, model, test_loader)
+        per_class = dict(zip(data.info["classes"], test["acc_per_class"], strict=True))
+        s.finish({"test/loss": test["loss"], "test/acc": test["acc"], "test/n_samples": test["n_samples"],
+                  "test/acc_per_class": per_class})  # fmt: skip
 
 
 if __name__ == "__main__":
-    entry(main)
+    run(main)

@@ -1,19 +1,6 @@
-"""Where training is, saved so that a killed run continues exactly; and stopping cleanly on a signal.
-
-    progress = Progress(accelerator, cfg, run, par, model, best, gens=[gen])  # resumes when --resume is given
-    for epoch in progress.epochs():
-        train_loader.set_epoch(epoch)
-        for batch in progress.batches(train_loader):   # skips what a resumed run already trained
-            loss = ...forward and backward...
-            if not progress.take_step(loss):          # non-finite loss: stop, or skip with --on_nan skip
-                continue
-            optimizer.step()
-            progress.stats += ...                     # the epoch's running sums live here (they are saved)
-            if progress.step_done():                  # checkpoint every N steps / after SIGTERM; True at max_steps
-                break
-        ...evaluate, log the epoch...
-        if progress.epoch_done():                     # checkpoint at the epoch end; True at max_steps
-            break
+"""Where training is, saved so that a killed run continues exactly: finding what `--resume` names, the best
+epoch's weights, and `Progress` (epoch, step, position in the epoch, running sums, checkpoints, stop checks).
+Scripts reach it through shared/session.py (`s.epochs`, `s.batches`, `s.step_ok`, `s.step_done`).
 
 A checkpoint is a directory `<runs_dir>/<run_id>/checkpoints/step-NNNNNNNN/` holding Accelerate's
 `save_state` (model, optimizer, RNG states of every rank) plus what Accelerate does not keep: the epoch, the
@@ -29,11 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
-import threading
-import time
 import warnings
 from pathlib import Path
 
@@ -42,175 +25,15 @@ import torch.distributed as dist
 
 from shared.config import UserError
 from shared.meter import StepTimer
-from shared.record import RUN_ID_RE, read_record
+from shared.resume import CHECKPOINTS, ResumeError, complete_checkpoints
+from shared.signals import STOP, Interrupted
 
-CHECKPOINTS = "checkpoints"
-STEP_DIR = re.compile(r"^step-\d{8}$")  # complete checkpoints only (not .partial / .old)
-BIG = float(
-    2**24
-)  # step numbers travel as BIG - step in float32 (exact below 16.7M steps), so MAX finds the first
-GRACE_S = 20  # after SIGTERM, a process that has not reached a step boundary by then records itself and exits
-# config keys that may change between a run and its resumption; every other key must match
-RESUMABLE_CHANGES = {
-    "resume",
-    "runs_dir",
-    "data_dir",
-    "tag",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "on_nan",
-    "collective_timeout_s",
-    "warmup_steps",
-}
-
-
-class Interrupted(BaseException):
-    """SIGTERM / SIGINT reached a step boundary (after a checkpoint when enabled): the run is `interrupted`."""
+# step numbers travel as BIG - step in float32 (exact below 16.7M steps), so MAX finds the first
+BIG = float(2**24)
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-class ResumeError(UserError):
-    pass
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-class _Stop:
-    """A SIGTERM / SIGINT asks training to stop at the next step boundary; a second one stops at once."""
-
-    def __init__(self):
-        self.signal: str | None = None
-        self.on_stuck = None  # called by the watchdog (record the run) before a forced exit
-
-    def handler(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.signal is not None:
-            raise Interrupted(f"second signal {name}")
-        self.signal = name
-        threading.Thread(target=self._watchdog, daemon=True).start()
-
-    def _watchdog(self):
-        time.sleep(GRACE_S)
-        try:
-            if self.on_stuck:
-                self.on_stuck(
-                    f"interrupted: {self.signal}, and no step boundary was reached within {GRACE_S} s "
-                    "(blocked in a collective or a long evaluation; a peer rank may have died)"
-                )
-        finally:
-            os._exit(143)
-
-
-STOP = _Stop()
-
-
-def install_signal_handlers():
-    signal.signal(signal.SIGTERM, STOP.handler)
-    signal.signal(signal.SIGINT, STOP.handler)
-
-
-# ----------------------------------------------------------------------------- finding what to resume
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's complete checkpoints, oldest first."""
-    d = run_dir / CHECKPOINTS
-    if not d.is_dir():
-        return []
-    return sorted(
-        p for p in d.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "progress.json").is_file()
-    )
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def find_resume(cfg, model: str) -> tuple[Path, Path, dict] | None:
-    """(record path, checkpoint dir, record) named by `--resume`, or None for `auto` with nothing to resume.
-
-    Raises ResumeError with one line when the spec names nothing resumable. Paths are resolved and must lie
-    inside runs_dir; run ids must be plain names, so nothing outside runs_dir is ever opened or written.
-    """
-    spec, runs = cfg.resume, Path(cfg.runs_dir)
-    checkpoint = None
-    if spec == "auto":
-        best = None
-        for path in sorted(runs.glob(f"{model}-*.json")):
-            try:
-                rec = read_record(path)
-            except ValueError:
-                continue
-            if (
-                rec["model"] == model
-                and rec["status"] != "finished"
-                and complete_checkpoints(runs / rec["run_id"])
-            ):
-                if best is None or rec["updated_at"] > best[1]:
-                    best = (path, rec["updated_at"])
-        if best is None:
-            return None
-        record_path = best[0]
-    elif RUN_ID_RE.match(spec) and "/" not in spec and (runs / f"{spec}.json").is_file():
-        record_path = runs / f"{spec}.json"
-    else:
-        p = Path(spec)
-        if p.is_dir() and (p / "progress.json").is_file():
-            checkpoint = p
-            record_path = p.parent.parent.parent / f"{p.parent.parent.name}.json"
-        elif p.suffix == ".json" and p.is_file():
-            record_path = p
-        else:
-            raise ResumeError(
-                f"--resume {spec}: not a run id in {runs}, a run record or a complete checkpoint directory"
-            )
-        if not _inside(record_path, runs) or (checkpoint and not _inside(checkpoint, runs)):
-            raise ResumeError(f"--resume {spec}: not inside runs_dir {runs}")
-    try:
-        rec = read_record(record_path)
-    except ValueError as e:
-        raise ResumeError(f"--resume: {record_path}: {e}") from None
-    if rec["model"] != model:
-        raise ResumeError(f"--resume: run {rec['run_id']} is a {rec['model']} run, not {model}")
-    if rec["status"] == "finished":
-        raise ResumeError(f"--resume: run {rec['run_id']} already finished")
-    found = complete_checkpoints(runs / rec["run_id"])
-    if checkpoint is None:
-        if not found:
-            raise ResumeError(
-                f"--resume: run {rec['run_id']} has no complete checkpoint (start runs with --checkpoint_every N)"
-            )
-        checkpoint = found[-1]
-    elif checkpoint.resolve() not in [f.resolve() for f in found]:
-        raise ResumeError(f"--resume: {checkpoint} is not a checkpoint of run {rec['run_id']}")
-    return record_path, checkpoint, rec
-
-
-def check_compatible(record: dict, cfg, setup: dict):
-    """The resumed run must be the same experiment: same config (but RESUMABLE_CHANGES) and the same setup."""
-    saved = record["config"]
-    for key, value in vars(cfg).items():
-        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value:
-            raise ResumeError(
-                f"--resume: config key '{key}' is {value!r} but run {record['run_id']} used {saved[key]!r}"
-            )
-    for key in ("strategy", "num_processes", "mesh_shape", "microbatches"):
-        if record["setup"].get(key) != setup.get(key):
-            raise ResumeError(
-                f"--resume: this launch has {key} {setup.get(key)!r} but run {record['run_id']} "
-                f"used {record['setup'].get(key)!r}"
-            )
-
-
-# ----------------------------------------------------------------------------- the training position
 
 
 def _local(t):
@@ -219,18 +42,60 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+class BestCheckpoint:
+    """Keep the weights of the epoch with the lowest validation loss in memory; the tutorials test those.
+
+    Each rank copies what it holds and restores it: the full model (single, ddp, model_split), its FSDP
+    shards (DTensors) or its pipeline stage. No communication; tests/test_parallel.py restores under each.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.loss, self.epoch, self.state = enabled, float("inf"), None, None
+
+    def update(self, val_loss: float, model: torch.nn.Module, epoch: int):
+        if self.enabled and val_loss < self.loss:
+            self.loss, self.epoch = val_loss, epoch
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def restore(self, model: torch.nn.Module):
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+    def local_state(self) -> dict | None:
+        """What this rank saves in a checkpoint: its own shards (plain tensors), not the DTensors."""
+        return {k: _local(v).cpu() for k, v in self.state.items()} if self.state else None
+
+    def load_local(self, local: dict, loss: float, epoch: int, model: torch.nn.Module):
+        """The inverse of local_state: shards become DTensors again, laid out like the model's."""
+        from torch.distributed.tensor import DTensor
+
+        current = model.state_dict()
+        state = {}
+        for k, v in local.items():
+            ref = current[k]
+            if isinstance(ref, DTensor):
+                v = DTensor.from_local(
+                    v, ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride()
+                )
+            state[k] = v.detach().to("cpu", copy=True)
+        self.loss, self.epoch, self.state = loss, epoch, state
+
+
+# ----------------------------------------------------------------------------- the training position
+
+
 class Progress:
     """Epoch, step, position inside the epoch and the epoch's running sums; checkpoints and stop decisions."""
 
-    def __init__(self, acc, cfg, run, par, model, best, *, gens=(), stats: int = 2):
+    def __init__(self, acc, cfg, run, par, model, best, *, gens=()):
         self.acc, self.cfg, self.run, self.par, self.model, self.best = acc, cfg, run, par, model, best
         self.gens = list(gens)
         self.epoch, self.step, self.batch, self.samples, self.skipped = 1, 0, 0, 0, 0
-        self.stats = torch.zeros(stats, device=acc.device)
+        self.stats = None  # the epoch's running sums, handed to the script by sums(n)
+        self._loaded_stats = None
         self._stop = False
         self.dir = Path(cfg.runs_dir) / run.run_id / CHECKPOINTS
         self.world = acc.num_processes
-        self._inject_nan = int(os.environ.get("DISTBENCH_INJECT_NAN_STEP", "0"))
         self._bad = torch.zeros((), device=acc.device)  # BIG - first non-finite step not yet reported, or 0
         self.meter = run.meter = StepTimer(acc, cfg)  # steady-state step times, read by run.log_epoch
         self._first = self._last = False
@@ -247,6 +112,16 @@ class Progress:
     def epochs(self):
         while self.epoch <= self.cfg.epochs:
             yield self.epoch
+
+    def sums(self, n: int) -> list[torch.Tensor]:
+        """`n` running sums for the epoch (zeros, or what a resumed run had summed so far), saved with each
+        checkpoint. Returned as separate 0-d tensors that are views of one buffer: add to them in place."""
+        if self.stats is None or len(self.stats) != n:
+            self.stats = torch.zeros(n, device=self.acc.device)
+            if self._loaded_stats is not None and len(self._loaded_stats) == n:
+                self.stats.copy_(self._loaded_stats)
+            self._loaded_stats = None
+        return list(self.stats.unbind())
 
     def batches(self, loader):
         """The epoch's batches, without the first `batch` ones a resumed run already trained on."""
@@ -267,10 +142,6 @@ class Progress:
         Every `--check_every` steps (1 on CPU, 25 on CUDA; always 1 with --on_nan skip) the ranks agree on
         (first non-finite loss, stop requested) with one small all-reduce and one host sync. In between, the
         first non-finite step is remembered on the device, so the record still names the exact step."""
-        if (
-            self._inject_nan == self.step + self.skipped + 1
-        ):  # fault injection for tests: the Nth batch gives NaN
-            loss = loss * float("nan")
         bad = (~torch.isfinite(loss.detach())).any()
         per_step = self.cfg.on_nan == "skip" or self.cfg.check_every <= 1
         if per_step:
@@ -319,7 +190,8 @@ class Progress:
         self.samples += samples
         self.epoch += 1
         self.batch = 0
-        self.stats.zero_()
+        if self.stats is not None:
+            self.stats.zero_()
         done = bool(self.cfg.max_steps and self.step >= self.cfg.max_steps)
         if self.cfg.checkpoint_every and not done and self.epoch <= self.cfg.epochs:
             self.save()
@@ -343,12 +215,11 @@ class Progress:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))  # collective under FSDP
-        best = self.best.state
         torch.save(
             {
-                "stats": self.stats.detach().cpu(),
+                "stats": self.stats.detach().cpu() if self.stats is not None else None,
                 "gens": [g.get_state() for g in self.gens],
-                "best_state": {k: _local(v).cpu() for k, v in best.items()} if best else None,
+                "best_state": self.best.local_state(),
             },
             tmp / f"progress_rank{rank}.pt",
         )
@@ -406,25 +277,11 @@ class Progress:
             ) from None
         self.epoch, self.step, self.batch = meta["epoch"], meta["step"], meta["batch"]
         self.samples, self.skipped = meta["samples"], meta["skipped"]
-        self.stats.copy_(blob["stats"])
-        for g, state in zip(self.gens, blob["gens"], strict=True):
+        self._loaded_stats = blob["stats"]
+        for g, state in zip(self.gens, blob["gens"], strict=False):  # older checkpoints may hold none
             g.set_state(state.cpu())
         if blob["best_state"] is not None:
-            from torch.distributed.tensor import DTensor
-
-            current = self.model.state_dict()
-            state = {}
-            for k, v in blob["best_state"].items():
-                ref = current[k]
-                state[k] = (
-                    DTensor.from_local(
-                        v, ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride()
-                    )
-                    if isinstance(ref, DTensor)
-                    else v
-                )
-            self.best.loss, self.best.epoch = meta["best_loss"], meta["best_epoch"]
-            self.best.state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            self.best.load_local(blob["best_state"], meta["best_loss"], meta["best_epoch"], self.model)
         self.run.resumed(self.epoch, self.step, directory)
         self.acc.print(
             f"resumed from {directory}: epoch {self.epoch}, step {self.step}, {self.batch} batches into the epoch"

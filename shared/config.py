@@ -11,9 +11,11 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-STRATEGIES = ("auto", "single", "ddp", "fsdp", "model_split", "pipeline", "hybrid")
-SCHEDULES = ("gpipe", "1f1b")
+Switch = Literal[
+    "auto", "true", "false"
+]  # "auto" is resolved per device at start-up; the record keeps what ran
 
 
 class UserError(Exception):
@@ -32,14 +34,18 @@ class RunConfig:
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = run every epoch)
     limit_train: int = 0  # train on the first N samples of the (shuffled) train split (0 = all)
     limit_eval: int = 0  # evaluate on the first N samples of val and of test (0 = all)
-    data: str = "auto"  # auto (local dir, then the HF hub) | local | hub | synthetic (smoke tests only)
+    data: Literal["auto", "local", "hub", "synthetic"] = (
+        "auto"  # auto (local dir, then the HF hub) | local | hub | synthetic (smoke tests only)
+    )
     data_dir: str = "data"  # root holding mnist/, cifar10/, imdb/, multi30k/ (see README, Data)
     runs_dir: str = "runs"  # one JSON record per run is written here
-    device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda
     # Parallelism (README, Strategies). fsdp comes from the launch config; the others are chosen here.
-    strategy: str = "auto"  # auto (fsdp if the launch config is FSDP, ddp if >1 process, else single) | single | ddp | fsdp | model_split | pipeline | hybrid
+    strategy: Literal["auto", "single", "ddp", "fsdp", "model_split", "pipeline", "hybrid"] = (
+        "auto"  # auto (fsdp if the launch config is FSDP, ddp if >1 process, else single) | single | ddp | fsdp | model_split | pipeline | hybrid
+    )
     microbatches: int = 0  # splits of each replica's batch; 0 = 4 for pipeline/hybrid, 1 otherwise (>1 = gradient accumulation)
-    schedule: str = ""  # pipeline/hybrid schedule: gpipe | 1f1b ("" = gpipe)
+    schedule: Literal["", "gpipe", "1f1b"] = ""  # pipeline/hybrid schedule: gpipe | 1f1b ("" = gpipe)
     pp_size: int = 0  # hybrid: pipeline stages per replica (0 = 2); the rest of the processes are replicas
     split_devices: str = (
         ""  # model_split: one device per stage, e.g. cuda:0,cuda:1 ("" = 2 GPUs if present, else cpu,cpu)
@@ -53,18 +59,24 @@ class RunConfig:
     resume: str = (
         ""  # continue a run from its newest checkpoint: a run id, a path (record or checkpoint) or auto
     )
-    on_nan: str = "stop"  # non-finite training loss: stop (record failed) | skip (drop that optimizer step)
+    on_nan: Literal["stop", "skip"] = (
+        "stop"  # non-finite training loss: stop (record failed) | skip (drop that optimizer step)
+    )
     collective_timeout_s: int = (
         60  # a rank waiting longer than this on the others fails (a peer died or hung)
     )
     # Speed (README, "Speed"); "auto" is resolved per device at start-up and the record keeps what ran.
     # data_on_device: the train split resident on the device, batches cut there: auto (CUDA, if it fits) | true | false
-    data_on_device: str = "auto"
-    mixed_precision: str = ""  # "" = the launch config's; no | bf16 | fp16 (Accelerate's autocast)
-    channels_last: str = "auto"  # convolutional models, NHWC memory format: auto (= on CUDA) | true | false
-    fused_optimizer: str = "auto"  # fused Adam / SGD kernels: auto (= on CUDA) | true | false
+    data_on_device: Switch = "auto"
+    mixed_precision: Literal["", "no", "bf16", "fp16"] = (
+        ""  # "" = the launch config's; no | bf16 | fp16 (Accelerate's autocast)
+    )
+    channels_last: Switch = (
+        "auto"  # convolutional models, NHWC memory format: auto (= on CUDA) | true | false
+    )
+    fused_optimizer: Switch = "auto"  # fused Adam / SGD kernels: auto (= on CUDA) | true | false
     # compile: torch.compile via Accelerate's dynamo plugin: "" (off) | default | reduce-overhead | max-autotune
-    compile: str = ""
+    compile: Literal["", "default", "reduce-overhead", "max-autotune"] = ""
     warmup_steps: int = (
         5  # first steps of each process timed apart (time/warmup_s), not in the steady-state figures
     )
@@ -74,6 +86,8 @@ class RunConfig:
 
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "|".join(a or '""' for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -85,6 +99,14 @@ def _coerce(key: str, value, tp):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(key, value, args[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML reads `true` / `false` as booleans
+            value = str(value).lower()
+        if isinstance(value, str) and value in choices:
+            return value
+        shown = ", ".join(repr(c) if c == "" else c for c in choices)
+        raise ConfigError(f"config key '{key}': expected one of {shown}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -190,48 +212,28 @@ def parse_config(cls, argv: list[str]):
     return cfg
 
 
+# Lower bounds of the numeric knobs (choices are checked by their Literal types while parsing).
+MINIMUM = {
+    "max_steps": 0,
+    "limit_train": 0,
+    "limit_eval": 0,
+    "microbatches": 0,
+    "pp_size": 0,
+    "warmup_steps": 0,
+    "check_every": 0,
+    "checkpoint_every": 0,
+    "keep_checkpoints": 1,
+    "collective_timeout_s": 1,
+    "epochs": 1,
+    "batch_size": 1,
+    "eval_batch_size": 1,
+}
+
+
 def validate(cfg: RunConfig):
-    if cfg.data not in ("auto", "local", "hub", "synthetic"):
-        raise ConfigError(f"config key 'data': expected auto, local, hub or synthetic, got {cfg.data!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"config key 'device': expected auto, cpu or cuda, got {cfg.device!r}")
-    for key in ("max_steps", "limit_train", "limit_eval"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(cfg, key)}")
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if hasattr(cfg, key) and getattr(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}': must be > 0, got {getattr(cfg, key)}")
-    if cfg.strategy not in STRATEGIES:
-        raise ConfigError(
-            f"config key 'strategy': expected one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}"
-        )
-    if cfg.schedule not in ("", *SCHEDULES):
-        raise ConfigError(f"config key 'schedule': expected {' or '.join(SCHEDULES)}, got {cfg.schedule!r}")
-    for key in ("microbatches", "pp_size"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(cfg, key)}")
-    for key in ("data_on_device", "channels_last", "fused_optimizer"):
-        if getattr(cfg, key) not in ("auto", "true", "false"):
-            raise ConfigError(f"config key '{key}': expected auto, true or false, got {getattr(cfg, key)!r}")
-    if cfg.mixed_precision not in ("", "no", "bf16", "fp16"):
-        raise ConfigError(
-            f"config key 'mixed_precision': expected no, bf16 or fp16, got {cfg.mixed_precision!r}"
-        )
-    if cfg.compile not in ("", "default", "reduce-overhead", "max-autotune"):
-        raise ConfigError(
-            f"config key 'compile': expected default, reduce-overhead or max-autotune, got {cfg.compile!r}"
-        )
-    if cfg.warmup_steps < 0:
-        raise ConfigError(f"config key 'warmup_steps': must be >= 0, got {cfg.warmup_steps}")
-    if cfg.check_every < 0:
-        raise ConfigError(f"config key 'check_every': must be >= 0, got {cfg.check_every}")
-    if cfg.on_nan not in ("stop", "skip"):
-        raise ConfigError(f"config key 'on_nan': expected stop or skip, got {cfg.on_nan!r}")
-    for key in ("checkpoint_every", "keep_checkpoints", "collective_timeout_s"):
-        if getattr(cfg, key) < (1 if key != "checkpoint_every" else 0):
-            raise ConfigError(
-                f"config key '{key}': must be >= {int(key != 'checkpoint_every')}, got {getattr(cfg, key)}"
-            )
+    for key, low in MINIMUM.items():
+        if hasattr(cfg, key) and getattr(cfg, key) < low:
+            raise ConfigError(f"config key '{key}': must be >= {low}, got {getattr(cfg, key)}")
     if hasattr(cfg, "lr") and not cfg.lr > 0:
         raise ConfigError(f"config key 'lr': must be > 0, got {cfg.lr}")
 

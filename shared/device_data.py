@@ -76,20 +76,3 @@ def use_device_data(cfg, device: torch.device, split: dict) -> bool:
         return False
     free, _ = torch.cuda.mem_get_info(device)
     return split_bytes(split) < free / 4
-
-
-def make_train_loader(data, cfg, par, make_loader):
-    """The train loader for this run: a DeviceLoader (sharded over the data-parallel ranks, as the plan says)
-    or the ordinary DataLoader that `par.prepare` shards. Returns (loader, "device" | "dataloader")."""
-    if use_device_data(cfg, par.device, data.train):
-        loader = DeviceLoader(
-            data.train,
-            cfg.batch_size,
-            seed=cfg.seed,
-            device=par.device,
-            num_processes=par.plan.dp,
-            process_index=par.data_rank,
-            drop_last=par.pipelined,  # pipelines need equal micro-batches every step
-        )
-        return loader, "device"
-    return make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed), "dataloader"

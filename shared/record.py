@@ -10,10 +10,14 @@ killed at any instant leaves either the previous complete file or the new comple
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
+import platform
 import re
 import secrets
+import socket
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -25,6 +29,9 @@ STATUSES = ("running", "finished", "failed", "interrupted")
 HEARTBEAT_S = (
     30  # a running record is rewritten at least this often; the dashboard calls it crashed when stale
 )
+
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class RecordWriteError(OSError):
@@ -265,3 +272,76 @@ def load_runs(runs_dir: str | os.PathLike) -> tuple[list[dict], list[tuple[str, 
         except ValueError as e:
             problems.append((path.name, str(e)))
     return runs, problems
+
+
+# ----------------------------------------------------------------------------- what a record says about its run
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository, with "-dirty" when tracked files differ from it (such records are not reported)."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
+        )
+        if sha.returncode:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def file_sha256(path: str | os.PathLike) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def environment(script: str | os.PathLike | None = None) -> dict:
+    """Versions, host and code of this run. torch and accelerate are imported here, not at module level:
+    the dashboard reads records without them."""
+    import torch
+    from accelerate import __version__ as accelerate_version
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "accelerate": accelerate_version,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "git_commit": git_commit(),
+        "script_sha256": file_sha256(script) if script else None,
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU model and its core count."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores)"
+
+
+def num_machines() -> int:
+    """Hosts in this launch: torchrun exports GROUP_WORLD_SIZE (the number of node groups) to every worker."""
+    env = os.environ
+    if "GROUP_WORLD_SIZE" in env:
+        return int(env["GROUP_WORLD_SIZE"])
+    world = int(env.get("WORLD_SIZE", "1"))
+    return max(1, world // max(1, int(env.get("LOCAL_WORLD_SIZE", world))))

@@ -52,12 +52,21 @@ def child_env(**extra) -> dict:
 
 
 def launch(
-    setup: str | None, script: str, *args, timeout: float = 240, env: dict | None = None
+    setup: str | None,
+    script: str,
+    *args,
+    timeout: float = 240,
+    env: dict | None = None,
+    nan_at_batch: int | None = None,
 ) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file accelerate_configs/<setup>.yaml scripts/<script>.py args`, or plain
-    `python scripts/<script>.py args` when setup is None."""
+    `python scripts/<script>.py args` when setup is None. `nan_at_batch=N`: through tests/inject_nan.py, the
+    Nth training batch's loss is NaN."""
+    path = [str(REPO / "scripts" / f"{script}.py")]
+    if nan_at_batch is not None:
+        path = [str(REPO / "tests" / "inject_nan.py"), str(nan_at_batch), *path]
     if setup is None:
-        cmd = [sys.executable, str(REPO / "scripts" / f"{script}.py")]
+        cmd = [sys.executable, *path]
     else:
         cmd = [
             str(BIN / "accelerate"),
@@ -66,7 +75,7 @@ def launch(
             str(REPO / "accelerate_configs" / f"{setup}.yaml"),
             "--main_process_port",
             str(free_port()),
-            str(REPO / "scripts" / f"{script}.py"),
+            *path,
         ]
     return subprocess.run(
         cmd + [str(a) for a in args],

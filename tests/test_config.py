@@ -36,7 +36,7 @@ def test_flag_forms():
         (["--epochs"], "flag --epochs needs a value"),
         (["positional"], "unexpected argument"),
         (["--data", "web"], "config key 'data'"),
-        (["--epochs", "0"], "config key 'epochs': must be > 0"),
+        (["--epochs", "0"], "config key 'epochs': must be >= 1"),
         (["--config", "/nonexistent.yaml"], "no such file"),
     ],
 )
@@ -64,3 +64,88 @@ def test_bad_yaml_names_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
         parse_config(Cfg, ["--config", str(y)])
     assert needle in str(e.value)
+
+
+# ----------------------------------------------------------------------------- the scripts' configs, in-process
+
+SCRIPTS = ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"]
+
+
+def script_module(name: str):
+    """A script imported as a module (its main() does not run): its Config and UNSUPPORTED knobs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def configure(name: str, argv: list[str]):
+    """What Session does with the command line before it builds anything."""
+    from shared.session import refuse_unsupported
+
+    module = script_module(name)
+    cfg = parse_config(module.Config, argv)
+    refuse_unsupported(cfg, module.Config, name, module.UNSUPPORTED)
+    return cfg, module
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--bogus", "1"], "unknown config key 'bogus'"),
+        (["--lr", "fast"], "config key 'lr': expected a number"),
+        (["--lr", "0"], "config key 'lr': must be > 0"),
+        (["--batch_size", "-4"], "config key 'batch_size': must be >= 1"),
+        (["--strategy", "zero3"], "config key 'strategy': expected one of auto, single, ddp"),
+        (["--schedule", "interleaved"], "config key 'schedule': expected one of '', gpipe, 1f1b"),
+        (["--on_nan", "ignore"], "config key 'on_nan': expected one of stop, skip"),
+        (["--data_on_device", "yes"], "config key 'data_on_device': expected one of auto, true, false"),
+        (["--mixed_precision", "fp8"], "config key 'mixed_precision'"),
+        (["--select_best", "maybe"], "config key 'select_best': expected true or false"),
+        (["--resume"], "flag --resume needs a value"),
+    ],
+)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_refuses_bad_flags_in_one_line(script, argv, needle):
+    with pytest.raises(ConfigError) as e:
+        configure(script, argv)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_yaml_booleans_fill_switches_and_literals_are_typed(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("data_on_device: true\nchannels_last: false\nstrategy: ddp\n")
+    cfg, _ = configure("cnn", ["--config", str(y)])
+    assert (cfg.data_on_device, cfg.channels_last, cfg.strategy) == ("true", "false", "ddp")
+    with pytest.raises(ConfigError, match="config key 'optimizer': expected one of sgd, adam"):
+        configure("cnn", ["--optimizer", "rmsprop"])
+
+
+UNSUPPORTED_ON = {
+    "data_on_device": "true",
+    "channels_last": "true",
+    "compile": "default",
+    "microbatches": "2",
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_knob_a_script_does_not_use_is_an_error_naming_it(script):
+    module = script_module(script)
+    knobs = [k for k in module.UNSUPPORTED if k in UNSUPPORTED_ON]
+    for knob in knobs:
+        with pytest.raises(ConfigError, match=f"config key '{knob}': {script} does not support"):
+            configure(script, [f"--{knob}", UNSUPPORTED_ON[knob]])
+    cfg, _ = configure(script, [])  # left at "auto": resolved to off, so the record says what ran
+    for knob in knobs:
+        assert getattr(cfg, knob) in ("false", "", 0), knob
+    # the knobs a script does take are accepted
+    for knob in set(UNSUPPORTED_ON) - set(module.UNSUPPORTED):
+        assert (
+            str(getattr(configure(script, [f"--{knob}", UNSUPPORTED_ON[knob]])[0], knob))
+            == UNSUPPORTED_ON[knob]
+        )

@@ -232,6 +232,7 @@ def widget(at: AppTest, kind: str, key: str):
 # ----------------------------------------------------------------------------- the default page
 
 
+@pytest.mark.slow
 def test_page_loads_and_lists_every_broken_file_with_its_reason(page):
     assert page.title[0].value.startswith("distbench")
     notice = page.warning[0].value
@@ -242,6 +243,7 @@ def test_page_loads_and_lists_every_broken_file_with_its_reason(page):
     assert len(notice.splitlines()) == 1 + len(BROKEN)
 
 
+@pytest.mark.slow
 def test_overview_table_per_model(page, fixture_dirs):
     t = table(page, "best epoch s")
     recs = records(fixture_dirs)
@@ -269,6 +271,7 @@ def steady_windows(rec: dict) -> list[float]:
     return rec["timing"]["steady"]["windows_step_s"]
 
 
+@pytest.mark.slow
 def test_step_time_bars_with_intervals(page, fixture_dirs):
     fig = figure(page, "Steady-state step time by setup")
     recs = records(fixture_dirs)
@@ -285,6 +288,7 @@ def test_step_time_bars_with_intervals(page, fixture_dirs):
     assert bars[("Colab T4", "single x1 (Colab T4)")] and bars[("Kaggle T4 x2", "ddp x2 (Kaggle T4 x2)")]
 
 
+@pytest.mark.slow
 def test_speedup_bars_with_intervals_and_break_even(page, fixture_dirs):
     recs = records(fixture_dirs)
     ids = fixture_dirs["ids"]
@@ -308,6 +312,7 @@ def test_speedup_bars_with_intervals_and_break_even(page, fixture_dirs):
     assert any(sh["y0"] == 1 and sh["y1"] == 1 for sh in fig["layout"]["shapes"])  # break-even
 
 
+@pytest.mark.slow
 def test_speedup_and_efficiency_against_the_ideal_line(page, fixture_dirs):
     recs = records(fixture_dirs)
     ids = fixture_dirs["ids"]
@@ -328,6 +333,7 @@ def test_speedup_and_efficiency_against_the_ideal_line(page, fixture_dirs):
         assert ("ddp, mlp", "mlp · ddp x2 (Kaggle T4 x2)") in points
 
 
+@pytest.mark.slow
 def test_curves_faceted_per_model_raw_points_faint_and_diverged_values_not_drawn(page, fixture_dirs):
     fig = figure(page, "train/loss vs epoch")  # models differ in what train/loss is: the key is the label
     lines = {tr["hovertext"]: tr for tr in fig["data"] if tr["mode"] == "lines"}
@@ -345,6 +351,7 @@ def test_curves_faceted_per_model_raw_points_faint_and_diverged_values_not_drawn
     assert len(axes) == 2
 
 
+@pytest.mark.slow
 def test_throughput_and_peak_memory(page, fixture_dirs):
     recs = records(fixture_dirs)
     ddp = recs[fixture_dirs["ids"]["ddp"]]
@@ -359,6 +366,7 @@ def test_throughput_and_peak_memory(page, fixture_dirs):
     assert values[ddp["run_id"]] == pytest.approx(max(h["memory/peak_gib"] for h in ddp["history"]))
 
 
+@pytest.mark.slow
 def test_baseline_deltas_and_ratios_for_every_metric(page, fixture_dirs):
     t = table(page, "vs baseline")
     base_id = widget(page, "selectbox", "baseline").value
@@ -385,6 +393,7 @@ def test_baseline_deltas_and_ratios_for_every_metric(page, fixture_dirs):
     assert t_row["vs baseline"] == ("better" if t_row["delta"] < 0 else "worse")
 
 
+@pytest.mark.slow
 def test_seed_bands_mean_and_std(page, fixture_dirs):
     fig = figure(page, "Mean ± std across seeds")
     name = next(tr["name"] for tr in fig["data"] if "cpu_1proc" in tr["name"] and tr.get("mode"))
@@ -401,6 +410,7 @@ def test_seed_bands_mean_and_std(page, fixture_dirs):
     assert band["fill"] == "toself"
 
 
+@pytest.mark.slow
 def test_crashed_live_and_synthetic_badges(page):
     raw = table(page, "heartbeat_age_s").set_index("run_id")
     assert raw.loc["mlp-fixture-stale", "status"] == "crashed"
@@ -413,6 +423,7 @@ def test_crashed_live_and_synthetic_badges(page):
     assert metrics["running"] == "1" and metrics["crashed / failed"] == "2"  # stale + diverged
 
 
+@pytest.mark.slow
 def test_raw_table_and_downloads(page, fixture_dirs):
     raw = table(page, "heartbeat_age_s")
     assert len(raw) == len(records(fixture_dirs)) + 14  # the subfolder's record too; 13 study files, 14 runs
@@ -433,6 +444,7 @@ def test_raw_table_and_downloads(page, fixture_dirs):
 # ----------------------------------------------------------------------------- interaction
 
 
+@pytest.mark.slow
 def test_filter_change_updates_charts_and_the_url(fixture_dirs, monkeypatch):
     at = render(fixture_dirs, monkeypatch)
     before = {tr["hovertext"] for tr in figure(at, "train/loss vs epoch")["data"]}
@@ -465,6 +477,7 @@ def test_filter_change_updates_charts_and_the_url(fixture_dirs, monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_filters_and_view_settings_from_a_shared_link(fixture_dirs, monkeypatch):
     at = render(
         fixture_dirs,
@@ -480,6 +493,7 @@ def test_filters_and_view_settings_from_a_shared_link(fixture_dirs, monkeypatch)
     assert line["y"] == [h["val/acc"] for h in syn["history"]]  # EMA 0 = raw
 
 
+@pytest.mark.slow
 def test_curve_axes_and_smoothing(fixture_dirs, monkeypatch):
     at = render(fixture_dirs, monkeypatch, query={"model": "mlp"})
     widget(at, "toggle", "log_time").set_value(True).run()
@@ -498,6 +512,7 @@ def test_curve_axes_and_smoothing(fixture_dirs, monkeypatch):
     assert at.query_params["ema"] == "0.9" and at.query_params["x"] == "wall-clock seconds"
 
 
+@pytest.mark.slow
 def test_choose_baseline_and_diff_configs(fixture_dirs, monkeypatch):
     ids = fixture_dirs["ids"]
     at = render(fixture_dirs, monkeypatch, query={"model": "mlp"})
@@ -516,6 +531,7 @@ def test_choose_baseline_and_diff_configs(fixture_dirs, monkeypatch):
     assert "config.lr" not in diff.index
 
 
+@pytest.mark.slow
 def test_no_runs_is_a_friendly_stop(fixture_dirs, monkeypatch, tmp_path):
     at = render(fixture_dirs, monkeypatch, runs=tmp_path, REFERENCE_DIR="")
     assert "No run records" in at.info[0].value and not at.get("plotly_chart")
@@ -570,6 +586,7 @@ def test_stale_heartbeat_is_crashed():
     assert frames.effective_status({**rec, "status": "finished"}, now, 1) == "finished"
 
 
+@pytest.mark.slow
 def test_the_page_imports_no_torch():
     """STYLE.md: the dashboard starts in a second on a laptop without a GPU stack."""
     code = (

@@ -2,7 +2,8 @@
 
 On the same folder of real short runs as tests/test_dashboard.py: the page loads, every view renders with no
 exception box, a filter change in the sidebar updates a chart and the address, the downloads work, a shared
-link restores the view; a screenshot of each view goes to docs/screenshots/ (linked from the README).
+link restores the view; a screenshot of each view is taken (into a temporary folder, so a test run leaves the
+tree clean; `make screenshots` writes them to docs/screenshots/, which the README and docs link).
 Needs /usr/bin/chromium (`make browser` installs it; Playwright downloads no browser). Without it the test
 skips, and fails under CI (CI=true), where the browser is part of what `make test` installs.
 """
@@ -16,6 +17,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -24,6 +26,8 @@ import pytest
 
 from tests.conftest import REPO, free_port
 from tests.test_dashboard import build_fixture
+
+pytestmark = pytest.mark.slow  # real launches or a browser: `make test-fast` leaves these out
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # ../shared/ENVIRONMENT.md section 6: these flags make Debian's Chromium start headless in a container.
@@ -36,7 +40,7 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SHOTS = REPO / "docs" / "screenshots"
+SHOTS = Path(os.environ.get("DISTBENCH_SCREENSHOTS") or tempfile.mkdtemp(prefix="distbench-shots-"))
 RESULTS = REPO / "docs" / "results" / "2026-11-29"  # the runs behind the README's speed tables
 STALE_S = 600
 VIEWS = {

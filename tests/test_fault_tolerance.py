@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from shared.record import read_record
 from tests.conftest import BIN, REPO, child_env, explain, free_port, launch, records, require_dataset
 
+pytestmark = pytest.mark.slow  # real launches or a browser: `make test-fast` leaves these out
+
 MLP = ["--limit_train", 6000, "--limit_eval", 500, "--epochs", 3, "--save_model"]
 
 
@@ -205,7 +207,7 @@ def test_non_finite_loss_stops_or_skips_the_step(mode, tmp_path):
         1,
         "--on_nan",
         mode,
-        env=child_env(DISTBENCH_INJECT_NAN_STEP="4"),
+        nan_at_batch=4,
     )
     rec = only(tmp_path)
     if mode == "stop":
@@ -320,9 +322,9 @@ CATALOGUE = [
         "flag-bad-value",
         "mlp",
         lambda t, r: ["--on_nan", "ignore"],
-        "config key 'on_nan': expected stop or skip",
+        "config key 'on_nan': expected one of stop, skip",
     ),
-    ("flag-negative", "mlp", lambda t, r: ["--epochs", "-1"], "config key 'epochs': must be > 0"),
+    ("flag-negative", "mlp", lambda t, r: ["--epochs", "-1"], "config key 'epochs': must be >= 1"),
     ("data-missing", "mlp", lambda t, r: ["--data", "local", "--data_dir", t / "empty"], "mnist"),
     (
         "data-truncated",

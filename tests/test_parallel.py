@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from shared.parallel import SetupError, check_setup, cut, pieces, stage_module
+from shared.plan import SetupError, check_setup
 from shared.record import read_record
+from shared.stages import cut, pieces, stage_module
 from tests.conftest import BIN, REPO, child_env, explain, free_port, launch, records, require_dataset
 
 # ----------------------------------------------------------------------------- check_setup (no processes)
@@ -255,6 +256,7 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", [s for s in SETUPS if s != "single"])
 def test_every_strategy_reaches_the_one_process_parameters(runs, setup):
     _, out = runs
@@ -270,12 +272,14 @@ def test_every_strategy_reaches_the_one_process_parameters(runs, setup):
     assert rec["test"]["test/epoch"] == ref_rec["test"]["test/epoch"] == 1  # the CNN restored epoch 1 of 2
 
 
+@pytest.mark.slow
 def test_the_comparison_can_fail(runs):
     """Negative control: one optimizer step fewer lands measurably elsewhere."""
     _, out = runs
     assert max_diff(out["negative"][0], out["single"][0]) > 1e-3
 
 
+@pytest.mark.slow
 def test_records_name_the_strategy(runs):
     _, out = runs
     expect = {  # strategy, mesh, micro-batches, schedule, data-parallel size
@@ -311,6 +315,7 @@ def test_records_name_the_strategy(runs):
     assert [st["device"] for st in out["model_split"][1]["setup"]["stages"]] == ["cpu", "cpu"]
 
 
+@pytest.mark.slow
 def test_fsdp_really_shards(runs):
     """Every parameter is a DTensor shard of half the rows on each rank (recorded after the in-script check)."""
     _, out = runs
@@ -323,6 +328,7 @@ def test_fsdp_really_shards(runs):
         assert sh["local"] == [[(rows + 1) // 2, *sh["global"][1:]], [rows // 2, *sh["global"][1:]]], name
 
 
+@pytest.mark.slow
 def test_autoencoder_strategies_agree(tmp_path):
     """The input is the target: model_split (encoder | decoder), a 1F1B pipeline and FSDP (one bias has a
     single row, so rank 1's shard is empty) reach the same weights."""
@@ -347,6 +353,7 @@ def test_autoencoder_strategies_agree(tmp_path):
         assert max_diff(got[name][0], got["model_split"][0]) < 1e-6, name
 
 
+@pytest.mark.slow
 def test_refused_before_anything_is_built(tmp_path):
     """Plain python with --strategy pipeline: one line, exit 2, no record, and before the data is read
     (the data directory does not exist, yet the message is about the strategy)."""
@@ -359,6 +366,7 @@ def test_refused_before_anything_is_built(tmp_path):
     assert records(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_launched_mismatch_is_refused(tmp_path):
     """model_split under a 2-process launch: every rank stops with the sentence, no record."""
     proc = launch(
@@ -377,6 +385,7 @@ def test_launched_mismatch_is_refused(tmp_path):
     assert records(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_two_machines_on_loopback(tmp_path):
     """multinode_2machines.yaml launched twice, as machine 0 and machine 1, rendezvous on 127.0.0.1."""
     root = require_dataset("mnist")
@@ -436,6 +445,7 @@ TEXT = {  # tiny runs; dropout off so 1 and 2 processes draw nothing different
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", list(TEXT))
 def test_text_models_strategies_agree(model, tmp_path):
     """NBoW and Seq2Seq under DDP, FSDP and model split reach the one-process parameters and metrics.

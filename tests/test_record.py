@@ -101,6 +101,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_writer_never_leaves_a_corrupt_file(tmp_path):
     """SIGKILL a process that rewrites its record as fast as it can, at random moments, 100 times."""
     rng = random.Random(0)

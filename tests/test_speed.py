@@ -48,6 +48,7 @@ def run(tmp_path, setup, name, *extra):
     return load_file(out / rec["run_id"] / "model.safetensors"), read_record(out / f"{rec['run_id']}.json")
 
 
+@pytest.mark.slow
 def test_device_data_path_1_and_2_processes_agree_and_record_it(tmp_path):
     one, rec1 = run(tmp_path, None, "one", "--data_on_device", "true", "--fused_optimizer", "true")
     two, rec2 = run(tmp_path, "cpu_2proc", "two", "--data_on_device", "true", "--fused_optimizer", "true")
@@ -62,6 +63,7 @@ def test_device_data_path_1_and_2_processes_agree_and_record_it(tmp_path):
     )  # auto on CPU
 
 
+@pytest.mark.slow
 def test_compile_is_timed_apart_and_does_not_change_the_run(tmp_path):
     eager, _ = run(tmp_path, None, "eager", "--data_on_device", "true")
     compiled, rec = run(tmp_path, None, "compiled", "--data_on_device", "true", "--compile", "default")
@@ -70,6 +72,7 @@ def test_compile_is_timed_apart_and_does_not_change_the_run(tmp_path):
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_channels_last_run_on_the_cpu(tmp_path):
     out = tmp_path / "cnn"
     proc = launch(
@@ -82,16 +85,18 @@ def test_bf16_autocast_and_channels_last_run_on_the_cpu(tmp_path):
     assert rec["status"] == "finished" and 0 <= rec["test"]["test/acc"] <= 1
 
 
+@pytest.mark.slow
 def test_amortised_checks_still_name_the_first_non_finite_step(tmp_path):
     proc = launch(
         None, "mlp", "--data_dir", require_dataset("mnist"), "--runs_dir", tmp_path, *ARGS[:6], "--check_every", 4,
-        env=child_env(DISTBENCH_INJECT_NAN_STEP="2"),
+        nan_at_batch=2,
     )  # fmt: skip
     (rec,) = records(tmp_path)
     assert proc.returncode == 1 and rec["status"] == "failed", explain(proc)
     assert "non-finite training loss at step 2 " in rec["error"] and rec["config"]["check_every"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "bad", [["--data_on_device", "yes"], ["--compile", "fast"], ["--mixed_precision", "fp8"]]
 )
@@ -101,6 +106,7 @@ def test_bad_speed_flags_are_one_line(bad, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and bad[0][2:] in lines[0], explain(proc)
 
 
+@pytest.mark.slow
 def test_bench_speed_prints_ratios_and_writes_records(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "speed.py"), "--data_dir", str(require_dataset("mnist")), "--runs_dir",

@@ -1,0 +1,282 @@
+"""The lifecycle every training script shares, owned by one object so its order is written down once.
+
+    def main():
+        with Session(Config, "mlp", METRICS, SPLIT_POINTS, UNSUPPORTED) as s:  # config, accelerator, strategy, seed
+            data = load_mnist(s.cfg)
+            loaders = s.loaders(data)                       # train (on the device or a DataLoader), val, test
+            model = build_model(s.cfg, data.info)
+            optimizer = torch.optim.Adam(model.parameters(), lr=s.cfg.lr)
+            model, optimizer, train_loader, val_loader, test_loader = s.prepare(model, optimizer, *loaders)
+            for epoch in s.epochs():                        # record, resume, compile warm-up, set_epoch, clocks
+                train_loss, n_train = train_one_epoch(s, model, train_loader, optimizer)
+                with s.evaluating():                        # timed apart from training
+                    val = evaluate(s, model, val_loader)
+                s.log_epoch(n_train, {"train/loss": train_loss, "val/loss": val["loss"]})  # row, best, checkpoint
+            s.restore_best(model)                           # the tutorials test the best validation epoch
+            with s.evaluating():
+                test = evaluate(s, model, test_loader)
+            s.finish({"test/loss": test["loss"]})
+
+    if __name__ == "__main__":
+        run(main)                                           # one-line errors, exit codes, clean shutdown
+
+Inside `train_one_epoch` the loop stays the script's own, with Accelerate's idioms:
+
+    loss_sum, seen = s.epoch_sums(2)                        # zeros, or a resumed epoch's partial sums
+    for batch in s.batches(loader):                         # skips what a resumed run already trained on
+        optimizer.zero_grad(set_to_none=True)
+        if s.micro_batched:                                 # a pipeline schedule, or --microbatches N
+            loss = s.micro_batch_step(model, x, y, loss_fn)
+        else:
+            loss = loss_fn(model(x), y)
+            s.accelerator.backward(loss)
+        if not s.step_ok(loss):                             # non-finite loss: stop, or skip with --on_nan skip
+            continue
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        seen += len(y)
+        if s.step_done():                                   # checkpoint every N steps / on SIGTERM; True at max_steps
+            break
+
+`UNSUPPORTED` names the shared knobs a script does not use ({knob: why}; "pipeline" for the pipeline and
+hybrid strategies): setting one is an error naming it, never a silently recorded no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+
+import torch
+from accelerate.utils import set_seed
+
+from shared.checkpoint import BestCheckpoint, Progress
+from shared.config import ConfigError, parse_config
+from shared.device_data import DeviceLoader, use_device_data
+from shared.parallel import Parallel
+from shared.plan import SetupError
+from shared.runlog import RunLog
+from shared.runtime import (
+    compile_warmup,
+    count_params,
+    entry,
+    make_accelerator,
+    peak_memory_gib,
+    reset_peak_memory,
+    shutdown,
+    synced_clock,
+)
+
+# What an unsupported knob must be left at (besides its default); "auto" switches resolve to it.
+OFF = {"data_on_device": "false", "channels_last": "false", "compile": "", "microbatches": 1}
+_OPEN: list[Session] = []  # closed by run() once main() has returned and dropped the model
+
+
+def refuse_unsupported(cfg, config_cls, name: str, unsupported: dict):
+    """A knob the script does not use, set to anything but its default or off, is an error naming it;
+    an "auto" one is resolved to off, so the record says what ran."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    for knob, why in unsupported.items():
+        if knob not in defaults:
+            continue
+        value = getattr(cfg, knob)
+        if value not in (defaults[knob], OFF.get(knob)):
+            raise ConfigError(f"config key '{knob}': {name} does not support {value!r} ({why})")
+        if value == "auto":
+            setattr(cfg, knob, OFF[knob])
+
+
+class Session:
+    def __init__(
+        self, config_cls, name: str, metrics: dict, split_points=(), unsupported: dict | None = None
+    ):
+        self.name, self.metrics, self.unsupported = name, metrics, dict(unsupported or {})
+        self.cfg = cfg = parse_config(config_cls, sys.argv[1:])
+        refuse_unsupported(cfg, config_cls, name, self.unsupported)
+        self.accelerator = make_accelerator(cfg)  # refuses a launch that would not do what it says
+        self.par = Parallel(self.accelerator, cfg, split_points, no_pipeline=self.unsupported.get("pipeline"))
+        self.device, self.dp, self.data_rank = self.accelerator.device, self.par.plan.dp, self.par.data_rank
+        self.micro_batched = self.par.pipelined or self.par.plan.microbatches > 1
+        set_seed(cfg.seed)  # every rank builds the same full model; pipeline stages are cut out of it
+        # Per-rank augmentation draws, seeded by the data shard (the stages of a pipeline replica agree).
+        self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.data_rank)
+        self.log = self.progress = self.model = self.train_loader = None
+        self.data, self.data_path, self.best = None, None, BestCheckpoint(getattr(cfg, "select_best", False))
+        self._epoch_done = False
+        self._t = {}
+        _OPEN.append(self)
+
+    # -- building
+
+    def loaders(self, data, collate_fn=None) -> tuple:
+        """(train, val, test): the train split resident on the device when --data_on_device resolves to it
+        (shared/device_data.py), else a shuffled DataLoader; val and test in order, `eval_batch_size` each."""
+        cfg, par = self.cfg, self.par
+        from shared.data import make_loader
+
+        self.data = data
+        if use_device_data(cfg, self.device, data.train):
+            self.data_path = "device"
+            train = DeviceLoader(
+                data.train,
+                cfg.batch_size,
+                seed=cfg.seed,
+                device=self.device,
+                num_processes=par.plan.dp,
+                process_index=par.data_rank,
+                drop_last=par.pipelined,  # pipelines need equal micro-batches every step
+            )
+        else:
+            self.data_path = "dataloader"
+            train = make_loader(
+                data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, collate_fn=collate_fn
+            )
+        evals = [
+            make_loader(split, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, collate_fn=collate_fn)
+            for split in (data.val, data.test)
+        ]
+        return (train, *evals)
+
+    def prepare(self, model, optimizer, *loaders, warmup=None):
+        """`accelerator.prepare` per strategy, then open the run record. `warmup=(inputs, loss_fn)`: how the
+        training loop turns a batch into (x, y), for --compile's warm-up before epoch 1."""
+        if self.cfg.channels_last == "true":
+            model = model.to(memory_format=torch.channels_last)
+        info = {"params": count_params(model), "steps_per_epoch": len(loaders[0])}
+        info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        info |= {k: v for k, v in self.data.info.items() if isinstance(v, (int, float, str))}
+        model, optimizer, *loaders = self.par.prepare(model, optimizer, *loaders)
+        self.model, self.optimizer, self.train_loader = model, optimizer, loaders[0]
+        self.log = RunLog(
+            self.accelerator,
+            self.cfg,
+            self.par,
+            model=self.name,
+            script=os.path.abspath(getattr(sys.modules["__main__"], "__file__", sys.argv[0])),
+            data=self.data,
+            metrics=self.metrics,
+            model_info=info,
+            data_path=self.data_path,
+        )
+        if self.cfg.compile:
+            if warmup is None:
+                raise SetupError(f"{self.name} does not support --compile")
+            inputs, loss_fn = warmup
+            s = compile_warmup(
+                self.accelerator, self.cfg, self.par, model, self.train_loader, inputs, loss_fn
+            )
+            self.log.timing(compile_s=s)
+        self.progress = Progress(
+            self.accelerator, self.cfg, self.log, self.par, model, self.best, gens=[self.gen]
+        )
+        return (model, optimizer, *loaders)
+
+    # -- the loop
+
+    def epochs(self):
+        """Epoch numbers from 1 (or where a resumed run stopped); ends at `epochs` or at max_steps."""
+        for epoch in self.progress.epochs():
+            self.train_loader.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
+            reset_peak_memory(self.accelerator)
+            self._t = {"start": synced_clock(self.accelerator)}
+            yield epoch
+            if self._epoch_done:
+                return
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far in the run (a resumed run continues the count)."""
+        return self.progress.step
+
+    def epoch_sums(self, n: int) -> list[torch.Tensor]:
+        """`n` running sums on the device (no host sync per step), saved with checkpoints."""
+        return self.progress.sums(n)
+
+    def batches(self, loader):
+        return self.progress.batches(loader)
+
+    def micro_batch_step(self, model, x, y, loss_fn) -> torch.Tensor:
+        """Forward and backward in micro-batches (a pipeline schedule, or accumulation under no_sync)."""
+        return self.par.forward_backward(model, x, y, loss_fn)
+
+    def step_ok(self, loss: torch.Tensor) -> bool:
+        return self.progress.take_step(loss)
+
+    def step_done(self) -> bool:
+        return self.progress.step_done()
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks that hold distinct samples (the last stage of each pipeline replica)."""
+        return self.par.reduce_sum(t)
+
+    def gather_for_metrics(self, data):
+        """`accelerator.gather_for_metrics` over the data-parallel ranks: each sample once, padding dropped."""
+        return self.par.gather_for_metrics(data)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Time an evaluation pass apart from training (clocks read after a device sync and a barrier)."""
+        t0 = synced_clock(self.accelerator)
+        self._t.setdefault("trained", t0)
+        yield
+        self._t["eval_s"] = self._t.get("eval_s", 0.0) + synced_clock(self.accelerator) - t0
+
+    def log_epoch(self, n_train: int, metrics: dict):
+        """The epoch's row (console and record), the best epoch's weights, the epoch-end checkpoint."""
+        t, p, epoch = self._t, self.progress, self.progress.epoch
+        end = synced_clock(self.accelerator)
+        train_s = t.get("trained", end) - t["start"]
+        self.best.update(metrics.get("val/loss", float("inf")), self.model, epoch)
+        row = {"epoch": epoch, "step": p.step, "samples_seen": p.samples + n_train, **metrics}
+        row |= {
+            "time/train_s": train_s,
+            "time/eval_s": t.get("eval_s", 0.0),
+            "time/epoch_s": end - t["start"],
+        }
+        row["throughput/samples_per_s"] = n_train / train_s
+        row["memory/peak_gib"] = peak_memory_gib(self.accelerator)
+        self.log.log_epoch(row)
+        self._epoch_done = p.epoch_done(n_train)  # True once max_steps is reached
+
+    def restore_best(self, model):
+        """With select_best: the weights of the epoch with the lowest validation loss, as the tutorials test."""
+        self.best.restore(model)
+        self._t = {}
+
+    def finish(self, test: dict):
+        """Record the test results (plus which epoch was tested and how long the test took); collective."""
+        test = {**test, "test/epoch": self.best.epoch or self.progress.epoch - 1}
+        test["test/time_s"] = self._t.get("eval_s")
+        self.log.finish(test, self.model)
+
+    # -- the end
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and self.log is not None:
+            self.log.failed(exc)  # the record says failed / interrupted, with one line; the error propagates
+        self.model = self.optimizer = self.train_loader = self.progress = None
+        self.best.state = None
+        return False
+
+    def close(self):
+        """Release the wrapped model before the process group ends: gloo + DDP otherwise aborts at exit."""
+        if self in _OPEN:
+            _OPEN.remove(self)
+            shutdown(self.accelerator, self.par)
+
+
+def run(main):
+    """Run `main()`: bad input -> one line and exit 2, interrupted -> 130/143, crash -> traceback and 1; on
+    success the process group ends after main's locals (model, optimizer) are gone."""
+
+    def main_then_close():
+        main()
+        for s in list(_OPEN):
+            s.close()
+
+    entry(main_then_close)
