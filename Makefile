@@ -37,6 +37,12 @@ test-fast: venv
 screenshots: venv browser
 	DISTBENCH_SCREENSHOTS=docs/screenshots DISTBENCH_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q tests/test_dashboard_e2e.py
 
+# every GPU check in one command (<= 8 min on one GPU; docs/gpu.md); without CUDA: one line, exit 2.
+# Runs with the venv's python if there is one, else python3 (a lent GPU machine brings its own torch).
+.PHONY: gpu-check
+gpu-check:
+	$(or $(wildcard $(BIN)/python),python3) bench/gpu_check.py --data_dir $(DATA_DIR) --out $(or $(OUT),gpu_check)
+
 # every script for a few steps (presets/debug/) on 1 and on 2 processes, launched as a user would; synthetic
 # data unless SMOKE_ARGS="--data local --data_dir ..." : does everything still run end to end?
 .PHONY: smoke

@@ -6,7 +6,7 @@ per channel, SGD lr 0.01 (no momentum), batch 20, 30 epochs, cross-entropy, the 
 is tested. Split 45,000 / 5,000 / 10,000 (split seed 1234; the tutorial held out 20%, the study 10%).
 Upstream result: test loss 0.664, test accuracy 76% (per class 53% cat ... 88% automobile).
 
-Launch (same script everywhere; hardware lives in accelerate_configs/, strategies in README "Strategies"):
+Launch (same script everywhere; hardware lives in accelerate_configs/, strategies in docs/strategies.md):
     python scripts/cnn.py --data_dir ../shared/data
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/cnn.py --data_dir ../shared/data
     accelerate launch --config_file accelerate_configs/cpu_2proc_pipeline.yaml scripts/cnn.py --strategy pipeline --data_dir ../shared/data

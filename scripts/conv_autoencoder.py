@@ -7,7 +7,7 @@ here 54,000 train / 6,000 val / 10,000 test (split seed 1234) so reconstruction 
 held-out images. The tutorial prints sum(loss x batch) / n_batches, about 20x the per-pixel MSE: it ends
 at 0.1652, i.e. about 0.0083 per-pixel MSE.
 
-Launch (same script everywhere; hardware lives in accelerate_configs/, strategies in README "Strategies"):
+Launch (same script everywhere; hardware lives in accelerate_configs/, strategies in docs/strategies.md):
     python scripts/conv_autoencoder.py --data_dir ../shared/data
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/conv_autoencoder.py --data_dir ../shared/data
     python scripts/conv_autoencoder.py --strategy model_split --data_dir ../shared/data   # encoder | decoder

@@ -5,7 +5,7 @@ RandomRotation(±5°) + RandomCrop(28, padding 2), normalisation 0.1307 / 0.3081
 transforms, Adam lr 1e-3, batch 64, 10 epochs, the best-validation-loss epoch is tested.
 Upstream result: test loss 0.052, test accuracy 98.37%.
 
-Launch (same script everywhere; hardware lives in accelerate_configs/, strategies in README "Strategies"):
+Launch (same script everywhere; hardware lives in accelerate_configs/, strategies in docs/strategies.md):
     python scripts/mlp.py --data_dir ../shared/data
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/mlp.py --data_dir ../shared/data
     accelerate launch --config_file accelerate_configs/cpu_2proc_fsdp.yaml scripts/mlp.py --data_dir ../shared/data

@@ -265,10 +265,10 @@ def evaluate(s: Session, model, loader) -> dict:
 
 
 @torch.no_grad()
-def bleu(model, data, cfg, device) -> dict:
+def bleu(s: Session, model, data) -> dict:
     """Greedy translations of the whole test split on this process, scored with corpus BLEU."""
     model.eval()
-    info = data.info
+    cfg, device, info = s.cfg, s.device, data.info
     src_vocab, trg_vocab, eos = info["src_vocab"], info["trg_vocab"], info["eos_index"]
     loader = make_loader(
         data.test,
@@ -287,7 +287,9 @@ def bleu(model, data, cfg, device) -> dict:
             token = logits.argmax(1).to(device)  # model_split: the decoder may sit on another device
             out.append(token)
             done |= token == eos
-            if done.all():
+            # Under FSDP every decoder step all-gathers parameters: the ranks must stop at the same step,
+            # even if a kernel's rounding made one rank's argmax differ.
+            if s.all_ranks(done.all()):
                 break
         for ids in torch.stack(out, 1).tolist():
             hyps.append(" ".join(trg_vocab.decode(ids[: ids.index(eos)] if eos in ids else ids)))
@@ -331,7 +333,7 @@ def main():
             test = evaluate(s, model, test_loader)
             # BLEU over the whole test split on every rank with the unwrapped model (FSDP's forward all-gathers
             # parameters, so all ranks must run it); 1,000 short sentences decode in seconds and the ranks agree.
-            scored = bleu(s.accelerator.unwrap_model(model), data, cfg, s.device)
+            scored = bleu(s, s.accelerator.unwrap_model(model), data)
         s.finish({"test/loss": test["loss"], "test/ppl": test["ppl"], "test/n_samples": test["n_samples"],
                   "test/n_tokens": test["n_tokens"], "test/bleu": scored["bleu"],
                   "test/bleu_detail": scored["detail"], "test/examples": scored["examples"]})  # fmt: skip

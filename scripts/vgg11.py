@@ -11,7 +11,7 @@ machines are offline; the record says which (`model_info.init`).
 
 `--image_size 32` skips the resize (random crop padding 4): the fast variant for CPUs and quick runs.
 
-Launch (same script everywhere; hardware lives in accelerate_configs/, strategies in README "Strategies"):
+Launch (same script everywhere; hardware lives in accelerate_configs/, strategies in docs/strategies.md):
     python scripts/vgg11.py --data_dir ../shared/data --image_size 32
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/vgg11.py --data_dir ../shared/data --image_size 32
     accelerate launch --config_file accelerate_configs/gpu_2_fsdp.yaml scripts/vgg11.py --pretrained

@@ -150,19 +150,11 @@ class Progress:
             self._bad = torch.where(bad & (self._bad == 0), BIG - (self.step + 1), self._bad)
             if (self.step + 1) % self.cfg.check_every:
                 return True
-        flags = torch.stack(
-            [self._bad, torch.tensor(float(STOP.signal is not None), device=self._bad.device)]
-        )
-        if self.world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad_code, stop = flags.tolist()
-        self._stop = stop > 0
+        bad_code = self._agree()
         if bad_code:
             step = int(BIG - bad_code)
             where = f"step {step} (epoch {self.epoch})"
-            if self.cfg.on_nan == "stop":
-                self.run.event("nonfinite_loss", step=step, epoch=self.epoch, action="stop")
-                raise NonFiniteLoss(f"non-finite training loss at {where}; --on_nan skip drops such steps")
+            self._stop_on_nonfinite(bad_code)
             self.skipped += 1
             self.batch += 1
             self._bad.zero_()
@@ -172,6 +164,25 @@ class Progress:
                 self._interrupt()
             return False
         return True
+
+    def _agree(self) -> float:
+        """One small all-reduce: (first non-finite step not yet reported, stop requested) over the ranks."""
+        flags = torch.stack(
+            [self._bad, torch.tensor(float(STOP.signal is not None), device=self._bad.device)]
+        )
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_code, stop = flags.tolist()
+        self._stop = stop > 0
+        return bad_code
+
+    def _stop_on_nonfinite(self, bad_code: float):
+        if bad_code and self.cfg.on_nan == "stop":
+            step = int(BIG - bad_code)
+            self.run.event("nonfinite_loss", step=step, epoch=self.epoch, action="stop")
+            raise NonFiniteLoss(
+                f"non-finite training loss at step {step} (epoch {self.epoch}); --on_nan skip drops such steps"
+            )
 
     def step_done(self) -> bool:
         """After the optimizer step: count it, checkpoint when due or when asked to stop. True at max_steps."""
@@ -187,6 +198,9 @@ class Progress:
 
     def epoch_done(self, samples: int) -> bool:
         """After the epoch's evaluation and record row: next epoch, checkpoint. True when training is over."""
+        # checks amortised over --check_every steps may not have run this epoch: a run never ends an epoch
+        # (nor writes its checkpoint, nor finishes) on weights a non-finite loss reached unnoticed
+        self._stop_on_nonfinite(self._agree())
         self.samples += samples
         self.epoch += 1
         self.batch = 0
@@ -207,6 +221,9 @@ class Progress:
     # -- saving and loading
 
     def save(self):
+        # With checks amortised over --check_every steps, a non-finite loss may not be agreed on yet: a
+        # checkpoint must never hold the weights it poisoned (--resume would load them).
+        self._stop_on_nonfinite(self._agree())
         acc, rank = self.acc, self.acc.process_index
         name = f"step-{self.step:08d}"
         final, tmp = self.dir / name, self.dir / f"{name}.partial"

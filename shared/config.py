@@ -37,10 +37,10 @@ class RunConfig:
     data: Literal["auto", "local", "hub", "synthetic"] = (
         "auto"  # auto (local dir, then the HF hub) | local | hub | synthetic (smoke tests only)
     )
-    data_dir: str = "data"  # root holding mnist/, cifar10/, imdb/, multi30k/ (see README, Data)
+    data_dir: str = "data"  # root holding mnist/, cifar10/, imdb/, multi30k/ (docs/data.md)
     runs_dir: str = "runs"  # one JSON record per run is written here
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda
-    # Parallelism (README, Strategies). fsdp comes from the launch config; the others are chosen here.
+    # Parallelism (docs/strategies.md). fsdp comes from the launch config; the others are chosen here.
     strategy: Literal["auto", "single", "ddp", "fsdp", "model_split", "pipeline", "hybrid"] = (
         "auto"  # auto (fsdp if the launch config is FSDP, ddp if >1 process, else single) | single | ddp | fsdp | model_split | pipeline | hybrid
     )
@@ -53,7 +53,7 @@ class RunConfig:
     eval_batch_size: int = 1000  # global batch for validation and test
     save_model: bool = False  # also write the final weights to <runs_dir>/<run_id>.safetensors
     tag: str = ""  # free text stored in the record (e.g. the bench matrix cell)
-    # Fault tolerance (README, "Checkpoints, resume and failures")
+    # Fault tolerance (docs/checkpoints.md)
     checkpoint_every: int = 0  # save_state every N optimizer steps and at each epoch end (0 = no checkpoints)
     keep_checkpoints: int = 2  # keep the newest K checkpoints of a run
     resume: str = (
@@ -62,10 +62,9 @@ class RunConfig:
     on_nan: Literal["stop", "skip"] = (
         "stop"  # non-finite training loss: stop (record failed) | skip (drop that optimizer step)
     )
-    collective_timeout_s: int = (
-        60  # a rank waiting longer than this on the others fails (a peer died or hung)
-    )
-    # Speed (README, "Speed"); "auto" is resolved per device at start-up and the record keeps what ran.
+    # a rank waiting longer than this on the others fails (a peer died or hung); 0 = 60 on CPU, 1800 on CUDA
+    collective_timeout_s: int = 0
+    # Speed (docs/speed-levers.md); "auto" is resolved per device at start-up and the record keeps what ran.
     # data_on_device: the train split resident on the device, batches cut there: auto (CUDA, if it fits) | true | false
     data_on_device: Switch = "auto"
     mixed_precision: Literal["", "no", "bf16", "fp16"] = (
@@ -223,7 +222,7 @@ MINIMUM = {
     "check_every": 0,
     "checkpoint_every": 0,
     "keep_checkpoints": 1,
-    "collective_timeout_s": 1,
+    "collective_timeout_s": 0,
     "epochs": 1,
     "batch_size": 1,
     "eval_batch_size": 1,

@@ -1,6 +1,6 @@
 """Datasets: resolved from a local directory, else the Hugging Face hub, else (only when asked) synthetic.
 
-Every dataset has one on-disk layout (the one in ../shared/data, documented in the README). A hub download
+Every dataset has one on-disk layout (the one in ../shared/data, documented in docs/data.md). A hub download
 is converted into that layout inside `--data_dir`, so the second run reads it locally like any other copy.
 Splits are deterministic: a fixed split seed, independent of the training seed, so seeds repeat a run on
 the same split.
@@ -306,10 +306,11 @@ class TensorDictDataset(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
-def make_loader(split: dict, batch_size: int, shuffle: bool, seed: int, collate_fn=None):
+def make_loader(split: dict, batch_size: int, shuffle: bool, seed: int, collate_fn=None, pin_memory=False):
     """A plain DataLoader over in-memory tensors. `accelerator.prepare` shards it across processes.
 
-    With `split_batches=True` (see runtime.make_accelerator) `batch_size` is the global batch.
+    With `split_batches=True` (see runtime.make_accelerator) `batch_size` is the global batch. `pin_memory`
+    (on CUDA): page-locked batches, so the host-to-device copy runs asynchronously.
     """
     return torch.utils.data.DataLoader(
         TensorDictDataset(split),
@@ -317,5 +318,6 @@ def make_loader(split: dict, batch_size: int, shuffle: bool, seed: int, collate_
         shuffle=shuffle,
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
         collate_fn=collate_fn,
+        pin_memory=pin_memory,
         num_workers=0,  # the data is already decoded in memory; workers would only add process start-up
     )

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import gather_object
 
 from shared.plan import Plan
 from shared.stages import cut, stage_module, stage_summary
@@ -64,8 +65,9 @@ class Pipeline:
             raise ValueError(f"{self.plan.strategy} needs an nn.Sequential model, got {type(model).__name__}")
         pp = self.plan.pp
         stages = cut(model, self.split_points[: pp - 1])
+        devices = gather_object([str(self.device)])  # stage i of replica 0 runs on rank i
         self.stages = [
-            stage_summary(st, self.device, [d * pp + i for d in range(self.plan.dp)])
+            stage_summary(st, devices[i], [d * pp + i for d in range(self.plan.dp)])
             for i, st in enumerate(stages)
         ]
         mine = stage_module(stages[self.pp_rank]).to(self.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -51,6 +52,67 @@ class Plan:
         }[self.strategy]
 
 
+def launch_config_file() -> Path | None:
+    """The setup file of this launch (`accelerate launch --config_file X`), read from the launcher's command
+    line: the worker's parent under Accelerate's launchers. None when launched otherwise (python, torchrun,
+    SLURM's srun) or without /proc."""
+    pid = os.getpid()
+    for _ in range(2):  # the launcher, or the launcher's parent
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, ValueError, IndexError):
+            return None
+        launcher = any(Path(a).name == "accelerate" for a in argv[:2]) and "launch" in argv[:3]
+        if not (launcher or "accelerate.commands.launch" in argv[:3]):
+            continue
+        for i, a in enumerate(argv):
+            if a in ("--config_file", "--config-file") and i + 1 < len(argv):
+                return Path(argv[i + 1])
+            if a.startswith(("--config_file=", "--config-file=")):
+                return Path(a.split("=", 1)[1])
+        return None
+    return None
+
+
+def launch_uses_cpu(config_file: Path | None) -> bool:
+    """The setup asks for the CPU (`use_cpu: true`). Accelerate's simple launcher exports ACCELERATE_USE_CPU;
+    its multi-GPU launcher (the one that starts N cooperating CPU processes) drops it, so the file is read."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        return True
+    if config_file is None:
+        return False
+    try:
+        import yaml
+
+        return yaml.safe_load(config_file.read_text()).get("use_cpu") is True
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
+def named_strategy(config_file: Path | None) -> str | None:
+    """The strategy a setup file is named for (accelerate_configs/*_pipeline.yaml, *_hybrid.yaml,
+    *_model_split.yaml): Accelerate passes nothing of a pipeline to the processes, so the name carries it."""
+    if config_file is None:
+        return None
+    stem = config_file.stem
+    return next((s for s in ("model_split", "pipeline", "hybrid") if stem.endswith(f"_{s}")), None)
+
+
+def adopt_named_strategy(cfg, named: str | None, config_file: Path | None):
+    """`--strategy auto` under a setup file named for a strategy runs that strategy; another explicit
+    strategy is refused in one line (never a DDP run recorded under a pipeline setup's name)."""
+    if named is None:
+        return
+    if cfg.strategy == "auto":
+        cfg.strategy = named
+    elif cfg.strategy != named:
+        raise SetupError(
+            f"the launch config {config_file.name} is a {named} setup but --strategy {cfg.strategy} was asked; "
+            f"launch {cfg.strategy} with its own accelerate_configs/ file"
+        )
+
+
 def launch_is_fsdp() -> bool:
     """The launcher exported the FSDP plugin settings of a `distributed_type: FSDP` config."""
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
@@ -77,6 +139,11 @@ def check_setup(
         raise SetupError(
             f"the launch config is an FSDP setup (distributed_type: FSDP) but --strategy {s} was asked; "
             f"launch {s} with its own accelerate_configs/ file"
+        )
+    if s == "fsdp" and getattr(cfg, "channels_last", "") == "true":
+        raise SetupError(
+            "--channels_last true cannot be sharded: FSDP2 refuses the non-contiguous weights it makes "
+            "(leave it at auto, which is off under fsdp)"
         )
     if s == "fsdp" and not fsdp_launch:
         raise SetupError(

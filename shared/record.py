@@ -320,6 +320,8 @@ def environment(script: str | os.PathLike | None = None) -> dict:
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
+        # PyTorch's defaults, kept: fp32 matmuls stay fp32, cuDNN convolutions may use TF32 (on Ampere+)
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
     }
 
 

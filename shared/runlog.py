@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
+from shared.plan import launch_config_file
 from shared.record import REPO, RecordWriteError, RunRecord, device_name, environment, num_machines
 from shared.resume import negotiate_resume
 from shared.runtime import describe_failure, params_sha256
@@ -50,6 +51,7 @@ def setup_info(acc, cfg, par, **extra) -> dict:
         "devices": gather_object([str(acc.device)]),
         "device_names": gather_object([device_name(acc.device)]),
         "mixed_precision": str(acc.mixed_precision),
+        "launch_config": config.name if (config := launch_config_file()) else None,
         "global_batch_size": cfg.batch_size,
         "per_device_batch_size": cfg.batch_size // par.plan.dp,  # per data-parallel replica (stages share it)
         **par.setup_info(),

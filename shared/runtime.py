@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import math
 import os
 import resource
 import sys
@@ -18,7 +19,15 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import InitProcessGroupKwargs
 
 from shared.config import RunConfig, UserError
-from shared.plan import SetupError, check_setup, launch_is_fsdp
+from shared.plan import (
+    SetupError,
+    adopt_named_strategy,
+    check_setup,
+    launch_config_file,
+    launch_is_fsdp,
+    launch_uses_cpu,
+    named_strategy,
+)
 from shared.record import RecordWriteError, num_machines
 from shared.signals import Interrupted, install_signal_handlers
 
@@ -32,35 +41,39 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
     processes take the same optimizer steps on the same samples (the study doubled it on 2 GPUs instead).
     """
     env = os.environ
-    cuda = torch.cuda.is_available()
+    config_file = launch_config_file()
+    # A cpu_* setup (use_cpu: true) runs on the CPU on every machine, GPUs or not: Accelerator(cpu=False)
+    # would otherwise put its ranks on the GPUs (two ranks on one GPU: NCCL's "Duplicate GPU detected").
+    pinned_cpu = launch_uses_cpu(config_file)
+    if pinned_cpu and cfg.device == "cuda":
+        raise SetupError("--device cuda was asked for, but the launch config is a CPU setup (use_cpu: true)")
+    cuda = torch.cuda.is_available() and cfg.device != "cpu" and not pinned_cpu
     if cfg.device == "cuda" and not cuda:
         raise SetupError("--device cuda was asked for, but torch sees no CUDA device")
     visible = env.get("CUDA_VISIBLE_DEVICES", "")
-    if cfg.device == "auto" and visible not in ("", "-1") and not cuda:
+    if cfg.device == "auto" and visible not in ("", "-1") and not torch.cuda.is_available():
         raise SetupError(
             f"the launch config assigns GPUs (CUDA_VISIBLE_DEVICES={visible}) but torch sees no CUDA device; "
             "use an accelerate_configs/cpu_*.yaml setup on this machine"
         )
-    if (
-        "MASTER_ADDR" in env
-        and "WORLD_SIZE" not in env
-        and env.get("ACCELERATE_USE_CPU", "").lower() == "true"
-    ):
-        # accelerate's simple launcher (distributed_type: MULTI_CPU, or --cpu --num_processes N) exports
-        # MASTER_ADDR for N > 1 but starts ONE process unless mpirun is used: refuse instead of training alone.
+    if "MASTER_ADDR" in env and "WORLD_SIZE" not in env and "ACCELERATE_MIXED_PRECISION" in env:
+        # Accelerate's simple launcher (`--num_processes N` without --multi_gpu or a multi-process setup file,
+        # distributed_type: MULTI_CPU, or --cpu --num_processes N) exports MASTER_ADDR for N > 1 but starts
+        # ONE process unless mpirun is used: refuse instead of training alone.
         raise SetupError(
-            "this launch asked for several CPU processes through accelerate's simple launcher "
-            "(distributed_type: MULTI_CPU or --cpu --num_processes N), which starts only one process without mpirun; "
-            "use accelerate_configs/cpu_2proc.yaml (multi-GPU launcher with use_cpu)"
+            "this launch asked for several processes but Accelerate's simple launcher started only this one "
+            "(--num_processes N without --multi_gpu, distributed_type: MULTI_CPU, or --cpu --num_processes N); "
+            "use accelerate_configs/cpu_2proc.yaml (CPU) or --multi_gpu"
         )
     world = int(env.get("WORLD_SIZE", "1"))
+    adopt_named_strategy(cfg, named_strategy(config_file), config_file)
     # Before anything is built: is --strategy possible with this launch? (Parallel re-checks against the model.)
     plan = check_setup(
-        cfg,
-        world,
-        fsdp_launch=launch_is_fsdp(),
-        n_gpus=torch.cuda.device_count() if cuda and cfg.device != "cpu" else 0,
+        cfg, world, fsdp_launch=launch_is_fsdp(), n_gpus=torch.cuda.device_count() if cuda else 0
     )
+    # gloo: a peer gone for a minute is dead. CUDA: compile warm-up or rank 0 writing a large checkpoint can
+    # hold the others for minutes, and NCCL's watchdog aborts the process (no failure record) when it fires.
+    cfg.collective_timeout_s = cfg.collective_timeout_s or (1800 if cuda else 60)
     extra = {}
     if cfg.mixed_precision:
         extra["mixed_precision"] = cfg.mixed_precision
@@ -71,8 +84,11 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
     acc = Accelerator(
         # Without cpu=True on a machine with no CUDA, processes started by the multi-GPU launcher each come
         # up as a single non-distributed process and train as independent copies.
-        cpu=cfg.device == "cpu" or not cuda,
-        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+        cpu=not cuda,
+        # non_blocking: with pinned host batches (shared.data.make_loader on CUDA) the copy does not block
+        dataloader_config=DataLoaderConfiguration(
+            split_batches=True, use_seedable_sampler=True, non_blocking=cuda
+        ),
         # A rank waiting longer than this in a collective fails instead of hanging (a peer died or hung).
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))],
         **extra,
@@ -84,33 +100,56 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
             f"({acc.distributed_type}); the processes would train as independent copies"
         )
     if plan.strategy == "fsdp":
+        if acc.mixed_precision != "no":
+            # Accelerate's FSDP2 policy casts parameters (BatchNorm's too, beside fp32 running statistics),
+            # reduces gradients and returns outputs in that precision: not the fp32-master autocast DDP runs.
+            raise SetupError(
+                f"fsdp with mixed precision {acc.mixed_precision} is not supported here (FSDP2 would reduce "
+                "gradients and compute losses in it, and BatchNorm fails); use ddp for mixed precision"
+            )
         _enable_fsdp(acc)
     install_signal_handlers()  # SIGTERM / SIGINT: finish the step, checkpoint, record `interrupted`
     cuda_run = acc.device.type == "cuda"
     for key in ("channels_last", "fused_optimizer"):  # resolved here, so the record says what ran
         if getattr(cfg, key) == "auto":
-            setattr(cfg, key, "true" if cuda_run else "false")
+            # channels_last makes conv weights non-contiguous, which FSDP2 cannot shard
+            on = cuda_run and not (key == "channels_last" and plan.strategy == "fsdp")
+            setattr(cfg, key, "true" if on else "false")
     cfg.check_every = cfg.check_every or (25 if cuda_run else 1)
     return acc
 
 
-def compile_warmup(acc, cfg, par, model, loader, inputs, loss_fn) -> float | None:
-    """With --compile: compile the train and eval graphs on the first batch before training, timed, then
-    restore parameters, buffers and RNG states, so compilation is neither hidden in epoch 1 nor changes the
-    run. `inputs(batch)` gives (x, y) as the training loop does. (A last, smaller batch may still recompile
-    once inside an epoch.)"""
+def _tail_rows(loader, batch_size: int, dp: int, rank: int) -> int:
+    """Rows of this rank's last, partial train batch (0 if every batch is full or the last is dropped)."""
+    n = getattr(loader, "n", None) or len(getattr(loader, "dataset", ()))
+    tail = n % batch_size
+    if not tail or getattr(loader, "drop_last", False):
+        return 0
+    if hasattr(loader, "n"):  # shared.device_data.DeviceLoader: tensor_split of the global batch
+        return len(torch.tensor_split(torch.arange(tail), dp)[rank])
+    return math.ceil(tail / dp)  # Accelerate's split_batches pads the last batch to split it evenly
+
+
+def compile_warmup(acc, cfg, par, model, loader, inputs, loss_fn, eval_loader=None) -> float | None:
+    """With --compile: compile every graph the run will use before training, timed, then restore parameters,
+    buffers and RNG states, so compilation is neither hidden in epoch 1 nor changes the run. The shapes: a
+    train step on the first batch and on the last, partial one, and evaluation on an eval batch (the eval batch
+    size differs). `inputs(batch)` gives (x, y) as the training loop does."""
     if not cfg.compile:
         return None
     x, y = inputs(next(iter(loader)))
+    x_eval = inputs(next(iter(eval_loader)))[0] if eval_loader is not None else x
+    tail = _tail_rows(loader, cfg.batch_size, par.plan.dp, par.data_rank)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     t0 = synced_clock(acc)
     model.train()
-    par.forward_backward(model, x, y, loss_fn)
-    model.zero_grad(set_to_none=True)
+    for rows in [len(y), tail] if tail and tail != len(y) else [len(y)]:
+        par.forward_backward(model, x[:rows], y[:rows], loss_fn)
+        model.zero_grad(set_to_none=True)
     model.eval()
     with torch.no_grad():
-        model(x)
+        model(x_eval)
     model.train()
     seconds = synced_clock(acc) - t0
     model.load_state_dict(state)
@@ -151,23 +190,30 @@ def _enable_fsdp(acc: Accelerator):
 # ----------------------------------------------------------------------------- clocks and meters
 
 
+def _cuda_devices(acc) -> list[int]:
+    """Every CUDA device this process uses: its own, or all visible ones under model_split."""
+    return list(range(torch.cuda.device_count())) if acc.device.type == "cuda" else []
+
+
 def synced_clock(acc: Accelerator) -> float:
-    """perf_counter after all queued device work and all ranks are done: a clock every rank agrees on."""
-    if acc.device.type == "cuda":
-        torch.cuda.synchronize(acc.device)
+    """perf_counter after all queued device work (on every device this process uses: model_split may hold
+    stages on several) and all ranks are done: a clock every rank agrees on."""
+    for d in _cuda_devices(acc):
+        torch.cuda.synchronize(d)
     acc.wait_for_everyone()
     return time.perf_counter()
 
 
 def reset_peak_memory(acc: Accelerator):
-    if acc.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(acc.device)
+    for d in _cuda_devices(acc):
+        torch.cuda.reset_peak_memory_stats(d)
 
 
 def peak_memory_gib(acc: Accelerator) -> float:
-    """Max over ranks of the peak CUDA allocation (GPU) or the process's peak RSS (CPU), in GiB."""
+    """Max over ranks (and over a model_split's devices) of the peak CUDA allocation, or of the process's
+    peak RSS on a CPU, in GiB."""
     if acc.device.type == "cuda":
-        local = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        local = max(torch.cuda.max_memory_allocated(d) for d in _cuda_devices(acc)) / 2**30
     else:
         local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return float(acc.gather(torch.tensor([local], device=acc.device)).max())

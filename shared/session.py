@@ -50,7 +50,8 @@ import os
 import sys
 
 import torch
-from accelerate.utils import set_seed
+import torch.distributed as dist
+from accelerate.utils import broadcast_object_list, set_seed
 
 from shared.checkpoint import BestCheckpoint, Progress
 from shared.config import ConfigError, parse_config
@@ -117,7 +118,10 @@ class Session:
         from shared.data import make_loader
 
         self.data = data
-        if use_device_data(cfg, self.device, data.train):
+        pin = self.device.type == "cuda"
+        # decided on the main process (free memory differs between GPUs), so every rank takes the same path
+        on_device = broadcast_object_list([use_device_data(cfg, self.device, data.train)])[0]
+        if on_device:
             self.data_path = "device"
             train = DeviceLoader(
                 data.train,
@@ -130,11 +134,9 @@ class Session:
             )
         else:
             self.data_path = "dataloader"
-            train = make_loader(
-                data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, collate_fn=collate_fn
-            )
+            train = make_loader(data.train, cfg.batch_size, True, cfg.seed, collate_fn, pin_memory=pin)
         evals = [
-            make_loader(split, cfg.eval_batch_size, shuffle=False, seed=cfg.seed, collate_fn=collate_fn)
+            make_loader(split, cfg.eval_batch_size, False, cfg.seed, collate_fn, pin)
             for split in (data.val, data.test)
         ]
         return (train, *evals)
@@ -164,10 +166,14 @@ class Session:
             if warmup is None:
                 raise SetupError(f"{self.name} does not support --compile")
             inputs, loss_fn = warmup
+            evals = loaders[1] if len(loaders) > 1 else None
             s = compile_warmup(
-                self.accelerator, self.cfg, self.par, model, self.train_loader, inputs, loss_fn
+                self.accelerator, self.cfg, self.par, model, self.train_loader, inputs, loss_fn, evals
             )
             self.log.timing(compile_s=s)
+            self.accelerator.print(
+                f"compiled ({self.cfg.compile}) before epoch 1: train, last-batch and eval shapes, {s:.1f} s"
+            )
         self.progress = Progress(
             self.accelerator, self.cfg, self.log, self.par, model, self.best, gens=[self.gen]
         )
@@ -214,6 +220,13 @@ class Session:
     def gather_for_metrics(self, data):
         """`accelerator.gather_for_metrics` over the data-parallel ranks: each sample once, padding dropped."""
         return self.par.gather_for_metrics(data)
+
+    def all_ranks(self, flag: torch.Tensor) -> bool:
+        """True only if `flag` (a 0-d bool tensor) is true on every rank: one small all-reduce, a host sync."""
+        flag = flag.to(self.device, torch.float32).reshape(1)
+        if self.accelerator.num_processes > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     @contextlib.contextmanager
     def evaluating(self):

@@ -77,6 +77,20 @@ def stage_summary(stage, device, ranks=None) -> dict:
     }
 
 
+def _to_stage(obj, device: torch.device, dtype: torch.dtype):
+    """Move activations to the stage's device. A CPU stage gets its own float dtype: CUDA autocast's bf16
+    activations would meet fp32 CPU weights (autocast does not reach the CPU's ops)."""
+    obj = send_to_device(obj, device)
+    if device.type != "cpu":
+        return obj
+    cast = lambda t: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() and t.dtype != dtype else t  # noqa: E731
+    if isinstance(obj, dict):
+        return {k: cast(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(cast(v) for v in obj)
+    return cast(obj)
+
+
 def split_over_devices(
     model: nn.Module, devices: list[str], split_points: list[str], out_device
 ) -> list[dict]:
@@ -91,10 +105,11 @@ def split_over_devices(
     for stage, device in zip(stages, devices, strict=True):
         for _, module in stage:
             module.to(device)
+        dtype = next((p.dtype for _, m in stage for p in m.parameters()), torch.float32)
         stage[0][1].register_forward_pre_hook(
-            lambda m, args, kwargs, device=device: (
-                send_to_device(args, device),
-                send_to_device(kwargs, device),
+            lambda m, args, kwargs, device=device, dtype=dtype: (
+                _to_stage(args, device, dtype),
+                _to_stage(kwargs, device, dtype),
             ),
             with_kwargs=True,
         )

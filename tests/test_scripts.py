@@ -176,7 +176,7 @@ def test_simple_launcher_multi_cpu_trap_is_refused(tmp_path):
         cwd=REPO,
     )
     assert proc.returncode != 0, explain(proc)
-    assert "starts only one process" in proc.stderr
+    assert "simple launcher started only this one" in proc.stderr
     assert records(tmp_path) == []
 
 
