@@ -28,6 +28,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +44,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from cells import cell_result, print_summary, summarize_cell  # noqa: E402
 
 from shared import stats  # noqa: E402
+from shared.datasets import MODEL_DATA, hub_unreachable, missing_files  # noqa: E402
 from shared.record import read_record, write_replace  # noqa: E402
 
 LOAD_SAMPLE_S = 0.2  # the machine's load is sampled this long before and after every cell
@@ -203,6 +205,22 @@ def find_record(runs_dir: str, script: str, tag: str, since: float) -> dict | No
     return max(recs, key=lambda r: r["started_at"]) if recs else None
 
 
+def preflight(todo: list[dict], data_dir: str) -> bool:
+    """Every dataset the launches need, checked before the first one: a dataset that is neither in data_dir
+    nor reachable on the hub ends the bench in seconds with one line each, not one failed launch per cell."""
+    needed = {MODEL_DATA.get(Path(c["script"]).stem) for c in todo if "synthetic" not in map(str, c["flags"])}
+    lacking = {n: m for n in sorted(needed - {None}) if (m := missing_files(data_dir, n))}
+    why = hub_unreachable() if lacking else None
+    if why:
+        for name, files in lacking.items():
+            print(
+                f"bench: {name}: not in {Path(data_dir) / name}/ (missing {', '.join(files)}) and the Hugging Face "
+                f"hub cannot be used ({why}); pass DATA_DIR=<folder holding {name}/>, e.g. ../shared/data",
+                file=sys.stderr,
+            )
+    return not why
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--matrix", default=str(REPO / "bench" / "matrix.yaml"))
@@ -291,6 +309,10 @@ def main():
                         | {"script": script, "flags": flags}
                     )
     todo = [c for c in cells if done.get(c["id"], {}).get("status") != "finished"]
+    if not preflight(todo, plan["data_dir"]):
+        if not args.resume:  # nothing ran: leave no empty batch behind
+            shutil.rmtree(log_dir, ignore_errors=True)
+        sys.exit(2)
     print(
         f"bench {plan['batch']}{' (resumed)' if args.resume else ''}: profile {plan['profile']}, "
         f"{len(plan['models'])} models x {len(plan['setups'])} setups x {len(seeds)} seeds x {repeats} repeats; "

@@ -82,6 +82,8 @@ class RunConfig:
     check_every: int = (
         0  # steps between stop / non-finite-loss checks (a host sync each); 0 = 1 on CPU, 25 on CUDA
     )
+    # a progress bar per epoch on the main process: auto (when stderr is a terminal) | true | false
+    progress: Switch = "auto"
 
 
 def _type_name(tp) -> str:

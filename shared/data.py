@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from shared.config import UserError
+from shared.datasets import DATASETS, hub_offline
 
 SPLIT_SEED = 1234  # the seed the original tutorials use for their train/validation split
 
@@ -91,13 +92,6 @@ def random_split(n: int, n_first: int) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[:n_first], perm[n_first:]
 
 
-def _hub_offline() -> bool:
-    return any(
-        os.environ.get(v, "").lower() in ("1", "true", "yes")
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-
-
 def resolve(cfg, name: str, files: list[str], fetch_from_hub, hub_id: str) -> tuple[str, Path]:
     """Return ("local" | "hub" | "synthetic", directory). Hub downloads are written into `directory`."""
     directory = Path(cfg.data_dir) / name
@@ -111,7 +105,7 @@ def resolve(cfg, name: str, files: list[str], fetch_from_hub, hub_id: str) -> tu
         raise DataError(
             f"{name}: no local copy in {where}; pass --data_dir DIR pointing at a folder that holds {name}/"
         )
-    reason = "HF_HUB_OFFLINE is set" if _hub_offline() else None
+    reason = "HF_HUB_OFFLINE is set" if hub_offline() else None
     if reason is None:
         try:
             fetch_from_hub(directory)
@@ -126,13 +120,7 @@ def resolve(cfg, name: str, files: list[str], fetch_from_hub, hub_id: str) -> tu
 
 # ----------------------------------------------------------------------------- MNIST
 
-MNIST_FILES = [
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-]
-MNIST_HUB = "ylecun/mnist"
+MNIST_FILES, MNIST_HUB = DATASETS["mnist"]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -206,8 +194,7 @@ def load_mnist(cfg, val_ratio: float = 0.1) -> Data:
 
 # ----------------------------------------------------------------------------- CIFAR-10
 
-CIFAR10_FILES = [f"train_{k}.npz" for k in range(5)] + ["test.npz"]
-CIFAR10_HUB = "uoft-cs/cifar10"
+CIFAR10_FILES, CIFAR10_HUB = DATASETS["cifar10"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

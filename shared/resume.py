@@ -25,6 +25,7 @@ RESUMABLE_CHANGES = {
     "on_nan",
     "collective_timeout_s",
     "warmup_steps",
+    "progress",
 }
 
 

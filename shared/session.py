@@ -107,6 +107,11 @@ class Session:
         self.data, self.data_path, self.best = None, None, BestCheckpoint(getattr(cfg, "select_best", False))
         self._epoch_done = False
         self._t = {}
+        self.bar = None
+        # the per-epoch line stays either way; the bar only where someone watches (or --progress true)
+        on = cfg.progress == "true" or (cfg.progress == "auto" and sys.stderr.isatty())
+        self.show_progress = on and self.accelerator.is_main_process
+        cfg.progress = "true" if on else "false"  # the record says what ran
         _OPEN.append(self)
 
     # -- building
@@ -201,14 +206,28 @@ class Session:
         return self.progress.sums(n)
 
     def batches(self, loader):
-        return self.progress.batches(loader)
+        """The epoch's batches (a resumed run skips those it already trained on), with a progress bar on the
+        main process: steps, rate and ETA, and the loss wherever the loop syncs anyway (--check_every)."""
+        batches = self.progress.batches(loader)
+        if not self.show_progress:
+            return batches
+        from tqdm.auto import tqdm
+
+        total = len(loader) - self.progress.batch
+        self.bar = tqdm(batches, total=total, desc=f"epoch {self.progress.epoch}", unit="step", leave=False)
+        return self.bar
 
     def micro_batch_step(self, model, x, y, loss_fn) -> torch.Tensor:
         """Forward and backward in micro-batches (a pipeline schedule, or accumulation under no_sync)."""
         return self.par.forward_backward(model, x, y, loss_fn)
 
     def step_ok(self, loss: torch.Tensor) -> bool:
-        return self.progress.take_step(loss)
+        ok = self.progress.take_step(loss)
+        if self.bar is not None and (self.progress.step + 1) % self.cfg.check_every == 0:
+            self.bar.set_postfix(
+                loss=f"{loss.item():.4g}", refresh=False
+            )  # a sync the check just made anyway
+        return ok
 
     def step_done(self) -> bool:
         return self.progress.step_done()
@@ -238,6 +257,9 @@ class Session:
 
     def log_epoch(self, n_train: int, metrics: dict):
         """The epoch's row (console and record), the best epoch's weights, the epoch-end checkpoint."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
         t, p, epoch = self._t, self.progress, self.progress.epoch
         end = synced_clock(self.accelerator)
         train_s = t.get("trained", end) - t["start"]

@@ -22,6 +22,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from shared.data import SPLIT_SEED, Data, DataError, random_split, resolve
+from shared.datasets import DATASETS
 
 __all__ = ["basic_english", "Vocab", "load_imdb", "load_multi30k", "pad_collate", "pad_pair_collate"]
 
@@ -151,8 +152,7 @@ def _write_gz_text(path: Path, text: str):
 
 # ----------------------------------------------------------------------------- IMDB
 
-IMDB_FILES = ["train.jsonl.gz", "test.jsonl.gz"]
-IMDB_HUB = "stanfordnlp/imdb"
+IMDB_FILES, IMDB_HUB = DATASETS["imdb"]
 IMDB_SPECIALS = ["<unk>", "<pad>"]
 IMDB_TUTORIAL_VOCAB = 21635  # the size of the synthetic vocabulary
 
@@ -259,8 +259,7 @@ def pad_collate(pad_index: int):
 # ----------------------------------------------------------------------------- Multi30k
 
 MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}  # ours -> file stem
-MULTI30K_FILES = [f"{stem}.{lang}.gz" for stem in MULTI30K_SPLITS.values() for lang in ("de", "en")]
-MULTI30K_HUB = "bentrevett/multi30k"
+MULTI30K_FILES, MULTI30K_HUB = DATASETS["multi30k"]
 MULTI30K_SPECIALS = ["<unk>", "<pad>", "<sos>", "<eos>"]
 MULTI30K_TUTORIAL_VOCAB = {"de": 7853, "en": 5893}  # the sizes of the synthetic vocabularies
 
