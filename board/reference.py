@@ -20,6 +20,8 @@ import os
 import re
 from pathlib import Path
 
+from shared.datasets import MODEL_DATA
+
 MODEL_NAMES = {
     "MLP": "mlp",
     "ConvAutoencoder": "conv_autoencoder",
@@ -29,14 +31,7 @@ MODEL_NAMES = {
     "NBoW": "nbow",
     "seq2seq": "seq2seq",
 }
-DATASETS = {
-    "mlp": "mnist",
-    "conv_autoencoder": "mnist",
-    "cnn": "cifar10",
-    "vgg11": "cifar10",
-    "nbow": "imdb",
-    "seq2seq": "multi30k",
-}
+DATASETS = MODEL_DATA  # model -> dataset, as the scripts load them
 # Batch size per process, from the study's notebooks (reference/README.md); the files do not carry it.
 BATCH_PER_PROCESS = {"mlp": 512, "conv_autoencoder": 64, "cnn": 64, "vgg11": 32, "nbow": 512, "seq2seq": 512}
 HARDWARE_1GPU, HARDWARE_2GPU = "Colab T4", "Kaggle T4 x2"
