@@ -99,7 +99,7 @@ class Progress:
         self._bad = torch.zeros((), device=acc.device)  # BIG - first non-finite step not yet reported, or 0
         self.meter = run.meter = StepTimer(acc, cfg)  # steady-state step times, read by run.log_epoch
         self._first = self._last = False
-        if (cfg.checkpoint_every or cfg.resume) and par is not None and par.pipelined:
+        if (cfg.checkpoint_every or cfg.resume) and par.pipelined:
             raise UserError(
                 f"--checkpoint_every / --resume are not supported with --strategy {par.strategy} yet "
                 "(Accelerate's save_state does not know the pipeline stages)"

@@ -77,14 +77,6 @@ class Parallel:
             self.pipeline = Pipeline(accelerator, self.plan, self.split_points)
             self.data_rank = self.pipeline.dp_rank  # the stages of one replica train on the same samples
 
-    @property
-    def device(self) -> torch.device:
-        return self.acc.device
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pipeline is None or self.pipeline.is_last_stage
-
     def setup_info(self) -> dict:
         """What the record says about this strategy."""
         info = {

@@ -7,6 +7,7 @@ points, the global batch against replicas and micro-batches. Pure: no process gr
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ class Plan:
         }[self.strategy]
 
 
+@functools.cache
 def launch_config_file() -> Path | None:
     """The setup file of this launch (`accelerate launch --config_file X`), read from the launcher's command
     line: the worker's parent under Accelerate's launchers. None when launched otherwise (python, torchrun,

@@ -258,14 +258,11 @@ def describe_failure(exc: BaseException, acc, pids: list[int] | None = None) -> 
     return text[:2000]
 
 
-def shutdown(acc: Accelerator, par=None):
+def shutdown(acc: Accelerator, par):
     """Release the wrapped model before the process group ends: gloo + DDP otherwise aborts at exit ~1 in 4.
-
-    The caller must `del` its own references to the model and optimizer first; `par` drops a pipeline's
-    schedule and stage.
-    """
-    if par is not None:
-        par.close()
+    Called by session.run once main() has returned, so the script's own model and optimizer references are gone;
+    `par` drops a pipeline's schedule and stage."""
+    par.close()
     acc.wait_for_everyone()
     acc.free_memory()
     gc.collect()

@@ -55,6 +55,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from shared.checkpoint import BestCheckpoint, Progress
 from shared.config import ConfigError, parse_config
+from shared.data import make_loader
 from shared.device_data import DeviceLoader, use_device_data
 from shared.parallel import Parallel
 from shared.plan import SetupError
@@ -120,8 +121,6 @@ class Session:
         """(train, val, test): the train split resident on the device when --data_on_device resolves to it
         (shared/device_data.py), else a shuffled DataLoader; val and test in order, `eval_batch_size` each."""
         cfg, par = self.cfg, self.par
-        from shared.data import make_loader
-
         self.data = data
         pin = self.device.type == "cuda"
         # decided on the main process (free memory differs between GPUs), so every rank takes the same path
