@@ -84,6 +84,9 @@ class RunConfig:
     )
     # a progress bar per epoch on the main process: auto (when stderr is a terminal) | true | false
     progress: Switch = "auto"
+    # also send the epoch rows and test results to experiment trackers (Accelerate's, spelled as it spells them):
+    # none | tensorboard | wandb | mlflow | aim | all (every installed one); output under <runs_dir>/trackers/
+    log_with: Literal["none", "tensorboard", "wandb", "mlflow", "aim", "all"] = "none"
 
 
 def _type_name(tp) -> str:

@@ -59,6 +59,18 @@ def setup_info(acc, cfg, par, **extra) -> dict:
     }
 
 
+def _tracker_location(tracker) -> str:
+    """Where an Accelerate tracker writes: a folder, a tracking URI and run, or a URL."""
+    if tracker.name == "mlflow":
+        import mlflow
+
+        run = tracker.tracker.info
+        return f"{mlflow.get_tracking_uri()} (experiment {tracker.experiment_name}, run {run.run_id})"
+    if tracker.name == "wandb":
+        return str(getattr(tracker.run, "url", None) or tracker.run.dir)
+    return str(getattr(tracker, "logging_dir", None) or getattr(tracker, "aim_repo_path", ""))
+
+
 class RunLog:
     """Created after `prepare` on every rank (collective); writes only on the main process."""
 
@@ -109,6 +121,47 @@ class RunLog:
             acc.print("WARNING: SYNTHETIC data: shapes and throughput only, the metrics mean nothing")
         acc.print("config " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()))
         acc.print("model " + " ".join(f"{k}={_fmt(v)}" for k, v in model_info.items()))
+        self.trackers, self.epoch = self._start_trackers(), None
+        if self.record:
+            self._note_trackers()
+
+    def _start_trackers(self) -> dict:
+        """--log_with: Accelerate's trackers get the config as hyper-parameters now, then the numbers of every
+        epoch row and of the test results under the record's keys. {tracker: where its output is} (main process;
+        Accelerate runs trackers there only). `end_training` in runtime.shutdown closes them."""
+        acc, cfg = self.acc, self.cfg
+        if cfg.log_with == "none":
+            return {}
+        run_dir = Path(cfg.runs_dir).resolve() / "trackers"
+        acc.project_configuration.logging_dir = str(run_dir / self.run_id)  # read by init_trackers
+        mlflow = {"run_name": self.run_id}
+        if acc.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if any(str(t) == "wandb" for t in acc.log_with):
+                (run_dir / self.run_id).mkdir(exist_ok=True)  # wandb.init(dir=...) wants it to exist
+            if any(str(t) == "mlflow" for t in acc.log_with) and "MLFLOW_TRACKING_URI" not in os.environ:
+                # MLflow's own default is ./mlruns wherever the script starts (and it now refuses file stores)
+                os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{run_dir / 'mlflow.db'}"
+                mlflow["logging_dir"] = str(run_dir / "mlflow-artifacts")
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(cfg).items()}
+        wandb = {"name": self.run_id, "dir": str(run_dir / self.run_id)}
+        acc.init_trackers("distbench", config=hparams, init_kwargs={"mlflow": mlflow, "wandb": wandb})
+        where = {t.name: _tracker_location(t) for t in acc.trackers} if acc.is_main_process else {}
+        if where:
+            acc.print("trackers " + " | ".join(f"{k}: {v}" for k, v in where.items()))
+        return where
+
+    def _note_trackers(self):
+        if self.trackers:
+            with self.record.lock:
+                self.record.data["setup"]["trackers"] = self.trackers
+            self.record.save()
+
+    def _track(self, row: dict, step: int | None):
+        """The row's numbers (the keys of the record) to the trackers: `accelerator.log` (main process)."""
+        if self.trackers:
+            nums = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.acc.log(nums, step=step)
 
     def _started(self):
         self.record.start_heartbeat()
@@ -121,9 +174,12 @@ class RunLog:
                 self.resume_record, epoch=epoch, step=step, checkpoint=checkpoint.name
             )
             self._started()
+            self._note_trackers()
 
     def failed(self, exc: BaseException):
         """Mark a running record `interrupted` or `failed` with a one-line reason (the exception propagates)."""
+        for tracker in self.acc.trackers:  # their files complete: the error path skips end_training
+            tracker.finish()
         if self.record is None or self.record.data["status"] != "running":
             return
         try:
@@ -155,6 +211,8 @@ class RunLog:
         row = {**row, **self.meter.epoch_row(), "time/elapsed_s": self.elapsed()}
         steady = self.meter.summary(self.meter.foreign_share())
         self.acc.print(" | ".join(f"{k} {_fmt(v)}" for k, v in row.items()))
+        self.epoch = row["epoch"]
+        self._track(row, step=self.epoch)
         if self.record:
             with self.record.lock:
                 self.record.data["timing"]["steady"] = steady
@@ -165,6 +223,7 @@ class RunLog:
         par = self.par
         digests = gather_object([params_sha256(par.local_state_dict(model))])
         self.acc.print(" | ".join(f"{k} {_fmt(v)}" for k, v in test.items()))
+        self._track(test, step=self.epoch)
         if any(len({digests[r] for r in g}) > 1 for g in par.same_params_groups()):
             self.acc.print(
                 f"WARNING: parameters differ between ranks that should hold the same ones: {digests}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from shared.config import RunConfig, UserError
 from shared.plan import (
@@ -32,6 +32,28 @@ from shared.record import RecordWriteError, num_machines
 from shared.signals import Interrupted, install_signal_handlers
 
 # ----------------------------------------------------------------------------- set-up
+
+
+def tracker_options(cfg: RunConfig) -> dict:
+    """`--log_with`: Accelerate's `log_with` and a logging_dir under the runs dir, or a SetupError before
+    anything is built. Accelerate itself drops a tracker whose package is missing with only a debug line."""
+    name = cfg.log_with
+    if name == "none":
+        return {}
+    from accelerate import tracking, utils
+
+    if name == "all" and not tracking.get_available_trackers():
+        raise SetupError(
+            "--log_with all: no experiment tracker package is installed; "
+            "pip install tensorboard (or pip install 'distbench[trackers]')"
+        )
+    if name != "all" and not getattr(utils, f"is_{name}_available")():
+        raise SetupError(
+            f"--log_with {name}: the {name} package is not installed; "
+            f"pip install {name} (or pip install 'distbench[trackers]')"
+        )
+    # RunLog narrows it to <runs_dir>/trackers/<run_id> once the run has an id
+    return {"log_with": name, "project_config": ProjectConfiguration(logging_dir=f"{cfg.runs_dir}/trackers")}
 
 
 def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
@@ -66,6 +88,7 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
             "use accelerate_configs/cpu_2proc.yaml (CPU) or --multi_gpu"
         )
     world = int(env.get("WORLD_SIZE", "1"))
+    extra = tracker_options(cfg)
     adopt_named_strategy(cfg, named_strategy(config_file), config_file)
     # Before anything is built: is --strategy possible with this launch? (Parallel re-checks against the model.)
     plan = check_setup(
@@ -74,7 +97,6 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
     # gloo: a peer gone for a minute is dead. CUDA: compile warm-up or rank 0 writing a large checkpoint can
     # hold the others for minutes, and NCCL's watchdog aborts the process (no failure record) when it fires.
     cfg.collective_timeout_s = cfg.collective_timeout_s or (1800 if cuda else 60)
-    extra = {}
     if cfg.mixed_precision:
         extra["mixed_precision"] = cfg.mixed_precision
     if cfg.compile:
