@@ -43,6 +43,12 @@ screenshots: venv browser
 gpu-check:
 	$(or $(wildcard $(BIN)/python),python3) bench/gpu_check.py --data_dir $(DATA_DIR) --out $(or $(OUT),gpu_check)
 
+# the four datasets in DATA_DIR, verified (counts, readable files); missing ones downloaded from the Hugging
+# Face hub first. ONLY="mnist imdb" for some of them.
+.PHONY: data
+data: venv
+	$(BIN)/python bench/data.py --data_dir $(DATA_DIR) $(if $(ONLY),--only $(ONLY))
+
 # every script for a few steps (presets/debug/) on 1 and on 2 processes, launched as a user would; synthetic
 # data unless SMOKE_ARGS="--data local --data_dir ..." : does everything still run end to end?
 .PHONY: smoke

@@ -233,7 +233,8 @@ def fetch_cifar10_from_hub(directory: Path):
             write_npz(directory / name, images=images[idx], labels=labels[idx], classes=classes)
 
 
-def _read_cifar10(directory: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_cifar10(directory: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images, labels and class names of the named files, each checked (a DataError names the file)."""
     xs, ys = [], []
     for name in names:
         arrays = read_npz(directory / name)
@@ -262,8 +263,8 @@ def load_cifar10(cfg, val_ratio: float = 0.1) -> Data:
         classes = list(CIFAR10_CLASSES)
         location = "synthetic:cifar10-shapes"
     else:
-        x_train, y_train, classes = _read_cifar10(directory, CIFAR10_FILES[:5])
-        x_test, y_test, _ = _read_cifar10(directory, CIFAR10_FILES[5:])
+        x_train, y_train, classes = read_cifar10(directory, CIFAR10_FILES[:5])
+        x_test, y_test, _ = read_cifar10(directory, CIFAR10_FILES[5:])
         # HWC files -> NCHW tensors, made contiguous once here rather than on every batch.
         x_train = torch.from_numpy(np.ascontiguousarray(x_train.transpose(0, 3, 1, 2)))
         x_test = torch.from_numpy(np.ascontiguousarray(x_test.transpose(0, 3, 1, 2)))

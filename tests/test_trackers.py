@@ -9,6 +9,7 @@ import pytest
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
 from shared.config import ConfigError, RunConfig, parse_config
+from shared.record import validate
 from tests.conftest import REPO, child_env, explain, launch, records, require_dataset
 
 ARGS = ["--limit_train", 640, "--limit_eval", 64, "--epochs", 2, "--batch_size", 32]
@@ -78,6 +79,7 @@ def test_tensorboard_gets_the_records_numbers_from_the_main_process_only(tmp_pat
     )
     assert proc.returncode == 0, explain(proc)
     (rec,) = records(tmp_path)
+    assert validate(rec) == []
     where = tmp_path.resolve() / "trackers" / rec["run_id"] / "distbench"
     assert rec["setup"]["trackers"] == {"tensorboard": str(where)}
     assert len(list(where.glob("events.out.tfevents.*"))) == 1  # rank 1 wrote none
