@@ -15,7 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from board import figures, frames, tables
+from board import figures, frames, projection, tables
 from board.load import folder_signature, load_folder
 from shared import stats
 
@@ -92,6 +92,54 @@ def show(fig, name: str):
     )
 
 
+def projection_view():
+    """`make project`'s records: projected speedup / efficiency against N per strategy, measured points over."""
+    recs, bad = projection.load_projections(RUNS_DIR)
+    for name, reason in bad:
+        st.warning(f"`{name}` could not be read: {reason}")
+    if not recs:
+        st.info(
+            f"No projection record in `{RUNS_DIR}` yet: run `make project` (docs/projection.md), then reload."
+        )
+        return
+    labels = {r["file"]: projection.label(r) for r in recs}
+    c1, c2, c3 = st.columns(3)
+    rec = {r["file"]: r for r in recs}[
+        select(c1, "Projection record", "proj", list(labels), recs[0]["file"], format_func=labels.get)
+    ]
+    model = select(c2, "Model", "proj_model", projection.models(rec), projection.models(rec)[0])
+    scaling = select(c3, "Scaling", "proj_scaling", ["strong", "weak"], "strong")
+    st.markdown(f"**{rec['sentences'].get(model, '')}**")
+    left, right = st.columns(2)
+    with left:
+        show(projection.fig_projection(rec, model, scaling, "speedup"), "projection_speedup")
+    with right:
+        show(projection.fig_projection(rec, model, scaling, "efficiency"), "projection_efficiency")
+    hw, prof = rec["hardware"], rec["profile"]
+    st.caption(
+        f"Dotted lines: projected by shared/projection.py on **{hw['name']}** ({hw['kind']}: "
+        f"{hw.get('description', '')}) from the profile measured on {prof['machine']} ({prof['hostname']}, "
+        f"{prof['measured_at']}, commit {prof['git_commit']}, one thread per process). Marker = bottleneck "
+        "(circle compute, x communication, triangle bubble, square memory). "
+        + (
+            "Strong scaling: the global batch stays the model's batch, each device takes batch/N. "
+            if scaling == "strong"
+            else "Weak scaling: each device keeps the model's batch, the global batch grows N-fold. "
+        )
+        + "Diamonds: real runs measured in the same session as the profile (bench-strategies), speedup over "
+        "the measured 1-process step, bars = range over launches. On this CPU each process has one core "
+        "(one 'device'); N above the cores is oversubscribed. Formulas and sources: docs/projection.md."
+    )
+    table = projection.validation_table(rec)
+    if table:
+        s = rec.get("validation_summary") or {}
+        st.markdown(
+            f"Validation: mean |error| {s.get('mean_abs_error', 0):.1%}, worst {s.get('max_abs_error', 0):.1%} "
+            f"over {s.get('cells', len(table))} cells"
+        )
+        st.dataframe(table, hide_index=True, width="stretch")
+
+
 # ----------------------------------------------------------------------------- data
 signature = folder_signature(RUNS_DIR, REFERENCE_DIR)
 runs, problems, hist_all = load(RUNS_DIR, REFERENCE_DIR, signature)
@@ -114,6 +162,8 @@ with notices:
         st.info(
             f"No run records in `{RUNS_DIR}` yet. Run `make bench-all` or one script (README), then reload."
         )
+        st.subheader("Projection")
+        projection_view()
         st.stop()
     if not any(r["kind"] == "ours" for r in runs):
         st.info(f"No run records of ours in `{RUNS_DIR}` yet: only the study's published results are shown.")
@@ -209,6 +259,7 @@ tabs = st.tabs(
         "Baseline",
         "Config diff",
         "Seeds",
+        "Projection",
     ]
 )
 with tabs[0]:
@@ -348,6 +399,9 @@ with tabs[8]:
             "A group = runs whose configuration differs only in the seed (same setup, hardware and "
             "data); line = mean per epoch, band = ± one standard deviation over the group's runs."
         )
+
+with tabs[9]:
+    projection_view()
 
 # ----------------------------------------------------------------------------- raw table
 st.subheader("Runs")

@@ -17,7 +17,9 @@ from shared.record import read_record
 
 MAX_FILE_BYTES = 16 * 2**20  # a run record is ~0.1-1 MB; anything far larger is not one
 MAX_DEPTH = 8  # folders below the runs folder that are searched
-SKIP_DIRS = {"checkpoints", "bench", ".git"}  # checkpoints, bench logs/summaries: not run records
+# checkpoints, bench logs/summaries, tracker output and `make project`'s profiling runs (mixed batch sizes)
+SKIP_DIRS = {"checkpoints", "bench", ".git", "profiles", "trackers"}
+PROJECTION_PREFIX = "projection-"  # `make project`'s records: the Projection tab (board/projection.py)
 SKIP_NAMES = {"progress.json", "summary.json", "state.json"}
 
 
@@ -35,7 +37,7 @@ def json_files(folder: str | Path | None) -> list[Path]:
         out += [
             Path(root) / f
             for f in sorted(files)
-            if f.endswith(".json") and not f.startswith(".tmp-") and f not in SKIP_NAMES
+            if f.endswith(".json") and not f.startswith((".tmp-", PROJECTION_PREFIX)) and f not in SKIP_NAMES
         ]
     return out
 

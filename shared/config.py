@@ -87,6 +87,9 @@ class RunConfig:
     # also send the epoch rows and test results to experiment trackers (Accelerate's, spelled as it spells them):
     # none | tensorboard | wandb | mlflow | aim | all (every installed one); output under <runs_dir>/trackers/
     log_with: Literal["none", "tensorboard", "wandb", "mlflow", "aim", "all"] = "none"
+    # `make project` (bench/project.py): one process times its steps at a ladder of batch sizes, writes this
+    # file (shared/profiling.py) and ends after that one epoch; "" = a normal run
+    profile_out: str = ""
 
 
 def _type_name(tp) -> str:

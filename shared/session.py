@@ -107,6 +107,13 @@ class Session:
         self.log = self.progress = self.model = self.train_loader = None
         self.data, self.data_path, self.best = None, None, BestCheckpoint(getattr(cfg, "select_best", False))
         self._epoch_done = False
+        self.profiler = None
+        if cfg.profile_out:
+            if self.accelerator.num_processes > 1 or self.par.plan.strategy != "single":
+                raise SetupError(
+                    "--profile_out profiles one process: launch it with a one-process, single setup"
+                )
+            cfg.epochs, cfg.max_steps, cfg.checkpoint_every, cfg.resume = 1, 0, 0, ""
         self._t = {}
         self.bar = None
         # the per-epoch line stays either way; the bar only where someone watches (or --progress true)
@@ -181,6 +188,12 @@ class Session:
         self.progress = Progress(
             self.accelerator, self.cfg, self.log, self.par, model, self.best, gens=[self.gen]
         )
+        if self.cfg.profile_out:
+            from shared.profiling import Profiler
+
+            self.profiler = Profiler(
+                self.accelerator, self.cfg, model, optimizer, self.par.split_points, self.unsupported
+            )
         return (model, optimizer, *loaders)
 
     # -- the loop
@@ -207,6 +220,8 @@ class Session:
     def batches(self, loader):
         """The epoch's batches (a resumed run skips those it already trained on), with a progress bar on the
         main process: steps, rate and ETA, and the loss wherever the loop syncs anyway (--check_every)."""
+        if self.profiler is not None:  # --profile_out: the loop runs on the profiler's ladder of batch sizes
+            loader = self.profiler.batches(loader)
         batches = self.progress.batches(loader)
         if not self.show_progress:
             return batches

@@ -1,0 +1,402 @@
+"""`make project`: will N devices pay off? Projected speedup per strategy and N, from measurements on this machine.
+
+    python bench/project.py [--model all|mlp,cnn] [--hardware this-machine|t4-pcie|FILE] [--devices 1,2,4,8]
+                            [--nodes 1] [--batch_size B] [--scaling strong|weak|both] [--validate] [--out FILE]
+
+1. Profile (cached): each script runs one process through `accelerate launch` with --profile_out
+   (shared/profiling.py), and bench/collectives.py times gloo collectives on 2 processes (4 only where there
+   are 4 cores). Both go into one profile record, runs/profiles/profile-<host>.json; later projections
+   reuse it unless --reprofile or the scripts' settings changed.
+2. Project (instant): shared/projection.py per model, strategy, N and scaling, on the hardware asked for.
+3. --validate: run the real multi-process runs of `make bench-strategies` now, in this session, and compare
+   each measured step time with the one predicted from the profile alone (relative error; table printed and
+   kept in the record's `validation`).
+The projection record (runs/projection-*.json) holds `predictions`, `validation` and where each input came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import glob
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from shared.datasets import MODEL_DATA, missing_files  # noqa: E402
+from shared.projection import STRATEGIES, project, sentence  # noqa: E402
+
+MODELS = list(MODEL_DATA)
+PIPELINED = {"pipeline", "pipeline_1f1b", "hybrid"}
+
+
+class UsageError(Exception):
+    pass
+
+
+def model_flags() -> dict:
+    """Per model, the settings the profile (and the validation runs) use: bench-strategies' for the image models,
+    the quick profile's for the text models."""
+    strategies = yaml.safe_load((REPO / "bench/strategies.yaml").read_text())["profiles"]["strategies"]
+    quick = yaml.safe_load((REPO / "bench/matrix.yaml").read_text())["profiles"]["quick"]
+    flags = {}
+    for name in MODELS:
+        prof = strategies if name in strategies["models"] else quick
+        flags[name] = {**prof["common"], **prof["models"][name]}
+    return flags
+
+
+def model_flags_strategies() -> list[str]:
+    return list(
+        yaml.safe_load((REPO / "bench/strategies.yaml").read_text())["profiles"]["strategies"]["models"]
+    )
+
+
+def load_hardware(name: str) -> dict:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else REPO / "hardware" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (REPO / "hardware").glob("*.yaml")))
+        raise UsageError(f"--hardware {name}: no such hardware file; known: {known}, or a path to a .yaml")
+    hw = yaml.safe_load(path.read_text())
+    need = ["name", "kind"] + ([] if hw.get("kind") == "measured" else
+                               ["peak_flops", "efficiency", "memory_bandwidth_GBps", "launch_overhead_s", "links"])  # fmt: skip
+    missing = [k for k in need if k not in hw]
+    if missing:
+        raise UsageError(f"{path}: missing {', '.join(missing)} (see hardware/t4-pcie.yaml for the fields)")
+    numbers = {k: hw[k] for k in need[2:] if k != "links"} | {
+        f"links.{name}.{k}": link.get(k)
+        for name, link in hw.get("links", {}).items()
+        for k in ("busbw_GBps", "latency_s")
+    }
+    bad = [k for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
+    if bad:  # YAML reads 8.1e12 as text: it wants 8.1e+12
+        raise UsageError(f"{path}: {', '.join(bad)} must be non-negative numbers (write 8.1e+12, not 8.1e12)")
+    return hw
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], log: Path, threads: int = 1, timeout: float = 900) -> None:
+    """`accelerate launch` one job, one thread per process (a process is one core, like one device)."""
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with open(log, "w") as f:
+        rc = subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, timeout=timeout
+        ).returncode
+    if rc:
+        tail = log.read_text().strip().splitlines()[-1:] or [""]
+        raise UsageError(f"{' '.join(args[:3])} ... failed (exit {rc}): {tail[0][:200]}; log {log}")
+
+
+def measure(
+    models: list[str], flags: dict, data_dir: str, work: Path, batch: int | None, max_mb: float
+) -> dict:
+    """Profile each model on one process and the collectives on 2 (and 4 where the cores allow)."""
+    cores = os.cpu_count() or 1
+    out = {"collectives": {}, "models": {}}
+    for n in [k for k in (2, 4) if k <= cores]:
+        t0 = time.perf_counter()
+        f = work / f"collectives-{n}.json"
+        launch(["--config_file", str(REPO / "accelerate_configs/cpu_2proc.yaml"), "--num_processes", str(n),
+                "--main_process_port", str(free_port()),
+                "--num_cpu_threads_per_process", "1", str(REPO / "bench/collectives.py"), "--out", str(f), "--max_mb", str(max_mb)],
+               work / f"collectives-{n}.log")  # fmt: skip
+        out["collectives"][str(n)] = json.loads(f.read_text())["ops"]
+        print(f"collectives on {n} processes: {time.perf_counter() - t0:.0f} s", flush=True)
+    for name in models:
+        t0 = time.perf_counter()
+        f = work / f"{name}.json"
+        fl = {**flags[name], **({"batch_size": batch} if batch else {})}
+        launch(["--config_file", str(REPO / "accelerate_configs/cpu_1proc.yaml"),
+                "--num_cpu_threads_per_process", "1", str(REPO / "scripts" / f"{name}.py"),
+                "--data_dir", data_dir, "--runs_dir", str(work / "runs"), "--profile_out", str(f), "--progress", "false",
+                *[x for k, v in fl.items() for x in (f"--{k}", str(v))]], work / f"{name}.log")  # fmt: skip
+        out["models"][name] = {**json.loads(f.read_text()), "flags": fl}
+        print(
+            f"profiled {name} at batch {fl.get('batch_size')}: {time.perf_counter() - t0:.0f} s", flush=True
+        )
+    return out
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "scripts", "shared"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def profile_record(args, models: list[str], flags: dict) -> dict:
+    """The cached profile record, or a fresh one when missing, stale or --reprofile."""
+    path = Path(args.profile or Path(args.runs_dir) / "profiles" / f"profile-{socket.gethostname()}.json")
+    rec = json.loads(path.read_text()) if path.is_file() and not args.reprofile else None
+    want = {m: {**flags[m], **({"batch_size": args.batch_size} if args.batch_size else {})} for m in models}
+    todo = [m for m in models if not rec or rec["models"].get(m, {}).get("flags") != want[m]]
+    if rec and not todo:
+        print(f"profile record {path} (measured {rec['measured_at']}; --reprofile to measure again)")
+        return rec
+    missing = [f"{MODEL_DATA[m]} (for {m})" for m in todo if missing_files(args.data_dir, MODEL_DATA[m])]
+    if missing:
+        raise UsageError(
+            f"no local copy under --data_dir {args.data_dir} of: {', '.join(missing)} (make data)"
+        )
+    work = Path(args.runs_dir) / "profiles" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    got = measure(todo, flags, args.data_dir, work, args.batch_size, args.collective_max_mb)
+    rec = rec if rec and not args.reprofile else {"kind": "distbench-profile-record", "models": {}}
+    rec["models"].update(got["models"])
+    rec["collectives"] = got["collectives"] or rec.get("collectives", {})
+    rec.update(
+        measured_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        measure_s=time.perf_counter() - t0,
+        hostname=socket.gethostname(),
+        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        git_commit=git_commit(),
+        threads_per_process=1,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".part").write_text(json.dumps(rec, indent=1))
+    os.replace(path.with_suffix(".part"), path)
+    print(f"profile record {path} ({rec['measure_s']:.0f} s)")
+    return rec
+
+
+def supported(profile: dict, strategy: str) -> bool:
+    return not (strategy in PIPELINED and "pipeline" in profile.get("unsupported", []))
+
+
+def predictions(rec: dict, hw: dict, models, devices, nodes, scalings, cores) -> list[dict]:
+    rows, skipped = [], set()
+    for name in models:
+        prof = rec["models"][name]
+        batch = prof["batch_size"]
+        for scaling in scalings:
+            for n in devices:
+                k = max(nodes, hw.get("nodes", 1)) if n > 1 else 1
+                k = max(k, -(-n // hw.get("devices_per_node", n)))
+                if k > 1 and "inter" not in hw.get("links", {}):
+                    skipped.add(
+                        f"N = {n} needs {k} nodes and {hw['name']} has no inter-node link (links.inter)"
+                    )
+                    continue
+                for strategy in ["single"] if n == 1 else STRATEGIES:
+                    if not supported(prof, strategy) or (strategy == "hybrid" and (n < 4 or n % 2)) or n % k:
+                        continue
+                    if strategy in PIPELINED and (batch // (2 if strategy == "hybrid" else 1)) % 4:
+                        continue
+                    p = project(prof, hw, strategy, n, nodes=k, batch=batch, scaling=scaling,
+                                cores=cores if hw.get("kind") == "measured" else None)  # fmt: skip
+                    rows.append({"model": name, "hardware": hw["name"], **p})
+    for note in sorted(skipped):
+        print(f"not projected: {note}")
+    return rows
+
+
+def validate(args, rec: dict, hw: dict, models: list[str]) -> list[dict]:
+    """Run bench-strategies now (or read --validate_from) and compare each cell with its prediction."""
+    if args.validate_from:
+        where = Path(args.validate_from)
+    else:
+        where = Path(args.runs_dir) / "validation" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        cmd = [sys.executable, str(REPO / "bench/run.py"), "--matrix", str(REPO / "bench/strategies.yaml"),
+               "--profile", "strategies", "--data_dir", args.data_dir, "--runs_dir", str(where),
+               "--models", ",".join(m for m in models if m in model_flags_strategies())]  # fmt: skip
+        print("validation: the real runs of make bench-strategies, now:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=REPO, check=False)
+    cells: dict[tuple, list] = {}
+    for f in sorted(glob.glob(str(where / "*.json"))):
+        r = json.loads(Path(f).read_text())
+        steady = r.get("timing", {}).get("steady")
+        if r.get("status") != "finished" or not steady or r["model"] not in rec["models"]:
+            continue
+        s = r["setup"]
+        strategy = {"pipeline": "pipeline_1f1b" if s.get("schedule") == "1f1b" else "pipeline"}.get(
+            s["strategy"], s["strategy"]
+        )
+        n = len(s.get("stages") or []) if strategy == "model_split" else s["num_processes"]
+        key = (r["model"], strategy, n, s["global_batch_size"], s.get("microbatches") or 4)
+        cells.setdefault(key, []).append(steady["step_s"])
+    out = []
+    for (model, strategy, n, batch, micro), times in sorted(cells.items()):
+        p = project(
+            rec["models"][model], hw, strategy, n, batch=batch, microbatches=micro, cores=os.cpu_count()
+        )
+        measured = statistics.median(times)
+        out.append({"model": model, "strategy": strategy, "devices": n, "global_batch": batch,
+                    "measured_step_s": measured, "measured_runs": times, "predicted_step_s": p["step_s"],
+                    "error": (p["step_s"] - measured) / measured, "oversubscribed": p["oversubscribed"],
+                    "bottleneck": p["bottleneck"]})  # fmt: skip
+    return out
+
+
+def study(rec: dict, models: list[str]) -> list[dict]:
+    """The study's 2 x T4 DDP runs projected on t4-pcie at its batch per process (weak scaling: it doubled the
+    global batch on 2 GPUs) and at the same global batch (strong), beside its published speedup: the ratio of
+    its median epoch training times, 1-GPU run on a Colab T4 over 2-GPU run on a Kaggle T4 x2 (rank 0)."""
+    from board.reference import BATCH_PER_PROCESS, load_reference
+
+    hw = load_hardware("t4-pcie")
+    runs, _ = load_reference(REPO / "reference" / "seed_results")
+
+    def epoch_s(r):
+        return statistics.median(h["time/train_s"] for h in r["history"] if h.get("time/train_s"))
+
+    rows = []
+    for m in models:
+        one = [
+            r
+            for r in runs
+            if r["model"] == m and r["setup"]["strategy"] == "single" and "2GPU" not in r["run_id"]
+        ]
+        two = [r for r in runs if r["model"] == m and r["setup"]["strategy"] == "ddp"]
+        if not one or not two:
+            continue
+        b = BATCH_PER_PROCESS[m]
+        weak, strong = (
+            project(rec["models"][m], hw, "ddp", 2, batch=b, scaling=s) for s in ("weak", "strong")
+        )
+        rows.append({"model": m, "batch_per_gpu": b, "study_published_speedup": epoch_s(one[0]) / epoch_s(two[0]),
+                     "projected_weak_speedup": weak["speedup"], "projected_strong_speedup": strong["speedup"],
+                     "projected_bottleneck": weak["bottleneck"], "study_runs": [one[0]["run_id"], two[0]["run_id"]]})  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    lines += [" | ".join(cell(r.get(c, "")) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="all", help="all, or a comma-separated list of " + ", ".join(MODELS))
+    ap.add_argument("--hardware", default="this-machine", help="a name in hardware/ or a .yaml file")
+    ap.add_argument("--devices", default="1,2,4,8", help="device counts, comma-separated")
+    ap.add_argument("--nodes", type=int, default=1, help="spread the devices over this many nodes")
+    ap.add_argument(
+        "--batch_size", type=int, default=0, help="the model's batch (default: bench-strategies')"
+    )
+    ap.add_argument("--scaling", choices=["strong", "weak", "both"], default="both")
+    ap.add_argument(
+        "--validate", action="store_true", help="run bench-strategies now and compare (this machine)"
+    )
+    ap.add_argument("--study", action="store_true", help="the study's 2 x T4 DDP runs projected on t4-pcie")
+    ap.add_argument("--validate_from", default="", help="compare with the records in this folder instead")
+    ap.add_argument(
+        "--profile", default="", help="profile record to use (default runs/profiles/profile-<host>.json)"
+    )
+    ap.add_argument("--collective_max_mb", type=float, default=256, help="largest collective message timed")
+    ap.add_argument("--reprofile", action="store_true", help="measure again even if a profile record matches")
+    ap.add_argument("--data_dir", default=os.environ.get("DISTBENCH_DATA_DIR", "data"))
+    ap.add_argument("--runs_dir", default="runs")
+    ap.add_argument("--out", default="", help="projection record (default runs/projection-<time>.json)")
+    args = ap.parse_args(argv)
+    try:
+        models = MODELS if args.model == "all" else args.model.split(",")
+        bad = [m for m in models if m not in MODELS]
+        if bad:
+            raise UsageError(f"--model {','.join(bad)}: unknown; known: all, {', '.join(MODELS)}")
+        try:
+            devices = sorted({int(d) for d in args.devices.split(",")})
+        except ValueError:
+            raise UsageError(f"--devices {args.devices}: not a comma-separated list of integers") from None
+        if devices[0] < 1 or args.nodes < 1 or args.batch_size < 0:
+            raise UsageError("--devices, --nodes and --batch_size must be positive")
+        hw = load_hardware(args.hardware)
+        local = load_hardware("this-machine")
+        t0 = time.perf_counter()
+        rec = profile_record(args, models, model_flags())
+        for h in (hw, local):
+            if h.get("kind") == "measured":
+                h["measured_collectives"] = rec["collectives"]
+        scalings = ["strong", "weak"] if args.scaling == "both" else [args.scaling]
+        preds = predictions(rec, hw, models, devices, args.nodes, scalings, os.cpu_count())
+        check = validate(args, rec, local, models) if args.validate or args.validate_from else []
+        revisited = study(rec, models) if args.study else []
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name in models:
+        mine = [p for p in preds if p["model"] == name and p["devices"] > 1]
+        print(sentence(name, hw["name"], [p for p in mine if p["scaling"] == scalings[0]]))
+    print(table([{**p, "step_ms": p["step_s"] * 1e3} for p in preds if p["devices"] > 1],
+                ["model", "strategy", "devices", "scaling", "global_batch", "step_ms", "speedup", "efficiency",
+                 "memory_gib_per_device", "bottleneck"]))  # fmt: skip
+    summary = None
+    if check:
+        errs = [abs(c["error"]) for c in check]
+        summary = {"cells": len(errs), "mean_abs_error": statistics.mean(errs), "max_abs_error": max(errs)}
+        print(table([{**c, "measured_ms": c["measured_step_s"] * 1e3, "predicted_ms": c["predicted_step_s"] * 1e3}
+                     for c in check], ["model", "strategy", "devices", "global_batch", "measured_ms",
+                                       "predicted_ms", "error", "oversubscribed"]))  # fmt: skip
+        print(f"validation: mean |error| {summary['mean_abs_error']:.1%}, max {summary['max_abs_error']:.1%} "
+              f"over {len(errs)} cells")  # fmt: skip
+    if revisited:
+        print("the study revisited (t4-pcie, DDP on 2 GPUs):")
+        print(table(revisited, ["model", "batch_per_gpu", "study_published_speedup", "projected_weak_speedup",
+                                "projected_strong_speedup", "projected_bottleneck"]))  # fmt: skip
+    out = Path(
+        args.out or Path(args.runs_dir) / f"projection-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    )
+    record = {
+        "kind": "distbench-projection",
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hw,
+        "profile": {
+            k: rec[k] for k in ("measured_at", "hostname", "machine", "git_commit", "threads_per_process")
+        },
+        "profile_models": {
+            m: {
+                "batch_size": rec["models"][m]["batch_size"],
+                "flags": rec["models"][m]["flags"],
+                "flops_per_step": rec["models"][m]["flops_per_step"],
+            }
+            for m in models
+        },  # fmt: skip
+        "sentences": {
+            m: sentence(
+                m,
+                hw["name"],
+                [p for p in preds if p["model"] == m and p["devices"] > 1 and p["scaling"] == scalings[0]],
+            )
+            for m in models
+        },  # fmt: skip
+        "predictions": preds,
+        "validation": check,
+        "validation_summary": summary,
+        "study": revisited,
+        "git_commit": git_commit(),
+        "project_s": time.perf_counter() - t0,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".part").write_text(json.dumps(record, indent=1))
+    os.replace(out.with_suffix(".part"), out)
+    print(f"projection record {out} ({record['project_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

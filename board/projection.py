@@ -1,0 +1,145 @@
+"""The Projection tab: `make project`'s records (runs/projection-*.json), projected speedup and efficiency
+against N per strategy, with the validation's measured points over the curves. No Streamlit here."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from board.figures import STRATEGY_COLORS
+from board.load import PROJECTION_PREFIX
+
+COLORS = {**STRATEGY_COLORS, "pipeline_1f1b": "#e377c2"}
+SYMBOLS = {"compute": "circle", "communication": "x", "bubble": "triangle-up", "memory": "square"}
+
+
+def load_projections(runs_dir: str | Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Every projection record directly in `runs_dir`, newest first; unreadable ones as (file, reason)."""
+    recs, problems = [], []
+    for path in sorted(Path(runs_dir).glob(f"{PROJECTION_PREFIX}*.json"), reverse=True):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+            if rec.get("kind") != "distbench-projection" or not isinstance(rec.get("predictions"), list):
+                raise ValueError("not a projection record")
+            recs.append({**rec, "file": path.name})
+        except (OSError, ValueError) as e:
+            problems.append((path.name, str(e)[:200]))
+    return recs, problems
+
+
+def label(rec: dict) -> str:
+    hw = rec["hardware"]
+    return f"{hw['name']} ({hw['kind']}) · {rec['created_at'][:16]} · {rec['file']}"
+
+
+def models(rec: dict) -> list[str]:
+    return sorted({p["model"] for p in rec["predictions"]})
+
+
+def measured_points(rec: dict, model: str) -> list[dict]:
+    """The validation's cells as speedups over the measured one-process step at the same batch (strong
+    scaling); the interval is the range over launches (each launch a median of steady windows)."""
+    rows = [v for v in rec.get("validation") or [] if v["model"] == model]
+    single = [v for v in rows if v["strategy"] == "single"]
+    if not single:
+        return []
+    t1 = statistics.median(single[0]["measured_runs"])
+    out = []
+    for v in rows:
+        if v["strategy"] == "single":
+            continue
+        runs = v["measured_runs"]
+        out.append({**v, "speedup": t1 / v["measured_step_s"], "lo": t1 / max(runs), "hi": t1 / min(runs)})
+    return out
+
+
+def fig_projection(rec: dict, model: str, scaling: str, metric: str = "speedup") -> go.Figure:
+    """Projected `metric` (speedup | efficiency) against N, one line per strategy; markers name the
+    bottleneck; measured points (validation) drawn over the curves with their range."""
+    fig = go.Figure()
+    preds = [p for p in rec["predictions"] if p["model"] == model and p["scaling"] == scaling]
+    one = [p for p in preds if p["devices"] == 1]
+    for strategy in [s for s in COLORS if any(p["strategy"] == s for p in preds)]:
+        pts = sorted((p for p in preds if p["strategy"] == strategy), key=lambda p: p["devices"])
+        pts = one + pts if one else pts
+        fig.add_trace(
+            go.Scatter(
+                x=[p["devices"] for p in pts],
+                y=[p[metric] for p in pts],
+                mode="lines+markers",
+                name=f"{strategy} (projected)",
+                line={"color": COLORS[strategy], "dash": "dot"},
+                marker={"symbol": [SYMBOLS[p["bottleneck"]] for p in pts], "size": 9},
+                customdata=[
+                    [
+                        p["bottleneck"],
+                        p["step_s"] * 1e3,
+                        p["memory_gib_per_device"],
+                        p["global_batch"],
+                        "oversubscribed" if p.get("oversubscribed") else "",
+                    ]
+                    for p in pts
+                ],  # fmt: skip
+                hovertemplate=(
+                    f"{strategy}, N = %{{x}}<br>{metric} %{{y:.2f}}<br>bottleneck: %{{customdata[0]}}<br>"
+                    "step %{customdata[1]:.3g} ms, %{customdata[2]:.3g} GiB/device<br>global batch "
+                    "%{customdata[3]} %{customdata[4]}<extra>projected</extra>"
+                ),
+            )
+        )
+    if scaling == "strong":
+        for p in measured_points(rec, model):
+            y, lo, hi = (
+                p[k] / (p["devices"] if metric == "efficiency" else 1) for k in ("speedup", "lo", "hi")
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=[p["devices"]],
+                    y=[y],
+                    mode="markers",
+                    name=f"{p['strategy']} (measured)",
+                    marker={
+                        "color": COLORS.get(p["strategy"], "black"),
+                        "size": 12,
+                        "symbol": "diamond",
+                        "line": {"color": "black", "width": 1},
+                    },  # fmt: skip
+                    error_y={"type": "data", "symmetric": False, "array": [hi - y], "arrayminus": [y - lo]},
+                    hovertemplate=(
+                        f"{p['strategy']}, N = {p['devices']}: measured {metric} %{{y:.2f}} "
+                        f"(range {lo:.2f}-{hi:.2f} over {len(p['measured_runs'])} launches)<br>"
+                        f"prediction error {p['error']:+.0%}<extra>measured</extra>"
+                    ),
+                )
+            )
+    fig.add_hline(y=1.0, line_dash="dash", line_color="grey")
+    fig.update_layout(
+        xaxis_title="devices N",
+        yaxis_title=metric,
+        xaxis={"type": "log", "dtick": 0.30103, "tickformat": "d"},
+        legend_title="strategy",
+        height=460,
+        margin={"t": 30},
+    )
+    return fig
+
+
+def validation_table(rec: dict, model: str | None = None) -> list[dict]:
+    return [
+        {
+            "model": v["model"],
+            "strategy": v["strategy"],
+            "N": v["devices"],
+            "global batch": v["global_batch"],
+            "measured ms": round(v["measured_step_s"] * 1e3, 3),
+            "predicted ms": round(v["predicted_step_s"] * 1e3, 3),
+            "error": f"{v['error']:+.1%}",
+            "launches": len(v["measured_runs"]),
+            "note": "oversubscribed (4 processes, 2 cores)" if v.get("oversubscribed") else "",
+        }
+        for v in rec.get("validation") or []
+        if model is None or v["model"] == model
+    ]

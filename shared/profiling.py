@@ -1,0 +1,301 @@
+"""`--profile_out FILE`: what the projection (shared/projection.py, `make project`) needs from one process.
+
+The script's own training loop runs unchanged; `Session.batches` hands it the first batches cut to a ladder of
+sizes (B, B/2, B/4, ...: the per-device batch of N devices, or a pipeline micro-batch) and hooks time each
+step. Per size, after warm-up steps, the medians of:
+- forward (the model's own forward, hooks on the root), backward (from the end of forward to the last
+  gradient written, the loss included), optimizer step, and the rest of the step (data, zero_grad, sums);
+- each piece's forward time and the bytes of its output (what would cross a cut after it; shared/stages.py
+  names the pieces), and when each parameter's gradient was ready, counted from the start of backward;
+- tensors saved for backward (activation memory), from one extra untimed step.
+Also: FLOPs and aten calls of one step (torch.utils.flop_counter), parameter / gradient / optimizer-state
+bytes, and the DDP bucket layout torch computes after its first step (gradients in the order they become
+ready, the first bucket 1 MiB, then 25 MiB: torch/nn/parallel/distributed.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import slice_tensors
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from shared.stages import pieces
+
+WARMUP_STEPS = 2
+MIN_STEPS, MAX_STEPS, MIN_SECONDS = 5, 200, 1.0  # timed steps per batch size
+DDP_FIRST_BUCKET, DDP_BUCKET = 1024 * 1024, 25 * 1024 * 1024  # DDP's defaults (Accelerate keeps them)
+FSDP_MIN_PARAMS = 100_000  # accelerate_configs/*_fsdp.yaml: fsdp_min_num_params
+
+
+def window_mean(values) -> float:
+    """The median over up to 5 windows of consecutive steps of each window's mean: what the run records'
+    steady step time is (shared/meter.py), so a profile and a run measure the same thing."""
+    values = list(values)
+    k = min(5, len(values))
+    windows = [values[i * len(values) // k : (i + 1) * len(values) // k] for i in range(k)]
+    return statistics.median(statistics.fmean(w) for w in windows)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts aten calls: on a GPU each is about one kernel launch (the floor under a tiny model's step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_bytes(o) for o in obj.values())
+    return 0
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_floating_point() else []
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else []
+    return [t for o in items for t in _tensors(o)]
+
+
+def _rows(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    items = batch.values() if isinstance(batch, dict) else batch
+    return max(_rows(b) for b in items if isinstance(b, (torch.Tensor, dict, list, tuple)))
+
+
+class Profiler:
+    def __init__(self, acc, cfg, model, optimizer, split_points, unsupported=()):
+        self.acc, self.cfg, self.model, self.split_points = acc, cfg, model, list(split_points)
+        self.unsupported = sorted(unsupported)
+        self.device = acc.device
+        self.pieces = pieces(model)
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps it
+        self.optimizer = inner
+        self.now = {}
+        self._saved = self._inputs = None
+        self._handles = []
+        hook = self._handles.append
+        hook(model.register_forward_pre_hook(self._capture, with_kwargs=True))
+        hook(model.register_forward_hook(lambda m, a, o: self._mark("fwd1")))
+        for i, (_, piece) in enumerate(self.pieces):
+            hook(piece.register_forward_pre_hook(lambda m, a, i=i: self._piece(i, 0, None)))
+            hook(piece.register_forward_hook(lambda m, a, o, i=i: self._piece(i, 1, o)))
+        for j, (_, p) in enumerate(self.params):
+            hook(p.register_post_accumulate_grad_hook(lambda p, j=j: self._ready(j)))
+        hook(inner.register_step_pre_hook(lambda *a: self._mark("opt0")))
+        hook(inner.register_step_post_hook(lambda *a: self._mark("opt1")))
+
+    def _capture(self, module, args, kwargs):
+        self._mark("fwd0")
+        if self._inputs is None:  # the first batch's inputs, for the FSDP overhead measurement
+            self._inputs = (args, kwargs)
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _mark(self, key):
+        self.now.setdefault(key, self._clock())  # first forward / step of the step counts
+
+    def _piece(self, i, end, out):
+        t = self._clock()
+        if not end:
+            self.now[("p", i)] = t
+        else:
+            self.now.setdefault("piece_s", {})
+            self.now["piece_s"][i] = self.now["piece_s"].get(i, 0.0) + t - self.now.pop(("p", i), t)
+            self.now.setdefault("piece_bytes", {})[i] = _bytes(out)
+
+    def _ready(self, j):
+        self.now.setdefault("ready", {})[j] = self._clock()
+
+    def batches(self, loader):
+        """The training loop's batches: per size of the ladder, warm-up then timed steps; the profile is
+        written when the ladder is done."""
+        first = next(iter(loader))
+        full = _rows(first)
+        sizes = sorted(
+            {max(min(2, full), full // 2**k) for k in range(5)}, reverse=True
+        )  # BatchNorm needs 2 rows
+        it = iter(loader)
+
+        def next_batch(rows):
+            nonlocal it
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                batch = next(it)
+            return batch if rows >= _rows(batch) else slice_tensors(batch, slice(0, rows))
+
+        out = {"sizes": {}, "flops": None}
+        for rows in sizes:
+            steps = []
+            for k in range(WARMUP_STEPS + MAX_STEPS):
+                batch = next_batch(rows)
+                extra = None
+                if k == 0:  # untimed: saved activations, and FLOPs + aten calls at the full batch
+                    extra = contextlib.ExitStack()
+                    extra.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))
+                    self._saved = 0
+                    if rows == full:
+                        fc, ops = FlopCounterMode(display=False), CountOps()
+                        extra.enter_context(fc)
+                        extra.enter_context(ops)
+                self.now = {"step0": self._clock()}
+                with extra or contextlib.nullcontext():
+                    yield batch
+                t_end = self._clock()
+                if k == 0:
+                    saved = self._saved
+                    self._saved = None
+                    if rows == full:
+                        out["flops"], out["aten_calls"] = int(fc.get_total_flops()), ops.n
+                if k >= WARMUP_STEPS:
+                    steps.append(self._step(t_end))
+                if k >= WARMUP_STEPS + MIN_STEPS - 1 and sum(s["step_s"] for s in steps) >= MIN_SECONDS:
+                    break
+            out["sizes"][str(rows)] = self._summarise(steps, saved)
+        self.write(out, full)
+
+    def _pack(self, t):
+        if self._saved is not None and not isinstance(t, torch.nn.Parameter):
+            self._saved += t.numel() * t.element_size()
+        return t
+
+    def _step(self, t_end) -> dict:
+        n = self.now
+        f0, f1 = n.get("fwd0", n["step0"]), n.get("fwd1", n["step0"])
+        ready = n.get("ready", {})
+        last = max(ready.values(), default=f1)
+        o0, o1 = n.get("opt0", last), n.get("opt1", last)
+        return {
+            "step_s": t_end - n["step0"],
+            "forward_s": f1 - f0,
+            "backward_s": last - f1,
+            "optimizer_s": o1 - o0,
+            "piece_s": [n.get("piece_s", {}).get(i, 0.0) for i in range(len(self.pieces))],
+            "piece_bytes": [n.get("piece_bytes", {}).get(i, 0) for i in range(len(self.pieces))],
+            "ready_s": [ready[j] - f1 if j in ready else None for j in range(len(self.params))],
+        }
+
+    def _summarise(self, steps: list[dict], saved: int) -> dict:
+        med = window_mean
+        out = {k: med(s[k] for s in steps) for k in ("step_s", "forward_s", "backward_s", "optimizer_s")}
+        out["other_s"] = max(0.0, out["step_s"] - out["forward_s"] - out["backward_s"] - out["optimizer_s"])
+        out["steps"] = len(steps)
+        out["step_s_iqr"] = (
+            statistics.quantiles([s["step_s"] for s in steps], n=4)[::2] if len(steps) > 1 else None
+        )
+        out["piece_s"] = [med(s["piece_s"][i] for s in steps) for i in range(len(self.pieces))]
+        out["piece_bytes"] = steps[-1]["piece_bytes"]
+        out["ready_s"] = [
+            med(r for s in steps if (r := s["ready_s"][j]) is not None) if steps[0]["ready_s"][j] is not None
+            else None
+            for j in range(len(self.params))
+        ]  # fmt: skip
+        out["saved_activation_bytes"] = saved
+        return out
+
+    def fsdp_overhead(self, steps: int = 4) -> float | None:
+        """Seconds per step FSDP2 adds beyond its collectives: the same forward, backward (of a surrogate loss,
+        the output's sum) and optimizer step on copies of the model, sharded with `fully_shard` over a one-rank
+        group (unit per piece of >= FSDP_MIN_PARAMS parameters, as the setup files wrap) and not, on the first
+        batch's inputs. Medians; the difference is the copy-in/out, hooks and DTensor dispatch of each step."""
+        import copy
+
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        if self._inputs is None or dist.is_initialized():
+            return None
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            mesh = init_device_mesh(self.device.type, (1,))
+            times = []
+            for sharded in (False, True):
+                model = copy.deepcopy(self.model)
+                if sharded:
+                    for _, piece in pieces(model):  # the copy's pieces, never the trained model's
+                        if sum(p.numel() for p in piece.parameters()) >= FSDP_MIN_PARAMS:
+                            fully_shard(piece, mesh=mesh)
+                    fully_shard(model, mesh=mesh)
+                opt = type(self.optimizer)(model.parameters(), **self.optimizer.defaults)
+                args, kwargs = self._inputs
+                per = []
+                for k in range(steps + 1):
+                    t0 = self._clock()
+                    opt.zero_grad(set_to_none=True)
+                    sum(o.float().sum() for o in _tensors(model(*args, **kwargs))).backward()
+                    opt.step()
+                    if k:
+                        per.append(self._clock() - t0)
+                times.append(statistics.median(per))
+            return max(0.0, times[1] - times[0])
+        except Exception as e:  # noqa: BLE001 - a model FSDP2 cannot wrap: no overhead figure, said so
+            self.acc.print(f"profile: FSDP overhead not measured ({type(e).__name__}: {str(e)[:120]})")
+            return None
+        finally:
+            dist.destroy_process_group()
+
+    def write(self, out: dict, full: int):
+        for h in self._handles:
+            h.remove()
+        sizes = out["sizes"]
+        ready = sizes[str(full)]["ready_s"]
+        order = sorted((j for j in range(len(self.params)) if ready[j] is not None), key=lambda j: ready[j])
+        # The buckets DDP rebuilds after its first step: gradients in the order they became ready.
+        buckets, _ = dist._compute_bucket_assignment_by_size(
+            [self.params[j][1] for j in order], [DDP_FIRST_BUCKET, DDP_BUCKET], [False] * len(order)
+        )
+        piece_of = {}
+        for i, (_, piece) in enumerate(self.pieces):
+            for p in piece.parameters():
+                piece_of[id(p)] = i
+        state = sum(_bytes(list(s.values())) for s in self.optimizer.state.values())
+        fsdp = None if "fsdp" in self.unsupported else self.fsdp_overhead()
+        profile = {
+            "kind": "distbench-profile",
+            "batch_size": full,
+            "device": str(self.device),
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "pieces": [name for name, _ in self.pieces],
+            "split_points": self.split_points,
+            "unsupported": self.unsupported,  # the script's UNSUPPORTED knobs ("pipeline": pipeline and hybrid)
+            "params": [{"name": n, "bytes": _bytes(p), "piece": piece_of.get(id(p))} for n, p in self.params],
+            "param_bytes": sum(_bytes(p) for p in self.model.parameters()),
+            "grad_bytes": sum(_bytes(p) for _, p in self.params),
+            "optimizer_state_bytes": state,
+            "ddp_buckets": [[order[k] for k in bucket] for bucket in buckets],
+            "fsdp_overhead_s": fsdp,  # FSDP2's own work per step beyond its collectives (one-rank group)
+            "flops_per_step": out["flops"],
+            "aten_calls_per_step": out.get("aten_calls"),
+            "sizes": sizes,
+        }
+        path = self.cfg.profile_out
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.part"
+        with open(tmp, "w") as f:
+            json.dump(profile, f, indent=1)
+        os.replace(tmp, path)
+        self.acc.print(f"profile written: {path} (batch sizes {', '.join(sizes)})")

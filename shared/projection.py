@@ -1,0 +1,408 @@
+"""Projected step time, speedup and memory per strategy and device count, from a profile and a hardware file.
+
+Torch-free arithmetic; docs/projection.md writes every formula down with its source. Inputs:
+- a model profile (shared/profiling.py): forward / backward / optimizer / other time per step at a ladder of
+  per-device batch sizes, per-piece forward time and output bytes, gradient-ready times, DDP buckets, bytes of
+  parameters, gradients, optimizer state and saved activations, FLOPs and aten calls per step;
+- a hardware description (hardware/*.yaml): either `measured` collectives of this machine (bench/
+  collectives.py) or a latency and bus bandwidth per link, plus peak FLOP/s, an achieved efficiency, memory
+  bandwidth and size, each figure with its source and whether it was measured or assumed.
+"""
+
+from __future__ import annotations
+
+import math
+
+GIB = 2**30
+STRATEGIES = ("ddp", "fsdp", "pipeline", "pipeline_1f1b", "model_split", "hybrid")
+FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+          "reduce_scatter": lambda n: (n - 1) / n, "send_recv": lambda n: 1.0}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- collectives (alpha-beta)
+
+
+def _interp(points: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear in log-log between measured points (x > 0); linear beyond the ends."""
+    points = sorted(points)
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x <= x1:
+            w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return math.exp(math.log(y0) + w * (math.log(y1) - math.log(y0)))
+    (x0, y0), (x1, y1) = points[-2], points[-1]
+    return y1 + (x - x1) * (y1 - y0) / (x1 - x0)
+
+
+def collective_s(hw: dict, op: str, nbytes: float, n: int, nodes: int = 1, world: int | None = None) -> float:
+    """Seconds for one collective of `nbytes` over `n` devices (nccl-tests sizes: all_reduce moves S, all_gather
+    gathers into S, reduce_scatter reduces S). One device or no bytes costs nothing. Across nodes:
+    reduce-scatter inside each node, the collective on S/g between nodes, all-gather inside (hierarchical).
+
+    `world`: the job's process count, when the collective runs in a sub-group (a hybrid's replicas, a stage
+    pair). Where this machine's collectives were measured at that world size (more processes than cores: the
+    scheduler's time slices set the latency), that measurement is used, at the bytes that give the
+    sub-group's bandwidth term."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    table = hw.get("measured_collectives", {})
+    if world and world != n and str(world) in table and op in table[str(world)]:
+        scaled = nbytes * FACTOR[op](n) / FACTOR[op](world)
+        return _interp(
+            [(r["bytes"], r.get("mean_s", r["median_s"])) for r in table[str(world)][op]["sizes"]], scaled
+        )
+    if nodes > 1:
+        g = n // nodes
+        if op == "all_reduce":
+            inner = collective_s(hw, "reduce_scatter", nbytes, g) + collective_s(hw, "all_gather", nbytes, g)
+            return inner + _link(hw, "inter", op, nbytes / max(g, 1), nodes)
+        return _link(hw, "inter", op, nbytes, n)
+    measured = hw.get("measured_collectives", {}).get(str(n), {}).get(op)
+    if measured:  # this machine: the measured medians, interpolated
+        return _interp([(r["bytes"], r.get("mean_s", r["median_s"])) for r in measured["sizes"]], nbytes)
+    return _link(hw, "intra", op, nbytes, n)
+
+
+def _link(hw: dict, link: str, op: str, nbytes: float, n: int) -> float:
+    """latency + factor(n) * S / busbw; the latency grows with the ring's 2(n-1) steps from where it was fitted."""
+    spec = hw["links"][link] if "links" in hw else _fitted(hw, op)
+    steps = 2 * (n - 1) / (2 * (spec.get("fitted_n", 2) - 1))
+    return spec["latency_s"] * steps + FACTOR[op](n) * nbytes / (spec["busbw_GBps"] * 1e9)
+
+
+def _fitted(hw: dict, op: str) -> dict:
+    """For N not measured on this machine: the fit at the largest N that was (labelled extrapolated)."""
+    n = max(hw["measured_collectives"], key=int)
+    fit = hw["measured_collectives"][n][op]["fit"]
+    return {**fit, "fitted_n": int(n)}
+
+
+# ----------------------------------------------------------------------------- the model's own times
+
+
+class Model:
+    """A profile read at any per-device batch (linear interpolation between the measured sizes), on this
+    machine or scaled to another device by FLOPs (compute) and memory bandwidth (optimizer)."""
+
+    def __init__(self, profile: dict, hw: dict):
+        self.p, self.hw = profile, hw
+        self.sizes = sorted((int(b), s) for b, s in profile["sizes"].items())
+        self.full = profile["batch_size"]
+        self.local = hw.get("kind") == "measured"
+
+    def at(self, key: str, b: float):
+        """`key` of the ladder at batch b (lists element-wise); linear in b between and beyond the sizes."""
+        pts = self.sizes
+        lo = max((p for p in pts if p[0] <= b), default=pts[0], key=lambda p: p[0])
+        hi = min((p for p in pts if p[0] >= b), default=pts[-1], key=lambda p: p[0])
+        if lo[0] == hi[0] != b and len(pts) > 1:  # outside the ladder: extend its nearest segment
+            lo, hi = (pts[-2], pts[-1]) if b > pts[-1][0] else (pts[0], pts[1])
+        w = (b - lo[0]) / (hi[0] - lo[0]) if hi[0] != lo[0] else 0.0
+
+        def mix(a, c):
+            if isinstance(a, list):
+                return [mix(x, y) for x, y in zip(a, c, strict=True)]
+            if a is None or c is None:
+                return None
+            return max(0.0, a + w * (c - a))
+
+        return mix(lo[1][key], hi[1][key])
+
+    def times(self, b: float) -> dict:
+        """forward, backward, optimizer, other (seconds) for one step at per-device batch b."""
+        if self.local:
+            return {k: self.at(f"{k}_s", b) for k in ("forward", "backward", "optimizer", "other")}
+        hw, p = self.hw, self.p
+        ref = self.at("forward_s", self.full), self.at("backward_s", self.full)
+        share_f = ref[0] / max(ref[0] + ref[1], 1e-12)
+        flops = p["flops_per_step"] * b / self.full
+        launch = hw["launch_overhead_s"] * (p["aten_calls_per_step"] or 0)
+        compute = max(flops / (hw["peak_flops"] * hw["efficiency"]), launch)
+        # Adam-like update: read and write parameters and state, read gradients, at memory bandwidth
+        traffic = 2 * p["param_bytes"] + p["grad_bytes"] + 2 * p["optimizer_state_bytes"]
+        return {
+            "forward": compute * share_f,
+            "backward": compute * (1 - share_f),
+            "optimizer": traffic / (hw["memory_bandwidth_GBps"] * 1e9) + hw["launch_overhead_s"] * len(p["params"]),
+            "other": hw.get("step_overhead_s", 0.0),
+        }  # fmt: skip
+
+    def ready(self, b: float) -> list[float | None]:
+        """When each parameter's gradient is ready, from the start of backward, at batch b."""
+        r = self.at("ready_s", b)
+        if self.local:
+            return r
+        scale = self.times(b)["backward"] / max(self.at("backward_s", b), 1e-12)
+        return [x * scale if x is not None else None for x in r]
+
+    def stages(self, p: int, b: float) -> list[dict]:
+        """The model cut into p stages (the script's split points; for more stages than it names, cut where
+        the forward time balances): per stage forward, backward, parameter share and the bytes it sends on."""
+        names, pieces = self.p["pieces"], list(range(len(self.p["pieces"])))
+        split = self.p["split_points"][: p - 1]
+        if len(split) == p - 1 and all(s in names for s in split):
+            bounds = sorted(names.index(s) for s in split)
+        else:
+            bounds = balanced_cuts(self.at("piece_s", self.full), p)
+        edges = [0, *bounds, len(pieces)]
+        t = self.times(b)
+        piece_f = self.at("piece_s", b)
+        scale_f = t["forward"] / max(sum(piece_f), 1e-12)
+        ready = self.ready(b)
+        params = self.p["params"]
+        out = []
+        for s in range(p):
+            lo, hi = edges[s], edges[s + 1]
+            mine = [j for j, q in enumerate(params) if q["piece"] is not None and lo <= q["piece"] < hi]
+            done = max((ready[j] for j in mine if ready[j] is not None), default=0.0)
+            out.append({
+                "forward": sum(piece_f[lo:hi]) * scale_f,
+                "bwd_done": done,  # backward of stage s ends when its earliest layer's gradients are ready
+                "param_bytes": sum(params[j]["bytes"] for j in mine),
+                "send_bytes": self.at("piece_bytes", b)[hi - 1] if s < p - 1 else 0,
+                "act_share": (sum(self.at("piece_bytes", b)[lo:hi]) /
+                              max(sum(self.at("piece_bytes", b)), 1)),
+            })  # fmt: skip
+        total_b = t["backward"]
+        for s in range(p):  # stage s's backward: from the next stage's end to its own
+            after = out[s + 1]["bwd_done"] if s < p - 1 else 0.0
+            out[s]["backward"] = max(0.0, out[s]["bwd_done"] - after)
+        spread = sum(st["backward"] for st in out)
+        for st in out:  # the measured backward in full, shared as the ready times say
+            st["backward"] = total_b * st["backward"] / spread if spread else total_b / p
+        return out
+
+
+def balanced_cuts(piece_s: list[float], p: int) -> list[int]:
+    """Cut indices giving p stages whose summed times are as even as a greedy prefix split makes them."""
+    total, cuts, acc = sum(piece_s), [], 0.0
+    for i, t in enumerate(piece_s):
+        acc += t
+        if len(cuts) < p - 1 and acc >= total * (len(cuts) + 1) / p and i + 1 < len(piece_s):
+            cuts.append(i + 1)
+    while len(cuts) < p - 1:
+        cuts.append(min(len(piece_s) - 1, (cuts[-1] + 1) if cuts else 1))
+    return cuts
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def bubble_fraction(p: int, m: int) -> float:
+    """GPipe / 1F1B idle share of the step with p equal stages and m micro-batches: (p-1)/(m+p-1)."""
+    return (p - 1) / (m + p - 1)
+
+
+def pipeline_makespan(fwd: list[float], bwd: list[float], comm: list[float], m: int, schedule: str) -> float:
+    """Simulate the schedule: stage s runs its ops in order; F(s,j) waits for F(s-1,j), B(s,j) for B(s+1,j)
+    (the last stage's for its own F). A blocking send keeps its stage busy for comm[s] (activation forward,
+    gradient back: same bytes)."""
+    p = len(fwd)
+    order = []
+    for s in range(p):
+        if schedule == "1f1b":
+            warm = min(p - s - 1, m)
+            ops = [("F", j) for j in range(warm)]
+            for j in range(m - warm):
+                ops += [("F", warm + j), ("B", j)]
+            ops += [("B", j) for j in range(m - warm, m)]
+        else:  # gpipe: all forwards, then all backwards
+            ops = [("F", j) for j in range(m)] + [("B", j) for j in range(m)]
+        order.append(ops)
+    done, free, pos = {}, [0.0] * p, [0] * p
+    while any(pos[s] < len(order[s]) for s in range(p)):
+        progressed = False
+        for s in range(p):
+            if pos[s] == len(order[s]):
+                continue
+            kind, j = order[s][pos[s]]
+            dep = (
+                ("F", s - 1, j)
+                if kind == "F" and s > 0
+                else ("B", s + 1, j)
+                if kind == "B" and s < p - 1
+                else None
+            )
+            if kind == "B" and s == p - 1:
+                dep = ("F", s, j)
+            if dep is not None and dep not in done:
+                continue
+            start = max(free[s], done.get(dep, 0.0))
+            sends = (kind == "F" and s < p - 1) or (kind == "B" and s > 0)
+            cost = (fwd[s] if kind == "F" else bwd[s]) + (comm[s if kind == "F" else s - 1] if sends else 0.0)
+            free[s] = done[(kind, s, j)] = start + cost
+            pos[s] += 1
+            progressed = True
+        if not progressed:
+            raise RuntimeError("pipeline schedule deadlocked")  # a bug in the orders above
+    return max(free)
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int = 1, batch: int,
+            scaling: str = "strong", microbatches: int = 4, cores: int | None = None,
+            min_unit_params: int = 100_000, check_every: int | None = None) -> dict:  # fmt: skip
+    """One prediction: step time, speedup over one device, efficiency, memory per device and the bottleneck.
+
+    strong scaling: `batch` is the global batch, each of R data-parallel replicas takes batch/R (speedup =
+    T1/TN); weak scaling: each replica takes `batch` (global R*batch; speedup = R*T1/TN). R = N for DDP and
+    FSDP, N/2 for the hybrid (pipelines of 2 stages), 1 for a pipeline or a model split."""
+    m = Model(profile, hw)
+    n = devices
+    # data-parallel replicas: every device for DDP / FSDP, N/2 pipelines of 2 stages for the hybrid, one otherwise
+    replicas = {"ddp": n, "fsdp": n, "hybrid": n // 2, "single": 1}.get(strategy, 1)
+    global_batch = batch if scaling == "strong" else batch * replicas  # weak: each replica keeps `batch`
+    per_dev = global_batch / replicas
+    t1 = sum(m.times(batch).values())
+    parts = {"compute": 0.0, "communication": 0.0, "bubble": 0.0}
+    P, G, S = profile["param_bytes"], profile["grad_bytes"], profile["optimizer_state_bytes"]
+    act = lambda b: m.at("saved_activation_bytes", b) or 0.0  # noqa: E731
+    busy = None  # total CPU-seconds of all processes (oversubscription check)
+    if strategy in ("ddp", "single") or n == 1 and strategy != "model_split":
+        t = m.times(per_dev)
+        parts["compute"] = sum(t.values())
+        if n > 1:
+            ready = m.ready(per_dev)
+            comm, end = 0.0, 0.0
+            for bucket in profile["ddp_buckets"]:
+                nbytes = sum(profile["params"][j]["bytes"] for j in bucket)
+                cost = collective_s(hw, "all_reduce", nbytes, n, nodes)  # world = n
+                comm += cost
+                r = max((ready[j] for j in bucket if ready[j] is not None), default=t["backward"])
+                end = max(r, end) + cost
+            # overlapped with backward where the device computes while it communicates (GPUs: a NCCL stream);
+            # on a CPU core the collective's own work competes with backward for the same core, so all of it shows
+            exposed = max(0.0, end - t["backward"]) if hw.get("comm_overlaps_compute") else comm
+            parts["communication"] = exposed
+        memory = P + G + S + act(per_dev) + (G if n > 1 else 0)
+    elif strategy == "fsdp":
+        t = m.times(per_dev)
+        t["optimizer"] /= n
+        # FSDP2's own work each step (copy-in/out, hooks, DTensor dispatch), measured on a one-rank group
+        parts["compute"] = sum(t.values()) + (profile.get("fsdp_overhead_s") or 0.0 if m.local else 0.0)
+        units = _fsdp_units(profile, min_unit_params)
+        comm = 0.0
+        for k, nbytes in enumerate(units):
+            root = k == len(units) - 1  # the root unit is not resharded after forward (FSDP2)
+            comm += (1 if root else 2) * collective_s(hw, "all_gather", nbytes, n, nodes)
+            comm += collective_s(hw, "reduce_scatter", nbytes, n, nodes)
+        parts["communication"] = comm
+        memory = (P + G + S) / n + act(per_dev) + max(units, default=0) + units[-1]
+    elif strategy == "model_split":
+        stages = m.stages(n, batch)
+        t = m.times(batch)
+        parts["compute"] = sum(t.values())
+        if not hw.get("kind") == "measured" or hw.get("devices_distinct", False):
+            parts["communication"] = sum(
+                2 * collective_s(hw, "send_recv", st["send_bytes"], 2) for st in stages
+            )
+        per_stage = [
+            (st["param_bytes"] / max(P, 1)) * (P + G + S) + st["act_share"] * act(batch) for st in stages
+        ]
+        memory = max(per_stage)
+        per_dev = batch
+    elif strategy in ("pipeline", "pipeline_1f1b", "hybrid"):
+        dp = replicas
+        pp = n // dp
+        sched = "1f1b" if strategy == "pipeline_1f1b" else "gpipe"
+        b_rep = per_dev
+        micro = b_rep / microbatches
+        stages = m.stages(pp, micro)
+        comm = [collective_s(hw, "send_recv", st["send_bytes"], 2) for st in stages]
+        span = pipeline_makespan([st["forward"] for st in stages], [st["backward"] for st in stages], comm,
+                                 microbatches, sched)  # fmt: skip
+        t = m.times(b_rep)
+        share = [st["param_bytes"] / max(P, 1) for st in stages]
+        opt = max(t["optimizer"] * s for s in share)
+        work = [microbatches * (st["forward"] + st["backward"]) for st in stages]
+        sync = 0.0
+        if (
+            dp > 1
+        ):  # each stage's gradients all-reduced over its replicas (after the schedule, not overlapped)
+            sync = max(collective_s(hw, "all_reduce", G * s, dp, 1) for s in share)
+        parts["compute"] = max(work) + opt + t["other"]
+        parts["communication"] = sum(comm) * microbatches * 2 / pp + sync
+        parts["bubble"] = max(0.0, span - max(work) - sum(comm) * microbatches * 2 / pp)
+        # CPU-seconds of all processes: on a CPU, gloo's transfers are the cores' own copies and system calls
+        # (a 4-process hybrid on 2 cores spent 10 s of its 54 CPU-seconds in the kernel), so they count as work
+        busy = (
+            dp * (sum(work) + t["optimizer"] + sum(comm) * microbatches * 2 + pp * sync)
+            + dp * pp * t["other"]
+        )
+        in_flight = microbatches if sched == "gpipe" else min(microbatches, pp)
+        memory = max(
+            s * (P + G + S) + st["act_share"] * act(micro) * in_flight
+            for s, st in zip(share, stages, strict=True)
+        )
+        per_dev = b_rep
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    if n > 1 and strategy != "model_split":
+        # the loop's stop / non-finite check: one all-reduce of two floats over every rank each `check_every`
+        # steps (shared/checkpoint.py; 1 on a CPU, 25 on CUDA)
+        every = check_every or (1 if hw.get("kind") == "measured" else 25)
+        control = collective_s(hw, "all_reduce", 8, n, nodes) / every
+        parts["communication"] += control
+        if busy is not None:
+            busy += n * control
+    step = sum(parts.values())
+    oversubscribed = cores is not None and n > cores
+    if oversubscribed:  # more processes than cores: the critical path, or all the work shared by the cores
+        total = busy if busy is not None else n * step
+        if total / cores > step:
+            parts["compute"] += total / cores - step
+            step = total / cores
+    speedup = (t1 * global_batch / batch) / step
+    memory_gib = memory / GIB
+    fits = memory_gib <= hw.get("memory_gib", float("inf"))
+    return {
+        "strategy": strategy,
+        "devices": n,
+        "nodes": nodes,
+        "scaling": scaling,
+        "global_batch": global_batch,
+        "per_device_batch": per_dev,
+        "step_s": step,
+        "single_step_s": t1,
+        "speedup": speedup,
+        "efficiency": speedup / n,
+        "memory_gib_per_device": memory_gib,
+        "parts_s": parts,
+        "bottleneck": "memory" if not fits else max(parts, key=parts.get),
+        "oversubscribed": oversubscribed,
+    }
+
+
+def _fsdp_units(profile: dict, min_params: int) -> list[float]:
+    """Bytes per FSDP unit: every piece with at least `min_params` parameters is its own unit (Accelerate's
+    SIZE_BASED_WRAP, accelerate_configs/*_fsdp.yaml), the rest stays in the root unit (last)."""
+    by_piece: dict[int, float] = {}
+    for q in profile["params"]:
+        by_piece[q["piece"]] = by_piece.get(q["piece"], 0) + q["bytes"]
+    elem = 4 if profile.get("dtype", "float32") == "float32" else 2
+    units = [v for k, v in by_piece.items() if k is not None and v / elem >= min_params]
+    return [*units, profile["param_bytes"] - sum(units)]
+
+
+def sentence(model: str, hw_name: str, preds: list[dict]) -> str:
+    """One line answering "does N devices pay off?" for a model on a hardware profile."""
+    good = [p for p in preds if p["speedup"] > 1.05 and p["bottleneck"] != "memory"]
+    if good:
+        best = max(good, key=lambda p: p["speedup"])
+        first = min(good, key=lambda p: p["devices"])
+        return (
+            f"{model} on {hw_name}: {first['strategy']} pays off from N = {first['devices']} "
+            f"(x{first['speedup']:.2f}); best {best['strategy']} at N = {best['devices']} (x{best['speedup']:.2f}, "
+            f"{best['scaling']} scaling, global batch {best['global_batch']})"
+        )
+    worst = max(preds, key=lambda p: p["parts_s"]["communication"] / p["step_s"], default=None)
+    if worst is None:
+        return f"{model} on {hw_name}: nothing projected"
+    share = worst["parts_s"]["communication"] / worst["step_s"]
+    return (
+        f"{model} on {hw_name}: no strategy pays off at these N; {worst['strategy']} at N = {worst['devices']} "
+        f"spends {share:.0%} of its step communicating"
+    )

@@ -1,0 +1,230 @@
+"""The projection's formulas on known cases (shared/projection.py), the hardware files, bench/project.py's
+refusals, and one end-to-end projection on this CPU with a real profile (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.projection import (
+    Model,
+    _fsdp_units,
+    balanced_cuts,
+    bubble_fraction,
+    collective_s,
+    pipeline_makespan,
+    project,
+)
+from tests.conftest import child_env, free_port, require_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+HW = {"name": "toy", "kind": "assumed", "links": {"intra": {"busbw_GBps": 1.0, "latency_s": 1e-3},
+      "inter": {"busbw_GBps": 0.1, "latency_s": 1e-2}}, "peak_flops": 1e12, "efficiency": 0.5,
+      "memory_bandwidth_GBps": 100, "launch_overhead_s": 1e-6, "comm_overlaps_compute": True}  # fmt: skip
+
+
+def toy_profile(batch=8):
+    """Two pieces with one parameter each, times linear in the batch: forward b ms, backward 2b ms."""
+    sizes = {}
+    for b in (batch, batch // 2, batch // 4):
+        ms = b * 1e-3
+        sizes[str(b)] = {
+            "step_s": 3 * ms + 1e-3 + 1e-4, "forward_s": ms, "backward_s": 2 * ms, "optimizer_s": 1e-3,
+            "other_s": 1e-4, "piece_s": [ms / 2, ms / 2], "piece_bytes": [b * 400, b * 40],
+            "ready_s": [2 * ms, ms], "saved_activation_bytes": b * 1000,
+        }  # fmt: skip
+    return {
+        "batch_size": batch, "pieces": ["a", "b"], "split_points": ["b"], "unsupported": [],
+        "params": [{"name": "a.w", "bytes": 4_000_000, "piece": 0}, {"name": "b.w", "bytes": 400, "piece": 1}],
+        "param_bytes": 4_000_400, "grad_bytes": 4_000_400, "optimizer_state_bytes": 8_000_800,
+        "ddp_buckets": [[1, 0]], "flops_per_step": 10**9, "aten_calls_per_step": 100, "sizes": sizes,
+        "dtype": "float32",
+    }  # fmt: skip
+
+
+def test_bubble_at_p2_m4_is_a_fifth():
+    assert bubble_fraction(2, 4) == pytest.approx(0.2)
+    assert bubble_fraction(1, 8) == 0
+
+
+def test_collectives_alpha_beta():
+    s = 1e9
+    assert collective_s(HW, "all_reduce", s, 1) == 0  # one device: nothing to reduce
+    assert collective_s(HW, "all_reduce", 0, 4) == 0
+    assert collective_s(HW, "all_reduce", s, 2) == pytest.approx(1e-3 + 1.0)  # 2(N-1)/N = 1
+    assert collective_s(HW, "all_gather", s, 2) == pytest.approx(1e-3 + 0.5)
+    assert collective_s(HW, "reduce_scatter", s, 4) == pytest.approx(3e-3 + 0.75)  # ring latency x (N-1)
+    assert collective_s(HW, "all_reduce", s, 4) == pytest.approx(3e-3 + 1.5)
+    # two nodes of two: reduce-scatter and all-gather inside, all-reduce of S/2 between the nodes
+    inner = collective_s(HW, "reduce_scatter", s, 2) + collective_s(HW, "all_gather", s, 2)
+    assert collective_s(HW, "all_reduce", s, 4, nodes=2) == pytest.approx(inner + 1e-2 + 0.5e9 / 0.1e9)
+
+
+def test_measured_collectives_interpolate_between_sizes():
+    hw = {"kind": "measured", "measured_collectives": {"2": {"all_reduce": {"sizes": [
+        {"bytes": 1000, "median_s": 1e-3}, {"bytes": 100_000, "median_s": 1e-1}], "fit": {}}}}}  # fmt: skip
+    assert collective_s(hw, "all_reduce", 1000, 2) == pytest.approx(1e-3)
+    assert collective_s(hw, "all_reduce", 10_000, 2) == pytest.approx(1e-2)  # log-log midpoint
+    assert collective_s(hw, "all_reduce", 200_000, 2) == pytest.approx(0.2, rel=0.01)  # linear beyond
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline_makespan_equal_stages(schedule):
+    # p = 2 equal stages, m = 4: (m + p - 1) slots of f + b
+    assert pipeline_makespan([1, 1], [2, 2], [0, 0], 4, schedule) == pytest.approx(5 * 3)
+    # m = 1 (a model split): the stages run one after the other
+    assert pipeline_makespan([1, 1], [2, 2], [0, 0], 1, schedule) == pytest.approx(6)
+
+
+def test_pipeline_makespan_counts_imbalance_and_sends():
+    # the slow stage sets the pace: (m - 1) * 6 + one pass through both stages (1+2 + 2+4) = 27
+    assert pipeline_makespan([1, 2], [2, 4], [0, 0], 4, "gpipe") == pytest.approx(27)
+    assert pipeline_makespan([1, 1], [2, 2], [0.5, 0], 1, "gpipe") > 6
+
+
+def test_model_reads_the_ladder():
+    m = Model(toy_profile(8), {"kind": "measured"})
+    assert m.times(8)["forward"] == pytest.approx(8e-3)
+    assert m.times(6)["forward"] == pytest.approx(6e-3)  # between two sizes
+    assert m.times(16)["backward"] == pytest.approx(32e-3)  # beyond the largest
+    stages = m.stages(2, 4)
+    assert [s["forward"] for s in stages] == pytest.approx([2e-3, 2e-3])
+    assert sum(s["backward"] for s in stages) == pytest.approx(8e-3)
+    assert stages[0]["send_bytes"] == 4 * 400 and stages[1]["send_bytes"] == 0
+
+
+def test_ddp_speedup_strong_and_weak():
+    hw = {**HW, "comm_overlaps_compute": False, "kind": "measured",
+          "measured_collectives": {"2": {"all_reduce": {"sizes": [{"bytes": 1, "median_s": 1e-9},
+                                                                  {"bytes": 10**10, "median_s": 1e-9}]}}}}  # fmt: skip
+    prof = toy_profile(8)
+    one = project(prof, hw, "single", 1, batch=8)
+    assert one["speedup"] == pytest.approx(1.0) and one["parts_s"]["communication"] == 0
+    strong = project(
+        prof, hw, "ddp", 2, batch=8
+    )  # free communication: each half-batch costs half the compute
+    assert strong["per_device_batch"] == 4 and strong["global_batch"] == 8
+    assert strong["step_s"] == pytest.approx(3 * 4e-3 + 1e-3 + 1e-4, rel=1e-6)
+    weak = project(prof, hw, "ddp", 2, batch=8, scaling="weak")
+    assert weak["global_batch"] == 16 and weak["speedup"] == pytest.approx(2.0, rel=1e-6)
+    assert weak["efficiency"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_ddp_overlap_bounds_exposed_communication():
+    prof = toy_profile(8)
+    over = project(prof, HW, "ddp", 2, batch=8)
+    serial = project(prof, {**HW, "comm_overlaps_compute": False}, "ddp", 2, batch=8)
+    ar = collective_s(HW, "all_reduce", prof["grad_bytes"], 2)
+    control = collective_s(HW, "all_reduce", 8, 2) / 25  # the loop's stop / NaN check, every 25 steps on GPUs
+    assert serial["parts_s"]["communication"] == pytest.approx(ar + control)
+    # overlapped: at least the last bucket, at most all of them
+    assert control < over["parts_s"]["communication"] <= ar + control
+    every = project(prof, {**HW, "comm_overlaps_compute": False}, "ddp", 2, batch=8, check_every=1)
+    assert every["parts_s"]["communication"] == pytest.approx(ar + 25 * control)
+    assert over["bottleneck"] == "communication"  # 4 MB at 1 GB/s dwarfs 12 ms of compute
+
+
+def test_fsdp_volume_and_memory():
+    prof = toy_profile(8)
+    assert _fsdp_units(prof, 100_000) == [4_000_000, 400]  # the big piece alone, the rest in the root unit
+    f2, f4 = (project(prof, HW, "fsdp", n, batch=8) for n in (2, 4))
+    d2 = project(prof, HW, "ddp", 2, batch=8)
+    assert f2["memory_gib_per_device"] < d2["memory_gib_per_device"]
+    assert f4["memory_gib_per_device"] < f2["memory_gib_per_device"]
+    # 3 passes over the big unit (all-gather forward and backward, reduce-scatter) vs DDP's 2 (all-reduce)
+    assert f2["parts_s"]["communication"] > 1.4 * collective_s(HW, "all_reduce", prof["grad_bytes"], 2)
+
+
+def test_pipeline_and_hybrid_and_model_split():
+    prof = toy_profile(8)
+    hw = {**HW, "kind": "measured", "links": {"intra": {"busbw_GBps": 1e9, "latency_s": 0.0}}}  # free sends
+    pp = project(prof, hw, "pipeline", 2, batch=8, microbatches=4)
+    # two equal stages of 1 ms forward + 2 ms backward per micro-batch of 2: 5 slots of 3 ms, a fifth idle
+    assert pp["parts_s"]["bubble"] == pytest.approx(bubble_fraction(2, 4) * 15e-3, rel=1e-3)
+    assert pp["memory_gib_per_device"] > 0
+    ms = project(prof, hw, "model_split", 2, batch=8)
+    assert ms["speedup"] <= 1.0 + 1e-9
+    hy = project(prof, hw, "hybrid", 4, batch=8, microbatches=2, cores=2)
+    assert hy["oversubscribed"] and hy["devices"] == 4
+    assert balanced_cuts([1, 1, 1, 1], 2) == [2]
+
+
+def test_hardware_files_name_their_sources():
+    files = sorted((REPO / "hardware").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"this-machine", "t4-pcie", "v100-nvlink", "a100-nvlink", "h100-nvlink",
+                                       "h100-2nodes-ib"}  # fmt: skip
+    for f in files:
+        hw = yaml.safe_load(f.read_text())
+        assert hw["name"] == f.stem and hw["kind"] in ("measured", "assumed")
+        for key in ("peak_flops", "efficiency", "memory_bandwidth_GBps", "launch_overhead_s"):
+            if key in hw:
+                assert hw.get(f"{key}_source"), f"{f.name}: {key} without a source"
+        for link in hw.get("links", {}).values():
+            assert link["source"] and link["busbw_GBps"] > 0
+
+
+def run_project(*args, tmp_path):
+    return subprocess.run([sys.executable, str(REPO / "bench/project.py"), "--runs_dir", str(tmp_path), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, env=child_env())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--hardware", "nosuch"], "--hardware nosuch: no such hardware file"),
+        (["--model", "resnet"], "--model resnet: unknown"),
+        (["--devices", "2,x"], "not a comma-separated list"),
+        (["--devices", "0"], "must be positive"),
+    ],
+)
+def test_bad_input_is_one_line(args, says, tmp_path):
+    r = run_project(*args, tmp_path=tmp_path)
+    assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written
+
+
+@pytest.mark.slow
+def test_end_to_end_on_this_cpu(tmp_path):
+    """Profile the MLP for real (one process) and the collectives (two), project it on this machine and on a
+    named GPU setup, then validate against a real 2-process DDP run of the same batch."""
+    data_dir = str(require_dataset("mnist"))
+    r = run_project("--model", "mlp", "--batch_size", "64", "--devices", "1,2,4", "--data_dir", data_dir,
+                    "--collective_max_mb", "4", "--out", str(tmp_path / "p.json"), tmp_path=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((tmp_path / "p.json").read_text())
+    strategies = {p["strategy"] for p in rec["predictions"] if p["devices"] == 2}
+    assert strategies == {"ddp", "fsdp", "pipeline", "pipeline_1f1b", "model_split"}
+    (hybrid,) = [p for p in rec["predictions"] if p["strategy"] == "hybrid" and p["scaling"] == "strong"]
+    assert hybrid["devices"] == 4 and hybrid["oversubscribed"] == ((os.cpu_count() or 1) < 4)
+    for p in rec["predictions"]:
+        assert p["step_s"] > 0 and p["bottleneck"] in ("compute", "communication", "bubble", "memory")
+        assert p["speedup"] == pytest.approx(p["single_step_s"] * p["global_batch"] / 64 / p["step_s"])
+    prof = json.loads(next((tmp_path / "profiles").glob("profile-*.json")).read_text())
+    assert prof["models"]["mlp"]["batch_size"] == 64 and "2" in prof["collectives"]
+    assert set(prof["models"]["mlp"]["sizes"]) == {"64", "32", "16", "8", "4"}
+    # a second projection reuses the profile: instant, and on another hardware file
+    r = run_project("--model", "mlp", "--batch_size", "64", "--hardware", "t4-pcie", "--devices", "2",
+                    "--data_dir", data_dir, "--out", str(tmp_path / "t4.json"), tmp_path=tmp_path)  # fmt: skip
+    assert r.returncode == 0 and "reuse" not in r.stderr and "profile record" in r.stdout
+    t4 = json.loads((tmp_path / "t4.json").read_text())
+    assert t4["hardware"]["name"] == "t4-pcie" and t4["predictions"]
+    # validation against a real DDP run at the same batch
+    runs = tmp_path / "real"
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+              str(REPO / "accelerate_configs/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+              "--num_cpu_threads_per_process", "1",
+              str(REPO / "scripts/mlp.py"), "--data_dir", data_dir, "--runs_dir", str(runs), "--batch_size", "64",
+              "--limit_train", "6400", "--epochs", "1", "--limit_eval", "64", "--augment", "false"]  # fmt: skip
+    assert subprocess.run(launch, capture_output=True, cwd=REPO, timeout=300, env=child_env()).returncode == 0
+    r = run_project("--model", "mlp", "--batch_size", "64", "--devices", "2", "--data_dir", data_dir,
+                    "--validate_from", str(runs), "--out", str(tmp_path / "v.json"), tmp_path=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "v.json").read_text())["validation"]
+    assert row["strategy"] == "ddp" and row["devices"] == 2 and row["measured_step_s"] > 0
+    assert row["error"] == pytest.approx(
+        (row["predicted_step_s"] - row["measured_step_s"]) / row["measured_step_s"]
+    )
