@@ -103,34 +103,32 @@ def launch(args: list[str], log: Path, threads: int = 1, timeout: float = 900) -
         raise UsageError(f"{' '.join(args[:3])} ... failed (exit {rc}): {tail[0][:200]}; log {log}")
 
 
-def measure(
-    models: list[str], flags: dict, data_dir: str, work: Path, batch: int | None, max_mb: float
-) -> dict:
-    """Profile each model on one process and the collectives on 2 (and 4 where the cores allow)."""
+def measure(models: list[str], flags: dict, args, work: Path, save, collectives: bool = True) -> None:
+    """Profile each model on one process and the collectives on 2 processes (4 where the cores allow);
+    `save(kind, key, value)` after each, so a later failure keeps what was measured."""
     cores = os.cpu_count() or 1
-    out = {"collectives": {}, "models": {}}
-    for n in [k for k in (2, 4) if k <= cores]:
+    for n in [k for k in (2, 4) if k <= cores and collectives]:
         t0 = time.perf_counter()
         f = work / f"collectives-{n}.json"
         launch(["--config_file", str(REPO / "accelerate_configs/cpu_2proc.yaml"), "--num_processes", str(n),
-                "--main_process_port", str(free_port()),
-                "--num_cpu_threads_per_process", "1", str(REPO / "bench/collectives.py"), "--out", str(f), "--max_mb", str(max_mb)],
+                "--main_process_port", str(free_port()), "--num_cpu_threads_per_process", "1",
+                str(REPO / "bench/collectives.py"), "--out", str(f), "--max_mb", str(args.collective_max_mb)],
                work / f"collectives-{n}.log")  # fmt: skip
-        out["collectives"][str(n)] = json.loads(f.read_text())["ops"]
+        save("collectives", str(n), json.loads(f.read_text())["ops"])
         print(f"collectives on {n} processes: {time.perf_counter() - t0:.0f} s", flush=True)
     for name in models:
         t0 = time.perf_counter()
         f = work / f"{name}.json"
-        fl = {**flags[name], **({"batch_size": batch} if batch else {})}
+        fl = {**flags[name], **({"batch_size": args.batch_size} if args.batch_size else {})}
         launch(["--config_file", str(REPO / "accelerate_configs/cpu_1proc.yaml"),
                 "--num_cpu_threads_per_process", "1", str(REPO / "scripts" / f"{name}.py"),
-                "--data_dir", data_dir, "--runs_dir", str(work / "runs"), "--profile_out", str(f), "--progress", "false",
-                *[x for k, v in fl.items() for x in (f"--{k}", str(v))]], work / f"{name}.log")  # fmt: skip
-        out["models"][name] = {**json.loads(f.read_text()), "flags": fl}
+                "--data_dir", args.data_dir, "--runs_dir", str(work / "runs"), "--profile_out", str(f),
+                "--progress", "false", *[x for k, v in fl.items() for x in (f"--{k}", str(v))]],
+               work / f"{name}.log")  # fmt: skip
+        save("models", name, {**json.loads(f.read_text()), "flags": fl})
         print(
             f"profiled {name} at batch {fl.get('batch_size')}: {time.perf_counter() - t0:.0f} s", flush=True
         )
-    return out
 
 
 def git_commit() -> str:
@@ -162,21 +160,24 @@ def profile_record(args, models: list[str], flags: dict) -> dict:
     work = Path(args.runs_dir) / "profiles" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    got = measure(todo, flags, args.data_dir, work, args.batch_size, args.collective_max_mb)
     rec = rec if rec and not args.reprofile else {"kind": "distbench-profile-record", "models": {}}
-    rec["models"].update(got["models"])
-    rec["collectives"] = got["collectives"] or rec.get("collectives", {})
-    rec.update(
-        measured_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        measure_s=time.perf_counter() - t0,
-        hostname=socket.gethostname(),
-        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        git_commit=git_commit(),
-        threads_per_process=1,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".part").write_text(json.dumps(rec, indent=1))
-    os.replace(path.with_suffix(".part"), path)
+    rec.setdefault("collectives", {})
+
+    def save(kind: str, key: str, value):
+        rec[kind][key] = value
+        rec.update(
+            measured_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            measure_s=time.perf_counter() - t0,
+            hostname=socket.gethostname(),
+            machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            git_commit=git_commit(),
+            threads_per_process=1,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".part").write_text(json.dumps(rec, indent=1))
+        os.replace(path.with_suffix(".part"), path)
+
+    measure(todo, flags, args, work, save, collectives=not rec["collectives"])
     print(f"profile record {path} ({rec['measure_s']:.0f} s)")
     return rec
 

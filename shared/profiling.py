@@ -67,17 +67,22 @@ def _bytes(obj) -> int:
 
 
 def _tensors(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj] if obj.is_floating_point() else []
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else []
-    return [t for o in items for t in _tensors(o)]
+    return [t for t in _all_tensors(obj) if t.is_floating_point()]
 
 
 def _rows(batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return len(batch)
-    items = batch.values() if isinstance(batch, dict) else batch
-    return max(_rows(b) for b in items if isinstance(b, (torch.Tensor, dict, list, tuple)))
+    """Rows of a batch: the first dimension of its largest tensor (text lists and other fields ignored)."""
+    firsts = [len(t) for t in _all_tensors(batch) if t.dim()]
+    if not firsts:
+        raise ValueError("--profile_out: a batch without tensors cannot be cut to smaller sizes")
+    return max(firsts)
+
+
+def _all_tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else []
+    return [t for o in items for t in _all_tensors(o)]
 
 
 class Profiler:

@@ -42,6 +42,9 @@ ARGS = [
 ]
 SHOTS = Path(os.environ.get("DISTBENCH_SCREENSHOTS") or tempfile.mkdtemp(prefix="distbench-shots-"))
 RESULTS = REPO / "docs" / "results" / "2026-11-29"  # the runs behind the README's speed tables
+PROJECTION = (
+    RESULTS / "projection"
+)  # `make project-validate`'s records: projection + the real runs it checked
 STALE_S = 600
 VIEWS = {
     "Speedup": "speedup_fixture",
@@ -53,6 +56,7 @@ VIEWS = {
     "Baseline": "baseline",
     "Config diff": "config_diff",
     "Seeds": "seeds",
+    "Projection": "projection_empty",
 }
 
 
@@ -269,4 +273,23 @@ def test_speedup_view_on_the_committed_results(browser, tmp_path_factory):
         p_.screenshot(path=SHOTS / "results_speedup.png")
         show_tab(page, "Overview").screenshot(path=SHOTS / "results_overview.png")
         assert page.locator(".stException, [data-testid='stException']").count() == 0
+        page.close()
+
+
+def test_projection_view_on_the_committed_projection(browser, tmp_path_factory):
+    """The Projection tab on the committed `make project-validate` output: projected curves per strategy with
+    the measured points over them, the answer sentence and the validation table (the README's screenshot)."""
+    with dashboard(PROJECTION, tmp_path_factory.mktemp("projection_server") / "server.log") as url:
+        page = open_page(browser, url)
+        page.set_viewport_size({"width": 1400, "height": 1500})
+        p_ = show_tab(page, "Projection")
+        p_.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
+        names = legend(page)
+        assert "ddp (projected)" in names and "ddp (measured)" in names, names
+        assert "pipeline_1f1b (projected)" in names
+        text = p_.inner_text()
+        assert "pays off" in text and "Validation: mean |error|" in text
+        assert p_.locator(".js-plotly-plot .errorbar").count() > 0  # measured points carry their range
+        assert page.locator(".stException, [data-testid='stException']").count() == 0
+        p_.screenshot(path=SHOTS / "projection.png")
         page.close()
