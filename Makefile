@@ -84,11 +84,11 @@ bench-speed: venv
 # and strategy at N = 1, 2, 4, 8 (docs/projection.md). PROJECT_ARGS="--hardware t4-pcie --model cnn --devices 1,2"
 .PHONY: project project-validate
 project: venv
-	$(BIN)/python bench/project.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) $(PROJECT_ARGS)
+	$(BIN)/python bench/project.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) --study $(PROJECT_ARGS)
 
 # the same, plus the real multi-process runs of bench-strategies now, each compared with its prediction
 project-validate: venv
-	$(BIN)/python bench/project.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) --validate $(PROJECT_ARGS)
+	$(BIN)/python bench/project.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) --validate --study $(PROJECT_ARGS)
 
 # the result tables of README.md and docs/speed.md, from the clean records listed in docs/results/report.yaml
 .PHONY: report

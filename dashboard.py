@@ -138,6 +138,14 @@ def projection_view():
             f"over {s.get('cells', len(table))} cells"
         )
         st.dataframe(table, hide_index=True, width="stretch")
+    if rec.get("study"):
+        st.markdown("**The study revisited**: its 2 x T4 DDP runs projected on `t4-pcie` (assumed figures)")
+        st.dataframe(projection.study_table(rec), hide_index=True, width="stretch")
+        st.caption(
+            "Published: the ratio of the study's median epoch training times, 1 GPU (Colab T4) over 2 GPUs "
+            "(Kaggle T4 x2, rank 0): two machines, and the global batch doubled on 2 GPUs. Projected: DDP on "
+            "t4-pcie at the study's batch per GPU (weak scaling, as it ran) and at the same global batch (strong)."
+        )
 
 
 # ----------------------------------------------------------------------------- data

@@ -143,3 +143,17 @@ def validation_table(rec: dict, model: str | None = None) -> list[dict]:
         for v in rec.get("validation") or []
         if model is None or v["model"] == model
     ]
+
+
+def study_table(rec: dict) -> list[dict]:
+    return [
+        {
+            "model": r["model"],
+            "batch per GPU": r["batch_per_gpu"],
+            "study, published": round(r["study_published_speedup"], 2),
+            "projected, weak (as the study ran)": round(r["projected_weak_speedup"], 2),
+            "projected, same global batch": round(r["projected_strong_speedup"], 2),
+            "bottleneck": r["projected_bottleneck"],
+        }
+        for r in rec.get("study") or []
+    ]

@@ -44,6 +44,16 @@ def window_mean(values) -> float:
     return statistics.median(statistics.fmean(w) for w in windows)
 
 
+# The neighbour of optimizer_contention: the same optimizer class over one tensor of as many parameters.
+NEIGHBOUR = """import sys, torch
+torch.set_num_threads(1)
+p = torch.nn.Parameter(torch.zeros(int(sys.argv[1]))); p.grad = torch.ones_like(p)
+opt = getattr(torch.optim, sys.argv[2])([p], lr=1e-3)
+opt.step(); print("ready", flush=True)
+while True: opt.step()
+"""
+
+
 class CountOps(TorchDispatchMode):
     """Counts aten calls: on a GPU each is about one kernel launch (the floor under a tiny model's step)."""
 
@@ -221,31 +231,39 @@ class Profiler:
         out["saved_activation_bytes"] = saved
         return out
 
-    def fsdp_overhead(self, steps: int = 4) -> float | None:
-        """Seconds per step FSDP2 adds beyond its collectives: the same forward, backward (of a surrogate loss,
-        the output's sum) and optimizer step on copies of the model, sharded with `fully_shard` over a one-rank
-        group (unit per piece of >= FSDP_MIN_PARAMS parameters, as the setup files wrap) and not, on the first
-        batch's inputs. Medians; the difference is the copy-in/out, hooks and DTensor dispatch of each step."""
+    def wrapper_overheads(self, steps: int = 3) -> dict:
+        """Seconds per step DDP and FSDP2 add beyond their collectives: the same forward, backward (of a
+        surrogate loss, the output's sum) and optimizer step on copies of the model, plain, wrapped in
+        DistributedDataParallel, and sharded with `fully_shard` (a unit per piece of >= FSDP_MIN_PARAMS
+        parameters, as the setup files wrap), each over a one-rank group, on the first batch's inputs. The
+        differences of the medians: bucket copies and averaging (DDP); copy-in/out, hooks and DTensor
+        dispatch (FSDP)."""
         import copy
 
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+        from torch.nn.parallel import DistributedDataParallel
 
         if self._inputs is None or dist.is_initialized():
-            return None
+            return {}
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        times = {}
         try:
             mesh = init_device_mesh(self.device.type, (1,))
-            times = []
-            for sharded in (False, True):
+            for kind in ("plain", "ddp", "fsdp"):
+                if kind in self.unsupported:
+                    continue
                 model = copy.deepcopy(self.model)
-                if sharded:
+                opt = type(self.optimizer)(model.parameters(), **self.optimizer.defaults)
+                if kind == "ddp":
+                    model = DistributedDataParallel(model)
+                elif kind == "fsdp":
                     for _, piece in pieces(model):  # the copy's pieces, never the trained model's
                         if sum(p.numel() for p in piece.parameters()) >= FSDP_MIN_PARAMS:
                             fully_shard(piece, mesh=mesh)
                     fully_shard(model, mesh=mesh)
-                opt = type(self.optimizer)(model.parameters(), **self.optimizer.defaults)
+                    opt = type(self.optimizer)(model.parameters(), **self.optimizer.defaults)
                 args, kwargs = self._inputs
                 per = []
                 for k in range(steps + 1):
@@ -255,13 +273,49 @@ class Profiler:
                     opt.step()
                     if k:
                         per.append(self._clock() - t0)
-                times.append(statistics.median(per))
-            return max(0.0, times[1] - times[0])
-        except Exception as e:  # noqa: BLE001 - a model FSDP2 cannot wrap: no overhead figure, said so
-            self.acc.print(f"profile: FSDP overhead not measured ({type(e).__name__}: {str(e)[:120]})")
-            return None
+                times[kind] = statistics.median(per)
+                del model, opt
+        except Exception as e:  # noqa: BLE001 - a model a wrapper cannot take: no overhead figure, said so
+            self.acc.print(f"profile: wrapper overheads not measured ({type(e).__name__}: {str(e)[:120]})")
         finally:
             dist.destroy_process_group()
+        return {
+            k: max(0.0, v - times["plain"]) for k, v in times.items() if k != "plain" and "plain" in times
+        }
+
+    def optimizer_contention(self, steps: int = 3) -> float | None:
+        """How much slower the optimizer step runs while the other core runs the same optimizer over as many
+        parameters, as the other ranks do at the same moment in DDP, FSDP or a pipeline (on one CPU they share
+        the memory bandwidth: measured, Adam over 129M parameters took 0.80 s alone and 1.1-1.8 s on both
+        cores at once). Median of `steps` steps on the last step's gradients, without and with that neighbour
+        process. None on a GPU or with one core."""
+        if self.device.type != "cpu" or (os.cpu_count() or 1) < 2:
+            return None
+        import subprocess
+        import sys
+
+        def timed() -> float:
+            per = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                self.optimizer.step()
+                per.append(time.perf_counter() - t0)
+            return statistics.median(per)
+
+        alone = timed()
+        n = sum(p.numel() for _, p in self.params)
+        hog = subprocess.Popen(
+            [sys.executable, "-c", NEIGHBOUR, str(n), type(self.optimizer).__name__],
+            stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        try:
+            if hog.stdout.readline().strip() != "ready":
+                return None
+            busy = timed()
+        finally:
+            hog.kill()
+            hog.wait()
+        return max(1.0, busy / alone)
 
     def write(self, out: dict, full: int):
         for h in self._handles:
@@ -278,7 +332,8 @@ class Profiler:
             for p in piece.parameters():
                 piece_of[id(p)] = i
         state = sum(_bytes(list(s.values())) for s in self.optimizer.state.values())
-        fsdp = None if "fsdp" in self.unsupported else self.fsdp_overhead()
+        overheads = self.wrapper_overheads()
+        contention = self.optimizer_contention()
         profile = {
             "kind": "distbench-profile",
             "batch_size": full,
@@ -292,7 +347,9 @@ class Profiler:
             "grad_bytes": sum(_bytes(p) for _, p in self.params),
             "optimizer_state_bytes": state,
             "ddp_buckets": [[order[k] for k in bucket] for bucket in buckets],
-            "fsdp_overhead_s": fsdp,  # FSDP2's own work per step beyond its collectives (one-rank group)
+            "optimizer_contention": contention,  # optimizer step with / without a neighbour streaming memory
+            "ddp_overhead_s": overheads.get("ddp"),  # DDP's own work per step beyond its all-reduces
+            "fsdp_overhead_s": overheads.get("fsdp"),  # FSDP2's, beyond its collectives (one-rank groups)
             "flops_per_step": out["flops"],
             "aten_calls_per_step": out.get("aten_calls"),
             "sizes": sizes,

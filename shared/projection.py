@@ -109,10 +109,15 @@ class Model:
 
         return mix(lo[1][key], hi[1][key])
 
-    def times(self, b: float) -> dict:
-        """forward, backward, optimizer, other (seconds) for one step at per-device batch b."""
+    def times(self, b: float, contended: bool = False) -> dict:
+        """forward, backward, optimizer, other (seconds) for one step at per-device batch b. `contended`: other
+        processes on this machine step their optimizers at the same moment (they share its memory bandwidth;
+        the profile measured the slowdown with a neighbour streaming memory)."""
         if self.local:
-            return {k: self.at(f"{k}_s", b) for k in ("forward", "backward", "optimizer", "other")}
+            t = {k: self.at(f"{k}_s", b) for k in ("forward", "backward", "optimizer", "other")}
+            if contended:
+                t["optimizer"] *= self.p.get("optimizer_contention") or 1.0
+            return t
         hw, p = self.hw, self.p
         ref = self.at("forward_s", self.full), self.at("backward_s", self.full)
         share_f = ref[0] / max(ref[0] + ref[1], 1e-12)
@@ -195,9 +200,10 @@ def bubble_fraction(p: int, m: int) -> float:
 
 
 def pipeline_makespan(fwd: list[float], bwd: list[float], comm: list[float], m: int, schedule: str) -> float:
-    """Simulate the schedule: stage s runs its ops in order; F(s,j) waits for F(s-1,j), B(s,j) for B(s+1,j)
-    (the last stage's for its own F). A blocking send keeps its stage busy for comm[s] (activation forward,
-    gradient back: same bytes)."""
+    """Simulate the schedule: stage s runs its ops in order; F(s,j) waits for F(s-1,j) plus the activation's
+    transfer comm[s-1], B(s,j) for B(s+1,j) plus the gradient's comm[s] (same bytes), the last stage's B for its
+    own F. torch.distributed.pipelining posts its sends asynchronously (batch_isend_irecv), so a transfer
+    delays the receiver, not the sender."""
     p = len(fwd)
     order = []
     for s in range(p):
@@ -228,10 +234,9 @@ def pipeline_makespan(fwd: list[float], bwd: list[float], comm: list[float], m: 
                 dep = ("F", s, j)
             if dep is not None and dep not in done:
                 continue
-            start = max(free[s], done.get(dep, 0.0))
-            sends = (kind == "F" and s < p - 1) or (kind == "B" and s > 0)
-            cost = (fwd[s] if kind == "F" else bwd[s]) + (comm[s if kind == "F" else s - 1] if sends else 0.0)
-            free[s] = done[(kind, s, j)] = start + cost
+            edge = comm[s - 1] if kind == "F" and s > 0 else comm[s] if kind == "B" and s < p - 1 else 0.0
+            start = max(free[s], done.get(dep, 0.0) + (edge if dep is not None else 0.0))
+            free[s] = done[(kind, s, j)] = start + (fwd[s] if kind == "F" else bwd[s])
             pos[s] += 1
             progressed = True
         if not progressed:
@@ -261,9 +266,14 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
     P, G, S = profile["param_bytes"], profile["grad_bytes"], profile["optimizer_state_bytes"]
     act = lambda b: m.at("saved_activation_bytes", b) or 0.0  # noqa: E731
     busy = None  # total CPU-seconds of all processes (oversubscription check)
+    many = n > 1 and strategy != "model_split"  # several processes on one machine step at the same moment
     if strategy in ("ddp", "single") or n == 1 and strategy != "model_split":
-        t = m.times(per_dev)
+        t = m.times(per_dev, contended=many)
         parts["compute"] = sum(t.values())
+        if n > 1 and m.local:  # DDP's bucket copies and averaging, measured on a one-rank group
+            parts["compute"] += (profile.get("ddp_overhead_s") or 0.0) * (
+                profile.get("optimizer_contention") or 1.0
+            )
         if n > 1:
             ready = m.ready(per_dev)
             comm, end = 0.0, 0.0
@@ -279,17 +289,31 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
             parts["communication"] = exposed
         memory = P + G + S + act(per_dev) + (G if n > 1 else 0)
     elif strategy == "fsdp":
-        t = m.times(per_dev)
+        t = m.times(per_dev, contended=True)
         t["optimizer"] /= n
         # FSDP2's own work each step (copy-in/out, hooks, DTensor dispatch), measured on a one-rank group
-        parts["compute"] = sum(t.values()) + (profile.get("fsdp_overhead_s") or 0.0 if m.local else 0.0)
+        parts["compute"] = sum(t.values()) + (profile.get("fsdp_overhead_s") or 0.0 if m.local else 0.0) * (
+            profile.get("optimizer_contention") or 1.0
+        )
         units = _fsdp_units(profile, min_unit_params)
-        comm = 0.0
-        for k, nbytes in enumerate(units):
-            root = k == len(units) - 1  # the root unit is not resharded after forward (FSDP2)
-            comm += (1 if root else 2) * collective_s(hw, "all_gather", nbytes, n, nodes)
-            comm += collective_s(hw, "reduce_scatter", nbytes, n, nodes)
-        parts["communication"] = comm
+        ag = [collective_s(hw, "all_gather", u, n, nodes) for u in units]
+        rs = [collective_s(hw, "reduce_scatter", u, n, nodes) for u in units]
+        if hw.get("comm_overlaps_compute"):
+            # torch.distributed._tools.fsdp_ilp: the next unit's all-gather hides behind this unit's forward;
+            # backward hides its all-gather and reduce-scatter behind the unit's backward. Units in forward
+            # order, root first; a unit's compute is its pieces' share of the forward (and of the backward).
+            share = _fsdp_unit_shares(profile, min_unit_params, m.at("piece_s", profile["batch_size"]))
+            fwd = [t["forward"] * x for x in share]
+            bwd = [t["backward"] * x for x in share]
+            order = [len(units) - 1, *range(len(units) - 1)]
+            exposed = ag[order[0]] + sum(
+                max(0.0, ag[b] - fwd[a]) for a, b in zip(order, order[1:], strict=False)
+            )
+            exposed += sum(max(0.0, (ag[k] if k != len(units) - 1 else 0.0) + rs[k] - bwd[k]) for k in order)
+        else:  # a CPU core runs the collectives itself: every one of them shows
+            # the root unit is not resharded after forward (FSDP2), so it is gathered once
+            exposed = sum(ag) + sum(ag[:-1]) + sum(rs)
+        parts["communication"] = exposed
         memory = (P + G + S) / n + act(per_dev) + max(units, default=0) + units[-1]
     elif strategy == "model_split":
         stages = m.stages(n, batch)
@@ -312,9 +336,10 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
         micro = b_rep / microbatches
         stages = m.stages(pp, micro)
         comm = [collective_s(hw, "send_recv", st["send_bytes"], 2) for st in stages]
-        span = pipeline_makespan([st["forward"] for st in stages], [st["backward"] for st in stages], comm,
-                                 microbatches, sched)  # fmt: skip
-        t = m.times(b_rep)
+        fwd, bwd = [st["forward"] for st in stages], [st["backward"] for st in stages]
+        span = pipeline_makespan(fwd, bwd, comm, microbatches, sched)
+        span0 = pipeline_makespan(fwd, bwd, [0.0] * len(comm), microbatches, sched)  # transfers free
+        t = m.times(b_rep, contended=True)
         share = [st["param_bytes"] / max(P, 1) for st in stages]
         opt = max(t["optimizer"] * s for s in share)
         work = [microbatches * (st["forward"] + st["backward"]) for st in stages]
@@ -324,8 +349,8 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
         ):  # each stage's gradients all-reduced over its replicas (after the schedule, not overlapped)
             sync = max(collective_s(hw, "all_reduce", G * s, dp, 1) for s in share)
         parts["compute"] = max(work) + opt + t["other"]
-        parts["communication"] = sum(comm) * microbatches * 2 / pp + sync
-        parts["bubble"] = max(0.0, span - max(work) - sum(comm) * microbatches * 2 / pp)
+        parts["communication"] = span - span0 + sync  # transfers on the critical path, then the replica sync
+        parts["bubble"] = max(0.0, span0 - max(work))
         # CPU-seconds of all processes: on a CPU, gloo's transfers are the cores' own copies and system calls
         # (a 4-process hybrid on 2 cores spent 10 s of its 54 CPU-seconds in the kernel), so they count as work
         busy = (
@@ -385,6 +410,18 @@ def _fsdp_units(profile: dict, min_params: int) -> list[float]:
     elem = 4 if profile.get("dtype", "float32") == "float32" else 2
     units = [v for k, v in by_piece.items() if k is not None and v / elem >= min_params]
     return [*units, profile["param_bytes"] - sum(units)]
+
+
+def _fsdp_unit_shares(profile: dict, min_params: int, piece_s: list[float]) -> list[float]:
+    """Each FSDP unit's share of the forward time (units as _fsdp_units, root last)."""
+    by_piece: dict[int, float] = {}
+    for q in profile["params"]:
+        by_piece[q["piece"]] = by_piece.get(q["piece"], 0) + q["bytes"]
+    elem = 4 if profile.get("dtype", "float32") == "float32" else 2
+    own = [k for k, v in by_piece.items() if k is not None and v / elem >= min_params]
+    total = sum(piece_s) or 1.0
+    shares = [piece_s[k] / total for k in own]
+    return [*shares, max(0.0, 1.0 - sum(shares))]
 
 
 def sentence(model: str, hw_name: str, preds: list[dict]) -> str:

@@ -139,6 +139,20 @@ def test_fsdp_volume_and_memory():
     assert f2["parts_s"]["communication"] > 1.4 * collective_s(HW, "all_reduce", prof["grad_bytes"], 2)
 
 
+def test_fsdp_overlap_hides_gathers_behind_compute():
+    prof = toy_profile(8)
+    serial = project(prof, {**HW, "comm_overlaps_compute": False}, "fsdp", 2, batch=8)
+    over = project(prof, HW, "fsdp", 2, batch=8)
+    ag_big = collective_s(HW, "all_gather", 4_000_000, 2)
+    assert ag_big < over["parts_s"]["communication"] < serial["parts_s"]["communication"]
+    fast = {
+        **HW,
+        "links": {"intra": {"busbw_GBps": 1e6, "latency_s": 0.0}},
+    }  # collectives shorter than compute
+    exposed = project(prof, fast, "fsdp", 2, batch=8)["parts_s"]["communication"]
+    assert exposed < 1e-6 + collective_s(fast, "all_reduce", 8, 2) / 25
+
+
 def test_pipeline_and_hybrid_and_model_split():
     prof = toy_profile(8)
     hw = {**HW, "kind": "measured", "links": {"intra": {"busbw_GBps": 1e9, "latency_s": 0.0}}}  # free sends
