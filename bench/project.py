@@ -169,7 +169,10 @@ def profile_record(args, models: list[str], flags: dict) -> dict:
             measured_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             measure_s=time.perf_counter() - t0,
             hostname=socket.gethostname(),
-            machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            machine=next(
+                (v["device_name"] for v in rec["models"].values() if v.get("device_name")),
+                f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
+            ),
             git_commit=git_commit(),
             threads_per_process=1,
         )
@@ -342,7 +345,7 @@ def main(argv=None) -> int:
         return 2
     for name in models:
         mine = [p for p in preds if p["model"] == name and p["devices"] > 1]
-        print(sentence(name, hw["name"], [p for p in mine if p["scaling"] == scalings[0]]))
+        print(sentence(name, hw["name"], mine))
     print(table([{**p, "step_ms": p["step_s"] * 1e3} for p in preds if p["devices"] > 1],
                 ["model", "strategy", "devices", "scaling", "global_batch", "step_ms", "speedup", "efficiency",
                  "memory_gib_per_device", "bottleneck"]))  # fmt: skip
@@ -378,11 +381,7 @@ def main(argv=None) -> int:
             for m in models
         },  # fmt: skip
         "sentences": {
-            m: sentence(
-                m,
-                hw["name"],
-                [p for p in preds if p["model"] == m and p["devices"] > 1 and p["scaling"] == scalings[0]],
-            )
+            m: sentence(m, hw["name"], [p for p in preds if p["model"] == m and p["devices"] > 1])
             for m in models
         },  # fmt: skip
         "predictions": preds,

@@ -27,6 +27,7 @@ from accelerate.utils import slice_tensors
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from shared.record import device_name
 from shared.stages import pieces
 
 WARMUP_STEPS = 2
@@ -338,6 +339,7 @@ class Profiler:
             "kind": "distbench-profile",
             "batch_size": full,
             "device": str(self.device),
+            "device_name": device_name(self.device),
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "pieces": [name for name, _ in self.pieces],
             "split_points": self.split_points,

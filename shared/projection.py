@@ -425,21 +425,38 @@ def _fsdp_unit_shares(profile: dict, min_params: int, piece_s: list[float]) -> l
 
 
 def sentence(model: str, hw_name: str, preds: list[dict]) -> str:
-    """One line answering "does N devices pay off?" for a model on a hardware profile."""
-    good = [p for p in preds if p["speedup"] > 1.05 and p["bottleneck"] != "memory"]
-    if good:
-        best = max(good, key=lambda p: p["speedup"])
-        first = min(good, key=lambda p: p["devices"])
+    """One line answering "does N devices pay off?" for a model on a hardware profile: at the same global
+    batch (strong scaling) first, then with the batch per replica kept (weak), else what holds it back."""
+
+    def pays(scaling):
+        ok = [
+            p
+            for p in preds
+            if p["scaling"] == scaling and p["speedup"] > 1.05 and p["bottleneck"] != "memory"
+        ]
+        if not ok:
+            return None
+        first = min(ok, key=lambda p: (p["devices"], -p["speedup"]))
+        best = max(ok, key=lambda p: p["speedup"])
         return (
-            f"{model} on {hw_name}: {first['strategy']} pays off from N = {first['devices']} "
-            f"(x{first['speedup']:.2f}); best {best['strategy']} at N = {best['devices']} (x{best['speedup']:.2f}, "
-            f"{best['scaling']} scaling, global batch {best['global_batch']})"
+            f"{first['strategy']} pays off from N = {first['devices']} (x{first['speedup']:.2f}, global batch "
+            f"{first['global_batch']}); best {best['strategy']} at N = {best['devices']} (x{best['speedup']:.2f})"
         )
-    worst = max(preds, key=lambda p: p["parts_s"]["communication"] / p["step_s"], default=None)
-    if worst is None:
-        return f"{model} on {hw_name}: nothing projected"
-    share = worst["parts_s"]["communication"] / worst["step_s"]
-    return (
-        f"{model} on {hw_name}: no strategy pays off at these N; {worst['strategy']} at N = {worst['devices']} "
-        f"spends {share:.0%} of its step communicating"
-    )
+
+    def held_back(scaling):
+        mine = [p for p in preds if p["scaling"] == scaling]
+        if not mine:
+            return "nothing projected"
+        top = max(mine, key=lambda p: p["speedup"])
+        share = top["parts_s"]["communication"] / top["step_s"]
+        return (
+            f"nothing pays off (best {top['strategy']} at N = {top['devices']}: x{top['speedup']:.2f}, "
+            f"{top['bottleneck']}-bound, communication {share:.0%} of the step)"
+        )
+
+    strong, weak = pays("strong"), pays("weak")
+    if strong:
+        return f"{model} on {hw_name}: at the same global batch {strong}"
+    if weak:
+        return f"{model} on {hw_name}: at the same global batch {held_back('strong')}; with the batch per replica kept, {weak}"
+    return f"{model} on {hw_name}: at the same global batch {held_back('strong')}; with the batch per replica kept, {held_back('weak')}"
