@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from shared.datasets import MODEL_DATA, missing_files  # noqa: E402
 from shared.projection import STRATEGIES, project, sentence  # noqa: E402
+from shared.record import git_commit  # noqa: E402
 
 MODELS = list(MODEL_DATA)
 PIPELINED = {"pipeline", "pipeline_1f1b", "hybrid"}
@@ -67,7 +68,12 @@ def load_hardware(name: str) -> dict:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in (REPO / "hardware").glob("*.yaml")))
         raise UsageError(f"--hardware {name}: no such hardware file; known: {known}, or a path to a .yaml")
-    hw = yaml.safe_load(path.read_text())
+    try:
+        hw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"{path}: not readable YAML ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(hw, dict):
+        raise UsageError(f"{path}: a hardware file is a mapping of fields (see hardware/t4-pcie.yaml)")
     need = ["name", "kind"] + ([] if hw.get("kind") == "measured" else
                                ["peak_flops", "efficiency", "memory_bandwidth_GBps", "launch_overhead_s", "links"])  # fmt: skip
     missing = [k for k in need if k not in hw]
@@ -131,22 +137,18 @@ def measure(models: list[str], flags: dict, args, work: Path, save, collectives:
         )
 
 
-def git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        )
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "scripts", "shared"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()  # fmt: skip
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def profile_record(args, models: list[str], flags: dict) -> dict:
     """The cached profile record, or a fresh one when missing, stale or --reprofile."""
     path = Path(args.profile or Path(args.runs_dir) / "profiles" / f"profile-{socket.gethostname()}.json")
-    rec = json.loads(path.read_text()) if path.is_file() and not args.reprofile else None
+    rec = None
+    if path.is_file() and not args.reprofile:
+        try:
+            rec = json.loads(path.read_text())
+            assert rec.get("kind") == "distbench-profile-record"
+        except (OSError, ValueError, AttributeError, AssertionError):
+            raise UsageError(f"--profile {path}: not a profile record (written by make project)") from None
+    elif args.profile and not path.is_file():
+        raise UsageError(f"--profile {path}: no such file")
     want = {m: {**flags[m], **({"batch_size": args.batch_size} if args.batch_size else {})} for m in models}
     todo = [m for m in models if not rec or rec["models"].get(m, {}).get("flags") != want[m]]
     if rec and not todo:
@@ -329,6 +331,8 @@ def main(argv=None) -> int:
             raise UsageError(f"--devices {args.devices}: not a comma-separated list of integers") from None
         if devices[0] < 1 or args.nodes < 1 or args.batch_size < 0:
             raise UsageError("--devices, --nodes and --batch_size must be positive")
+        if args.validate_from and not list(Path(args.validate_from).glob("*.json")):
+            raise UsageError(f"--validate_from {args.validate_from}: no run records there")
         hw = load_hardware(args.hardware)
         local = load_hardware("this-machine")
         t0 = time.perf_counter()

@@ -155,6 +155,7 @@ class Model:
         piece_f = self.at("piece_s", b)
         scale_f = t["forward"] / max(sum(piece_f), 1e-12)
         ready = self.ready(b)
+        out_bytes = self.at("piece_bytes", b)
         params = self.p["params"]
         out = []
         for s in range(p):
@@ -165,9 +166,9 @@ class Model:
                 "forward": sum(piece_f[lo:hi]) * scale_f,
                 "bwd_done": done,  # backward of stage s ends when its earliest layer's gradients are ready
                 "param_bytes": sum(params[j]["bytes"] for j in mine),
-                "send_bytes": self.at("piece_bytes", b)[hi - 1] if s < p - 1 else 0,
-                "act_share": (sum(self.at("piece_bytes", b)[lo:hi]) /
-                              max(sum(self.at("piece_bytes", b)), 1)),
+                "send_bytes": out_bytes[hi - 1] if s < p - 1 else 0,
+                "act_share": (sum(out_bytes[lo:hi]) /
+                              max(sum(out_bytes), 1)),
             })  # fmt: skip
         total_b = t["backward"]
         for s in range(p):  # stage s's backward: from the next stage's end to its own
@@ -401,24 +402,27 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
     }
 
 
-def _fsdp_units(profile: dict, min_params: int) -> list[float]:
-    """Bytes per FSDP unit: every piece with at least `min_params` parameters is its own unit (Accelerate's
-    SIZE_BASED_WRAP, accelerate_configs/*_fsdp.yaml), the rest stays in the root unit (last)."""
-    by_piece: dict[int, float] = {}
-    for q in profile["params"]:
-        by_piece[q["piece"]] = by_piece.get(q["piece"], 0) + q["bytes"]
-    elem = 4 if profile.get("dtype", "float32") == "float32" else 2
-    units = [v for k, v in by_piece.items() if k is not None and v / elem >= min_params]
-    return [*units, profile["param_bytes"] - sum(units)]
-
-
-def _fsdp_unit_shares(profile: dict, min_params: int, piece_s: list[float]) -> list[float]:
-    """Each FSDP unit's share of the forward time (units as _fsdp_units, root last)."""
+def _fsdp_unit_pieces(profile: dict, min_params: int) -> tuple[list[int], list[float]]:
+    """FSDP units: every piece with at least `min_params` parameters is its own unit (Accelerate's
+    SIZE_BASED_WRAP, accelerate_configs/*_fsdp.yaml), the rest stays in the root unit (last). Returns the
+    pieces of the own units and the bytes of every unit."""
     by_piece: dict[int, float] = {}
     for q in profile["params"]:
         by_piece[q["piece"]] = by_piece.get(q["piece"], 0) + q["bytes"]
     elem = 4 if profile.get("dtype", "float32") == "float32" else 2
     own = [k for k, v in by_piece.items() if k is not None and v / elem >= min_params]
+    units = [by_piece[k] for k in own]
+    return own, [*units, profile["param_bytes"] - sum(units)]
+
+
+def _fsdp_units(profile: dict, min_params: int) -> list[float]:
+    """Bytes per FSDP unit, root last."""
+    return _fsdp_unit_pieces(profile, min_params)[1]
+
+
+def _fsdp_unit_shares(profile: dict, min_params: int, piece_s: list[float]) -> list[float]:
+    """Each FSDP unit's share of the forward time (units as _fsdp_units, root last)."""
+    own, _ = _fsdp_unit_pieces(profile, min_params)
     total = sum(piece_s) or 1.0
     shares = [piece_s[k] / total for k in own]
     return [*shares, max(0.0, 1.0 - sum(shares))]

@@ -193,6 +193,8 @@ def run_project(*args, tmp_path):
         (["--model", "resnet"], "--model resnet: unknown"),
         (["--devices", "2,x"], "not a comma-separated list"),
         (["--devices", "0"], "must be positive"),
+        (["--validate_from", "/nonexistent/dir"], "no run records there"),
+        (["--profile", "/nonexistent/profile.json"], "no such file"),
     ],
 )
 def test_bad_input_is_one_line(args, says, tmp_path):
@@ -242,3 +244,13 @@ def test_end_to_end_on_this_cpu(tmp_path):
     assert row["error"] == pytest.approx(
         (row["predicted_step_s"] - row["measured_step_s"]) / row["measured_step_s"]
     )
+
+
+@pytest.mark.parametrize(
+    "text", ["name: [unclosed", "- just\n- a list\n", "name: x\nkind: assumed\npeak_flops: 8.1e12\n"]
+)
+def test_a_bad_hardware_file_is_one_line(text, tmp_path):
+    bad = tmp_path / "my.yaml"
+    bad.write_text(text)
+    r = run_project("--hardware", str(bad), tmp_path=tmp_path / "runs")
+    assert r.returncode == 2 and str(bad) in r.stderr and len(r.stderr.strip().splitlines()) == 1
