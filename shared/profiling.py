@@ -2,15 +2,19 @@
 
 The script's own training loop runs unchanged; `Session.batches` hands it the first batches cut to a ladder of
 sizes (B, B/2, B/4, ...: the per-device batch of N devices, or a pipeline micro-batch) and hooks time each
-step. Per size, after warm-up steps, the medians of:
+step. After warm-up steps per size, timed steps in rounds of one step per size (so a drifting host slows
+every size alike); per size, the medians of:
 - forward (the model's own forward, hooks on the root), backward (from the end of forward to the last
-  gradient written, the loss included), optimizer step, and the rest of the step (data, zero_grad, sums);
+  gradient written, the loss included), optimizer step, and the rest of the step (the batch's fetch,
+  zero_grad, sums): a step timed as a run times it, from one step's end to the next;
 - each piece's forward time and the bytes of its output (what would cross a cut after it; shared/stages.py
   names the pieces), and when each parameter's gradient was ready, counted from the start of backward;
 - tensors saved for backward (activation memory), from one extra untimed step.
 Also: FLOPs and aten calls of one step (torch.utils.flop_counter), parameter / gradient / optimizer-state
 bytes, and the DDP bucket layout torch computes after its first step (gradients in the order they become
-ready, the first bucket 1 MiB, then 25 MiB: torch/nn/parallel/distributed.py).
+ready, the first bucket 1 MiB, then 25 MiB: torch/nn/parallel/distributed.py). On a CPU, what sharing the
+machine costs: the optimizer step beside a neighbour on the other core (memory bandwidth) and a step sharing
+its core with a second one (oversubscription).
 """
 
 from __future__ import annotations
@@ -53,6 +57,13 @@ opt = getattr(torch.optim, sys.argv[2])([p], lr=1e-3)
 opt.step(); print("ready", flush=True)
 while True: opt.step()
 """
+
+
+def _surrogate_step(model, opt, args, kwargs):
+    """One training step without the script's loss: forward, backward of the outputs' sum, optimizer step."""
+    opt.zero_grad(set_to_none=True)
+    sum(o.float().sum() for o in _tensors(model(*args, **kwargs))).backward()
+    opt.step()
 
 
 class CountOps(TorchDispatchMode):
@@ -155,22 +166,25 @@ class Profiler:
         it = iter(loader)
 
         def next_batch(rows):
+            """A batch of `rows` rows and the seconds its fetch costs: the loader's time for a full batch
+            (the run's steps include it; a run at this batch size fetches only these rows), pro rata."""
             nonlocal it
+            t0 = self._clock()
             try:
                 batch = next(it)
             except StopIteration:
                 it = iter(loader)
                 batch = next(it)
-            return batch if rows >= _rows(batch) else slice_tensors(batch, slice(0, rows))
+            fetch = (self._clock() - t0) * min(1.0, rows / _rows(batch))
+            return (batch if rows >= _rows(batch) else slice_tensors(batch, slice(0, rows))), fetch
 
         out = {"sizes": {}, "flops": None}
-        for rows in sizes:
-            steps = []
-            for k in range(WARMUP_STEPS + MAX_STEPS):
-                batch = next_batch(rows)
-                extra = None
-                if k == 0:  # untimed: saved activations, and FLOPs + aten calls at the full batch
-                    extra = contextlib.ExitStack()
+        saved, steps = {}, {rows: [] for rows in sizes}
+        for rows in sizes:  # untimed warm-up; its first step counts saved activations (and FLOPs at full)
+            for k in range(WARMUP_STEPS):
+                batch, _ = next_batch(rows)
+                extra = contextlib.ExitStack()
+                if k == 0:
                     extra.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))
                     self._saved = 0
                     if rows == full:
@@ -178,19 +192,25 @@ class Profiler:
                         extra.enter_context(fc)
                         extra.enter_context(ops)
                 self.now = {"step0": self._clock()}
-                with extra or contextlib.nullcontext():
+                with extra:
                     yield batch
-                t_end = self._clock()
                 if k == 0:
-                    saved = self._saved
-                    self._saved = None
+                    saved[rows], self._saved = self._saved, None
                     if rows == full:
                         out["flops"], out["aten_calls"] = int(fc.get_total_flops()), ops.n
-                if k >= WARMUP_STEPS:
-                    steps.append(self._step(t_end))
-                if k >= WARMUP_STEPS + MIN_STEPS - 1 and sum(s["step_s"] for s in steps) >= MIN_SECONDS:
-                    break
-            out["sizes"][str(rows)] = self._summarise(steps, saved)
+        # Timed steps in rounds, one step of every size per round: a machine that drifts (a shared host)
+        # slows every size alike instead of bending the ladder, as sizes timed one after another would.
+        for _ in range(MAX_STEPS):
+            for rows in sizes:
+                batch, fetch = next_batch(rows)
+                self.now = {"step0": self._clock()}
+                yield batch
+                steps[rows].append(self._step(self._clock(), fetch))
+            enough = all(sum(x["step_s"] for x in steps[r]) >= MIN_SECONDS for r in sizes)
+            if len(steps[full]) >= MIN_STEPS and enough:
+                break
+        for rows in sizes:
+            out["sizes"][str(rows)] = self._summarise(steps[rows], saved[rows])
         self.write(out, full)
 
     def _pack(self, t):
@@ -198,14 +218,15 @@ class Profiler:
             self._saved += t.numel() * t.element_size()
         return t
 
-    def _step(self, t_end) -> dict:
+    def _step(self, t_end, fetch) -> dict:
         n = self.now
         f0, f1 = n.get("fwd0", n["step0"]), n.get("fwd1", n["step0"])
         ready = n.get("ready", {})
         last = max(ready.values(), default=f1)
         o0, o1 = n.get("opt0", last), n.get("opt1", last)
         return {
-            "step_s": t_end - n["step0"],
+            "step_s": t_end - n["step0"] + fetch,  # as a run times its steps: from one step's end to the next
+            "data_s": fetch,
             "forward_s": f1 - f0,
             "backward_s": last - f1,
             "optimizer_s": o1 - o0,
@@ -216,7 +237,9 @@ class Profiler:
 
     def _summarise(self, steps: list[dict], saved: int) -> dict:
         med = window_mean
-        out = {k: med(s[k] for s in steps) for k in ("step_s", "forward_s", "backward_s", "optimizer_s")}
+        keys = ("step_s", "data_s", "forward_s", "backward_s", "optimizer_s")
+        out = {k: med(s[k] for s in steps) for k in keys}
+        # the rest of the loop: the batch's fetch, the loss's reduction, logging
         out["other_s"] = max(0.0, out["step_s"] - out["forward_s"] - out["backward_s"] - out["optimizer_s"])
         out["steps"] = len(steps)
         out["step_s_iqr"] = (
@@ -269,9 +292,7 @@ class Profiler:
                 per = []
                 for k in range(steps + 1):
                     t0 = self._clock()
-                    opt.zero_grad(set_to_none=True)
-                    sum(o.float().sum() for o in _tensors(model(*args, **kwargs))).backward()
-                    opt.step()
+                    _surrogate_step(model, opt, args, kwargs)
                     if k:
                         per.append(self._clock() - t0)
                 times[kind] = statistics.median(per)
@@ -318,6 +339,62 @@ class Profiler:
             hog.wait()
         return max(1.0, busy / alone)
 
+    def oversubscription(self, min_s: float = 1.0) -> float | None:
+        """What sharing a core costs beyond the time-slicing: a step on a core to itself against the same
+        step while a second process runs it on that core too, as when a run starts more processes than there
+        are cores (the hybrid 2 x 2 on 2 cores). Ideal time-sharing doubles the step; the ratio to that
+        double (>= 1) is the cost of context switches, caches and TLBs refilled, and page faults taking
+        longer (measured for VGG11: 1.33, its steps fault in ~1.5 GB of fresh memory each). The second
+        process is a fork of this one stepping a copy of the model (surrogate loss, as wrapper_overheads);
+        alone is timed before and after. None on a GPU, without pinning, or without inputs."""
+        if self.device.type != "cpu" or not hasattr(os, "sched_setaffinity") or self._inputs is None:
+            return None
+        import copy
+        import signal
+        import warnings
+
+        model = copy.deepcopy(self.model)
+        opt = type(self.optimizer)(model.parameters(), **self.optimizer.defaults)
+        args, kwargs = self._inputs
+
+        def mean_step() -> float:  # a mean over whole time slices, not a median of sliced steps
+            n, t0 = 0, time.perf_counter()
+            while n < 3 or time.perf_counter() - t0 < min_s:
+                _surrogate_step(model, opt, args, kwargs)
+                n += 1
+            return (time.perf_counter() - t0) / n
+
+        cores = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(cores)})
+        try:
+            _surrogate_step(model, opt, args, kwargs)
+            alone = mean_step()
+            ready_r, ready_w = os.pipe()
+            with warnings.catch_warnings():  # the child only steps its copy on one thread, then exits
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # the neighbour: never returns into the script
+                try:
+                    _surrogate_step(model, opt, args, kwargs)
+                    os.write(ready_w, b"r")
+                    while True:
+                        _surrogate_step(model, opt, args, kwargs)
+                finally:
+                    os._exit(0)
+            os.close(ready_w)
+            try:
+                if os.read(ready_r, 1) != b"r":
+                    return None
+                shared = mean_step()
+            finally:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                os.close(ready_r)
+            alone = (alone + mean_step()) / 2  # alone before and after: a drifting host cancels out
+        finally:
+            os.sched_setaffinity(0, cores)
+        return max(1.0, shared / (2 * alone))
+
     def write(self, out: dict, full: int):
         for h in self._handles:
             h.remove()
@@ -335,6 +412,7 @@ class Profiler:
         state = sum(_bytes(list(s.values())) for s in self.optimizer.state.values())
         overheads = self.wrapper_overheads()
         contention = self.optimizer_contention()
+        oversubscription = self.oversubscription()
         profile = {
             "kind": "distbench-profile",
             "batch_size": full,
@@ -350,6 +428,7 @@ class Profiler:
             "optimizer_state_bytes": state,
             "ddp_buckets": [[order[k] for k in bucket] for bucket in buckets],
             "optimizer_contention": contention,  # optimizer step with / without a neighbour streaming memory
+            "oversubscription": oversubscription,  # a step sharing its core with a second one / twice alone
             "ddp_overhead_s": overheads.get("ddp"),  # DDP's own work per step beyond its all-reduces
             "fsdp_overhead_s": overheads.get("fsdp"),  # FSDP2's, beyond its collectives (one-rank groups)
             "flops_per_step": out["flops"],
