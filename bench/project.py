@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from shared.datasets import MODEL_DATA, missing_files  # noqa: E402
 from shared.projection import STRATEGIES, project, sentence  # noqa: E402
-from shared.record import git_commit  # noqa: E402
+from shared.record import free_port, git_commit  # noqa: E402
 
 MODELS = list(MODEL_DATA)
 PIPELINED = {"pipeline", "pipeline_1f1b", "hybrid"}
@@ -88,12 +88,6 @@ def load_hardware(name: str) -> dict:
     if bad:  # YAML reads 8.1e12 as text: it wants 8.1e+12
         raise UsageError(f"{path}: {', '.join(bad)} must be non-negative numbers (write 8.1e+12, not 8.1e12)")
     return hw
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], log: Path, threads: int = 1, timeout: float = 900) -> None:

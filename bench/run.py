@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ from cells import cell_result, print_summary, summarize_cell  # noqa: E402
 
 from shared import stats  # noqa: E402
 from shared.datasets import MODEL_DATA, hub_unreachable, missing_files  # noqa: E402
-from shared.record import read_record, write_replace  # noqa: E402
+from shared.record import free_port, read_record, write_replace  # noqa: E402
 
 LOAD_SAMPLE_S = 0.2  # the machine's load is sampled this long before and after every cell
 STOP_GRACE_S = 15  # after Ctrl-C, the running cell gets this long to record itself, then is killed
@@ -80,12 +79,6 @@ def cuda_device_count() -> int:
         timeout=120,
     )
     return int(out.stdout.strip() or 0) if out.returncode == 0 else 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_setups(matrix: dict) -> dict[str, dict]:

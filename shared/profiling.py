@@ -305,26 +305,26 @@ class Profiler:
             k: max(0.0, v - times["plain"]) for k, v in times.items() if k != "plain" and "plain" in times
         }
 
-    def optimizer_contention(self, steps: int = 3) -> float | None:
+    def optimizer_contention(self, min_s: float = 0.5) -> float | None:
         """How much slower the optimizer step runs while the other core runs the same optimizer over as many
         parameters, as the other ranks do at the same moment in DDP, FSDP or a pipeline (on one CPU they share
         the memory bandwidth: measured, Adam over 129M parameters took 0.80 s alone and 1.1-1.8 s on both
-        cores at once). Median of `steps` steps on the last step's gradients, without and with that neighbour
-        process. None on a GPU or with one core."""
+        cores at once). The mean step over at least `min_s` and 3 steps on the last step's gradients: alone,
+        beside that neighbour process, alone again (a drifting host cancels out). None on a GPU or with one
+        core."""
         if self.device.type != "cpu" or (os.cpu_count() or 1) < 2:
             return None
         import subprocess
         import sys
 
-        def timed() -> float:
-            per = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
+        def mean_step() -> float:
+            n, t0 = 0, time.perf_counter()
+            while n < 3 or time.perf_counter() - t0 < min_s:
                 self.optimizer.step()
-                per.append(time.perf_counter() - t0)
-            return statistics.median(per)
+                n += 1
+            return (time.perf_counter() - t0) / n
 
-        alone = timed()
+        alone = mean_step()
         n = sum(p.numel() for _, p in self.params)
         hog = subprocess.Popen(
             [sys.executable, "-c", NEIGHBOUR, str(n), type(self.optimizer).__name__],
@@ -333,10 +333,11 @@ class Profiler:
         try:
             if hog.stdout.readline().strip() != "ready":
                 return None
-            busy = timed()
+            busy = mean_step()
         finally:
             hog.kill()
             hog.wait()
+        alone = (alone + mean_step()) / 2
         return max(1.0, busy / alone)
 
     def oversubscription(self, min_s: float = 1.0) -> float | None:

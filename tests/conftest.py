@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from shared.record import free_port  # noqa: F401 - tests import it from here
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DATA_DIR = Path(os.environ.get("DISTBENCH_DATA_DIR", REPO / "data")).resolve()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def require_dataset(name: str) -> Path:
