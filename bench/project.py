@@ -8,9 +8,10 @@
    are 4 cores). Both go into one profile record, runs/profiles/profile-<host>.json; later projections
    reuse it unless --reprofile or the scripts' settings changed.
 2. Project (instant): shared/projection.py per model, strategy, N and scaling, on the hardware asked for.
-3. --validate: run the real multi-process runs of `make bench-strategies` now, in this session, and compare
-   each measured step time with the one predicted from the profile alone (relative error; table printed and
-   kept in the record's `validation`).
+3. --validate: per model of `make bench-strategies`, profile it again and run its real multi-process runs
+   right after (a shared host drifts; a profile predicts the machine of its own minutes), then compare each
+   measured step time with the one predicted from the profile alone (relative error; table printed and kept
+   in the record's `validation`).
 The projection record (runs/projection-*.json) holds `predictions`, `validation` and where each input came from.
 """
 
@@ -131,8 +132,10 @@ def measure(models: list[str], flags: dict, args, work: Path, save, collectives:
         )
 
 
-def profile_record(args, models: list[str], flags: dict) -> dict:
-    """The cached profile record, or a fresh one when missing, stale or --reprofile."""
+def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] = ()):
+    """The cached profile record, or a fresh one when missing, stale or --reprofile; and a function that
+    measures one model again now. Models in `later` are left for that function (validation profiles each
+    model just before its runs)."""
     path = Path(args.profile or Path(args.runs_dir) / "profiles" / f"profile-{socket.gethostname()}.json")
     rec = None
     if path.is_file() and not args.reprofile:
@@ -145,25 +148,24 @@ def profile_record(args, models: list[str], flags: dict) -> dict:
         raise UsageError(f"--profile {path}: no such file")
     want = {m: {**flags[m], **({"batch_size": args.batch_size} if args.batch_size else {})} for m in models}
     todo = [m for m in models if not rec or rec["models"].get(m, {}).get("flags") != want[m]]
-    if rec and not todo:
-        print(f"profile record {path} (measured {rec['measured_at']}; --reprofile to measure again)")
-        return rec
-    missing = [f"{MODEL_DATA[m]} (for {m})" for m in todo if missing_files(args.data_dir, MODEL_DATA[m])]
+    missing = [
+        f"{MODEL_DATA[m]} (for {m})" for m in {*todo, *later} if missing_files(args.data_dir, MODEL_DATA[m])
+    ]
     if missing:
         raise UsageError(
             f"no local copy under --data_dir {args.data_dir} of: {', '.join(missing)} (make data)"
         )
     work = Path(args.runs_dir) / "profiles" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    rec = rec if rec and not args.reprofile else {"kind": "distbench-profile-record", "models": {}}
+    cached = rec is not None and not args.reprofile
+    rec = rec if cached else {"kind": "distbench-profile-record", "models": {}}
     rec.setdefault("collectives", {})
+    spent = {"before": 0.0, "since": 0.0}  # measure_s: the seconds all of the record's measurements took
 
     def save(kind: str, key: str, value):
         rec[kind][key] = value
         rec.update(
             measured_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            measure_s=time.perf_counter() - t0,
+            measure_s=spent["before"] + time.perf_counter() - spent["since"],
             hostname=socket.gethostname(),
             machine=next(
                 (v["device_name"] for v in rec["models"].values() if v.get("device_name")),
@@ -176,9 +178,21 @@ def profile_record(args, models: list[str], flags: dict) -> dict:
         path.with_suffix(".part").write_text(json.dumps(rec, indent=1))
         os.replace(path.with_suffix(".part"), path)
 
-    measure(todo, flags, args, work, save, collectives=not rec["collectives"])
+    def run(todo: list[str], collectives: bool):
+        work.mkdir(parents=True, exist_ok=True)
+        spent.update(before=rec.get("measure_s", 0.0), since=time.perf_counter())
+        measure(todo, flags, args, work, save, collectives)
+
+    def now(model: str):
+        run([model], collectives=False)
+
+    todo = [m for m in todo if m not in later]
+    if cached and not todo and rec["collectives"]:
+        print(f"profile record {path} (measured {rec['measured_at']}; --reprofile to measure again)")
+        return rec, now
+    run(todo, collectives=not rec["collectives"])
     print(f"profile record {path} ({rec['measure_s']:.0f} s)")
-    return rec
+    return rec, now
 
 
 def supported(profile: dict, strategy: str) -> bool:
@@ -212,17 +226,30 @@ def predictions(rec: dict, hw: dict, models, devices, nodes, scalings, cores) ->
     return rows
 
 
-def validate(args, rec: dict, hw: dict, models: list[str]) -> list[dict]:
-    """Run bench-strategies now (or read --validate_from) and compare each cell with its prediction."""
+def validated(models: list[str]) -> list[str]:
+    """The models of bench-strategies: those a validation runs for real."""
+    return [m for m in models if m in model_flags_strategies()]
+
+
+def validate(args, rec: dict, hw: dict, models: list[str], profile_now) -> list[dict]:
+    """Run bench-strategies now (or read --validate_from) and compare each cell with its prediction. Run
+    now, each model is profiled just before its own launches: on a shared host that drifts by 10-30% within
+    half an hour, a profile taken half an hour before a run predicts the host of then, not the run."""
     if args.validate_from:
         where = Path(args.validate_from)
     else:
         where = Path(args.runs_dir) / "validation" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        cmd = [sys.executable, str(REPO / "bench/run.py"), "--matrix", str(REPO / "bench/strategies.yaml"),
-               "--profile", "strategies", "--data_dir", args.data_dir, "--runs_dir", str(where),
-               "--models", ",".join(m for m in models if m in model_flags_strategies())]  # fmt: skip
-        print("validation: the real runs of make bench-strategies, now:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=REPO, check=False)
+        for model in validated(models):
+            profile_now(model)
+            cmd = [sys.executable, str(REPO / "bench/run.py"), "--matrix", str(REPO / "bench/strategies.yaml"),
+                   "--profile", "strategies", "--data_dir", args.data_dir, "--runs_dir", str(where),
+                   "--models", model]  # fmt: skip
+            print(
+                f"validation of {model}: the real runs of make bench-strategies, now:",
+                " ".join(cmd),
+                flush=True,
+            )
+            subprocess.run(cmd, cwd=REPO, check=False)
     cells: dict[tuple, list] = {}
     for f in sorted(glob.glob(str(where / "*.json"))):
         r = json.loads(Path(f).read_text())
@@ -330,13 +357,14 @@ def main(argv=None) -> int:
         hw = load_hardware(args.hardware)
         local = load_hardware("this-machine")
         t0 = time.perf_counter()
-        rec = profile_record(args, models, model_flags())
+        later = tuple(validated(models)) if args.validate and not args.validate_from else ()
+        rec, profile_now = profile_record(args, models, model_flags(), later)
         for h in (hw, local):
             if h.get("kind") == "measured":
                 h["measured_collectives"] = rec["collectives"]
+        check = validate(args, rec, local, models, profile_now) if args.validate or args.validate_from else []
         scalings = ["strong", "weak"] if args.scaling == "both" else [args.scaling]
         preds = predictions(rec, hw, models, devices, args.nodes, scalings, os.cpu_count())
-        check = validate(args, rec, local, models) if args.validate or args.validate_from else []
         revisited = study(rec, models) if args.study else []
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
