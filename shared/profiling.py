@@ -13,8 +13,7 @@ every size alike); per size, the medians of:
 Also: FLOPs and aten calls of one step (torch.utils.flop_counter), parameter / gradient / optimizer-state
 bytes, and the DDP bucket layout torch computes after its first step (gradients in the order they become
 ready, the first bucket 1 MiB, then 25 MiB: torch/nn/parallel/distributed.py). On a CPU, what sharing the
-machine costs: the optimizer step beside a neighbour on the other core (memory bandwidth) and a step sharing
-its core with a second one (oversubscription).
+machine's memory bandwidth costs: the optimizer step beside a neighbour on the other core.
 """
 
 from __future__ import annotations
@@ -340,62 +339,6 @@ class Profiler:
         alone = (alone + mean_step()) / 2
         return max(1.0, busy / alone)
 
-    def oversubscription(self, min_s: float = 1.0) -> float | None:
-        """What sharing a core costs beyond the time-slicing: a step on a core to itself against the same
-        step while a second process runs it on that core too, as when a run starts more processes than there
-        are cores (the hybrid 2 x 2 on 2 cores). Ideal time-sharing doubles the step; the ratio to that
-        double (>= 1) is the cost of context switches, caches and TLBs refilled, and page faults taking
-        longer (measured for VGG11: 1.33, its steps fault in ~1.5 GB of fresh memory each). The second
-        process is a fork of this one stepping a copy of the model (surrogate loss, as wrapper_overheads);
-        alone is timed before and after. None on a GPU, without pinning, or without inputs."""
-        if self.device.type != "cpu" or not hasattr(os, "sched_setaffinity") or self._inputs is None:
-            return None
-        import copy
-        import signal
-        import warnings
-
-        model = copy.deepcopy(self.model)
-        opt = type(self.optimizer)(model.parameters(), **self.optimizer.defaults)
-        args, kwargs = self._inputs
-
-        def mean_step() -> float:  # a mean over whole time slices, not a median of sliced steps
-            n, t0 = 0, time.perf_counter()
-            while n < 3 or time.perf_counter() - t0 < min_s:
-                _surrogate_step(model, opt, args, kwargs)
-                n += 1
-            return (time.perf_counter() - t0) / n
-
-        cores = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, {min(cores)})
-        try:
-            _surrogate_step(model, opt, args, kwargs)
-            alone = mean_step()
-            ready_r, ready_w = os.pipe()
-            with warnings.catch_warnings():  # the child only steps its copy on one thread, then exits
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
-            if pid == 0:  # the neighbour: never returns into the script
-                try:
-                    _surrogate_step(model, opt, args, kwargs)
-                    os.write(ready_w, b"r")
-                    while True:
-                        _surrogate_step(model, opt, args, kwargs)
-                finally:
-                    os._exit(0)
-            os.close(ready_w)
-            try:
-                if os.read(ready_r, 1) != b"r":
-                    return None
-                shared = mean_step()
-            finally:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                os.close(ready_r)
-            alone = (alone + mean_step()) / 2  # alone before and after: a drifting host cancels out
-        finally:
-            os.sched_setaffinity(0, cores)
-        return max(1.0, shared / (2 * alone))
-
     def write(self, out: dict, full: int):
         for h in self._handles:
             h.remove()
@@ -413,7 +356,6 @@ class Profiler:
         state = sum(_bytes(list(s.values())) for s in self.optimizer.state.values())
         overheads = self.wrapper_overheads()
         contention = self.optimizer_contention()
-        oversubscription = self.oversubscription()
         profile = {
             "kind": "distbench-profile",
             "batch_size": full,
@@ -429,7 +371,6 @@ class Profiler:
             "optimizer_state_bytes": state,
             "ddp_buckets": [[order[k] for k in bucket] for bucket in buckets],
             "optimizer_contention": contention,  # optimizer step with / without a neighbour streaming memory
-            "oversubscription": oversubscription,  # a step sharing its core with a second one / twice alone
             "ddp_overhead_s": overheads.get("ddp"),  # DDP's own work per step beyond its all-reduces
             "fsdp_overhead_s": overheads.get("fsdp"),  # FSDP2's, beyond its collectives (one-rank groups)
             "flops_per_step": out["flops"],

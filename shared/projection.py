@@ -378,9 +378,6 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
     oversubscribed = cores is not None and n > cores
     if oversubscribed:  # more processes than cores: the critical path, or all the work shared by the cores
         total = busy if busy is not None else n * step
-        # time-sharing a core is not free: the profile's step sharing its core with a second one ran this
-        # much longer than twice alone (context switches, refilled caches and TLBs, slower page faults)
-        total *= profile.get("oversubscription") or 1.0
         if total / cores > step:
             parts["compute"] += total / cores - step
             step = total / cores

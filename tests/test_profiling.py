@@ -1,5 +1,5 @@
 """shared/profiling.py on a tiny model, driven as a script's loop drives it: the batch's fetch is part of a
-step, the ladder is timed in rounds, and the machine-sharing figures are real measurements (CPU only)."""
+step, the ladder is timed in rounds, and the memory-bandwidth contention is a real measurement (CPU only)."""
 
 import json
 import os
@@ -14,7 +14,6 @@ from shared import profiling
 from shared.profiling import Profiler
 
 FETCH_S = 0.02  # the slow loader's time per full batch
-CORES = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 
 
 class SlowLoader:
@@ -63,11 +62,9 @@ def test_a_step_includes_its_batch_fetch_pro_rata(p):
     assert p["seen"][warm:] == [32, 16, 8, 4, 2] * p["sizes"]["32"]["steps"]
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not hasattr(os, "sched_setaffinity"), reason="pins cores")
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the neighbour needs a second core")
 def test_machine_sharing_is_measured_on_a_cpu(p):
-    # time-sharing a core costs at least the doubling itself: the ratio to it is a measured number >= 1
-    assert isinstance(p["oversubscription"], float) and 1.0 <= p["oversubscription"] < 10
-    assert isinstance(p["optimizer_contention"], float) and p["optimizer_contention"] >= 1.0
-    assert os.sched_getaffinity(0) == CORES  # unpinned again, and the forked neighbour is gone
+    # the optimizer beside a neighbour on the other core: a measured ratio >= 1, and the neighbour is gone
+    assert isinstance(p["optimizer_contention"], float) and 1.0 <= p["optimizer_contention"] < 10
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)

@@ -167,18 +167,6 @@ def test_pipeline_and_hybrid_and_model_split():
     assert balanced_cuts([1, 1, 1, 1], 2) == [2]
 
 
-def test_oversubscribed_cores_share_all_work_at_the_measured_cost():
-    """4 processes on 1 core: the step is all their CPU work on that core, times what sharing a core costs
-    (the profile's oversubscription); with cores to spare the factor changes nothing."""
-    prof = toy_profile(8)
-    hw = {**HW, "kind": "measured", "links": {"intra": {"busbw_GBps": 1e9, "latency_s": 0.0}}}
-    free = project(prof, hw, "hybrid", 4, batch=8, microbatches=2, cores=1)
-    costly = project({**prof, "oversubscription": 1.5}, hw, "hybrid", 4, batch=8, microbatches=2, cores=1)
-    assert free["oversubscribed"] and costly["step_s"] == pytest.approx(1.5 * free["step_s"])
-    roomy = [project({**prof, "oversubscription": f}, hw, "hybrid", 4, batch=8, cores=8) for f in (1.0, 1.5)]
-    assert not roomy[0]["oversubscribed"] and roomy[0]["step_s"] == roomy[1]["step_s"]
-
-
 def test_hardware_files_name_their_sources():
     files = sorted((REPO / "hardware").glob("*.yaml"))
     assert {f.stem for f in files} >= {"this-machine", "t4-pcie", "v100-nvlink", "a100-nvlink", "h100-nvlink",
