@@ -149,7 +149,9 @@ def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] 
     want = {m: {**flags[m], **({"batch_size": args.batch_size} if args.batch_size else {})} for m in models}
     todo = [m for m in models if not rec or rec["models"].get(m, {}).get("flags") != want[m]]
     missing = [
-        f"{MODEL_DATA[m]} (for {m})" for m in {*todo, *later} if missing_files(args.data_dir, MODEL_DATA[m])
+        f"{MODEL_DATA[m]} (for {m})"
+        for m in sorted({*todo, *later})
+        if missing_files(args.data_dir, MODEL_DATA[m])
     ]
     if missing:
         raise UsageError(

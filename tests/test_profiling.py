@@ -63,7 +63,7 @@ def test_a_step_includes_its_batch_fetch_pro_rata(p):
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the neighbour needs a second core")
-def test_machine_sharing_is_measured_on_a_cpu(p):
+def test_memory_contention_is_measured_on_a_cpu(p):
     # the optimizer beside a neighbour on the other core: a measured ratio >= 1, and the neighbour is gone
     assert isinstance(p["optimizer_contention"], float) and 1.0 <= p["optimizer_contention"] < 10
     with pytest.raises(ChildProcessError):
