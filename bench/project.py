@@ -119,17 +119,32 @@ def measure(models: list[str], flags: dict, args, work: Path, save, collectives:
         print(f"collectives on {n} processes: {time.perf_counter() - t0:.0f} s", flush=True)
     for name in models:
         t0 = time.perf_counter()
-        f = work / f"{name}.json"
         fl = {**flags[name], **({"batch_size": args.batch_size} if args.batch_size else {})}
-        launch(["--config_file", str(REPO / "accelerate_configs/cpu_1proc.yaml"),
-                "--num_cpu_threads_per_process", "1", str(REPO / "scripts" / f"{name}.py"),
-                "--data_dir", args.data_dir, "--runs_dir", str(work / "runs"), "--profile_out", str(f),
-                "--progress", "false", *[x for k, v in fl.items() for x in (f"--{k}", str(v))]],
-               work / f"{name}.log")  # fmt: skip
-        save("models", name, {**json.loads(f.read_text()), "flags": fl})
-        print(
-            f"profiled {name} at batch {fl.get('batch_size')}: {time.perf_counter() - t0:.0f} s", flush=True
-        )
+        full, *smaller = ladder(int(fl["batch_size"]))
+        prof = profile_one(name, fl, args, work)
+        for b in smaller:  # each size in a process of its own, as a run at that batch is
+            prof["sizes"] |= profile_one(name, {**fl, "batch_size": b}, args, work, steps_only=True)["sizes"]
+        save("models", name, {**prof, "flags": fl})
+        print(f"profiled {name} at batch {', '.join(map(str, (full, *smaller)))}: "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+
+
+def ladder(batch: int) -> list[int]:
+    """The batch sizes a model is profiled at: B, B/2, ... B/16 (the per-device batch of N devices, or a
+    pipeline micro-batch), at least 2 rows (BatchNorm needs 2)."""
+    return sorted({max(min(2, batch), batch // 2**k) for k in range(5)}, reverse=True)
+
+
+def profile_one(name: str, fl: dict, args, work: Path, steps_only: bool = False) -> dict:
+    """One process of the script with --profile_out at fl's batch size (shared/profiling.py)."""
+    f = work / f"{name}-{fl['batch_size']}.json"
+    launch(["--config_file", str(REPO / "accelerate_configs/cpu_1proc.yaml"),
+            "--num_cpu_threads_per_process", "1", str(REPO / "scripts" / f"{name}.py"),
+            "--data_dir", args.data_dir, "--runs_dir", str(work / "runs"), "--profile_out", str(f),
+            "--profile_steps_only", str(steps_only).lower(), "--progress", "false",
+            *[x for k, v in fl.items() for x in (f"--{k}", str(v))]],
+           work / f"{name}-{fl['batch_size']}.log")  # fmt: skip
+    return json.loads(f.read_text())
 
 
 def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] = ()):

@@ -87,9 +87,12 @@ class RunConfig:
     # also send the epoch rows and test results to experiment trackers (Accelerate's, spelled as it spells them):
     # none | tensorboard | wandb | mlflow | aim | all (every installed one); output under <runs_dir>/trackers/
     log_with: Literal["none", "tensorboard", "wandb", "mlflow", "aim", "all"] = "none"
-    # `make project` (bench/project.py): one process times its steps at a ladder of batch sizes, writes this
-    # file (shared/profiling.py) and ends after that one epoch; "" = a normal run
+    # `make project` (bench/project.py): one process times its steps at its batch size, writes this file
+    # (shared/profiling.py) and ends after that one epoch; "" = a normal run
     profile_out: str = ""
+    # with --profile_out: time the steps only, no FLOPs, wrapper overheads or memory contention (bench/project.py
+    # measures those at the full batch and each smaller size of its ladder in a process of its own)
+    profile_steps_only: bool = False
 
 
 def _type_name(tp) -> str:

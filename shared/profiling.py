@@ -1,19 +1,19 @@
 """`--profile_out FILE`: what the projection (shared/projection.py, `make project`) needs from one process.
 
-The script's own training loop runs unchanged; `Session.batches` hands it the first batches cut to a ladder of
-sizes (B, B/2, B/4, ...: the per-device batch of N devices, or a pipeline micro-batch) and hooks time each
-step. After warm-up steps per size, timed steps in rounds of one step per size (so a drifting host slows
-every size alike); per size, the medians of:
+The script's own training loop runs unchanged at its own batch size; `Session.batches` hands it the loader's
+batches and hooks time each step. After warm-up steps, timed steps until MIN_STEPS and MIN_SECONDS; the
+medians (over windows, as runs time a step) of:
 - forward (the model's own forward, hooks on the root), backward (from the end of forward to the last
   gradient written, the loss included), optimizer step, and the rest of the step (the batch's fetch,
   zero_grad, sums): a step timed as a run times it, from one step's end to the next;
 - each piece's forward time and the bytes of its output (what would cross a cut after it; shared/stages.py
   names the pieces), and when each parameter's gradient was ready, counted from the start of backward;
-- tensors saved for backward (activation memory), from one extra untimed step.
-Also: FLOPs and aten calls of one step (torch.utils.flop_counter), parameter / gradient / optimizer-state
-bytes, and the DDP bucket layout torch computes after its first step (gradients in the order they become
-ready, the first bucket 1 MiB, then 25 MiB: torch/nn/parallel/distributed.py). On a CPU, what sharing the
-machine's memory bandwidth costs: the optimizer step beside a neighbour on the other core.
+- tensors saved for backward (activation memory), from the first (untimed) warm-up step.
+Also: parameter / gradient / optimizer-state bytes, and the DDP bucket layout torch computes after its first
+step (gradients in the order they become ready, the first bucket 1 MiB, then 25 MiB:
+torch/nn/parallel/distributed.py). Unless --profile_steps_only (bench/project.py's smaller batches): FLOPs and
+aten calls of one step (torch.utils.flop_counter), DDP's and FSDP2's own overhead per step, and on a CPU what
+sharing the machine's memory bandwidth costs: the optimizer step beside a neighbour on the other core.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import slice_tensors
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -110,6 +109,7 @@ class Profiler:
     def __init__(self, acc, cfg, model, optimizer, split_points, unsupported=()):
         self.acc, self.cfg, self.model, self.split_points = acc, cfg, model, list(split_points)
         self.unsupported = sorted(unsupported)
+        self.steps_only = getattr(cfg, "profile_steps_only", False)
         self.device = acc.device
         self.pieces = pieces(model)
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -155,18 +155,16 @@ class Profiler:
         self.now.setdefault("ready", {})[j] = self._clock()
 
     def batches(self, loader):
-        """The training loop's batches: per size of the ladder, warm-up then timed steps; the profile is
-        written when the ladder is done."""
-        first = next(iter(loader))
-        full = _rows(first)
-        sizes = sorted(
-            {max(min(2, full), full // 2**k) for k in range(5)}, reverse=True
-        )  # BatchNorm needs 2 rows
+        """The training loop's batches: warm-up, then timed steps at the loader's own batch size (a smaller
+        batch cut from a larger one, in a process that has run larger ones, times slower than a run at that
+        batch: bench/project.py profiles each size of its ladder in a process of its own). The first warm-up
+        step counts saved activations (and FLOPs); a short last batch of an epoch trains untimed. The profile
+        is written when done."""
         it = iter(loader)
 
-        def next_batch(rows):
-            """A batch of `rows` rows and the seconds its fetch costs: the loader's time for a full batch
-            (the run's steps include it; a run at this batch size fetches only these rows), pro rata."""
+        def next_batch():
+            """The next batch (a new epoch's when the loader runs out) and the seconds its fetch took: the run's
+            steps include it."""
             nonlocal it
             t0 = self._clock()
             try:
@@ -174,42 +172,38 @@ class Profiler:
             except StopIteration:
                 it = iter(loader)
                 batch = next(it)
-            fetch = (self._clock() - t0) * min(1.0, rows / _rows(batch))
-            return (batch if rows >= _rows(batch) else slice_tensors(batch, slice(0, rows))), fetch
+            return batch, self._clock() - t0
 
-        out = {"sizes": {}, "flops": None}
-        saved, steps = {}, {rows: [] for rows in sizes}
-        for rows in sizes:  # untimed warm-up; its first step counts saved activations (and FLOPs at full)
-            for k in range(WARMUP_STEPS):
-                batch, _ = next_batch(rows)
-                extra = contextlib.ExitStack()
-                if k == 0:
-                    extra.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))
-                    self._saved = 0
-                    if rows == full:
-                        fc, ops = FlopCounterMode(display=False), CountOps()
-                        extra.enter_context(fc)
-                        extra.enter_context(ops)
-                self.now = {"step0": self._clock()}
-                with extra:
-                    yield batch
-                if k == 0:
-                    saved[rows], self._saved = self._saved, None
-                    if rows == full:
-                        out["flops"], out["aten_calls"] = int(fc.get_total_flops()), ops.n
-        # Timed steps in rounds, one step of every size per round: a machine that drifts (a shared host)
-        # slows every size alike instead of bending the ladder, as sizes timed one after another would.
-        for _ in range(MAX_STEPS):
-            for rows in sizes:
-                batch, fetch = next_batch(rows)
-                self.now = {"step0": self._clock()}
+        batch, fetch = next_batch()
+        full = _rows(batch)
+        out = {"flops": None}
+        for k in range(WARMUP_STEPS):  # untimed
+            extra = contextlib.ExitStack()
+            if k == 0:
+                extra.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))
+                self._saved = 0
+                if not self.steps_only:
+                    fc, ops = FlopCounterMode(display=False), CountOps()
+                    extra.enter_context(fc)
+                    extra.enter_context(ops)
+            self.now = {"step0": self._clock()}
+            with extra:
                 yield batch
-                steps[rows].append(self._step(self._clock(), fetch))
-            enough = all(sum(x["step_s"] for x in steps[r]) >= MIN_SECONDS for r in sizes)
-            if len(steps[full]) >= MIN_STEPS and enough:
+            if k == 0:
+                saved, self._saved = self._saved, None
+                if not self.steps_only:
+                    out["flops"], out["aten_calls"] = int(fc.get_total_flops()), ops.n
+            batch, fetch = next_batch()
+        steps = []
+        while len(steps) < MAX_STEPS:
+            self.now = {"step0": self._clock()}
+            yield batch
+            if _rows(batch) == full:
+                steps.append(self._step(self._clock(), fetch))
+            if len(steps) >= MIN_STEPS and sum(x["step_s"] for x in steps) >= MIN_SECONDS:
                 break
-        for rows in sizes:
-            out["sizes"][str(rows)] = self._summarise(steps[rows], saved[rows])
+            batch, fetch = next_batch()
+        out["sizes"] = {str(full): self._summarise(steps, saved)}
         self.write(out, full)
 
     def _pack(self, t):
@@ -354,8 +348,8 @@ class Profiler:
             for p in piece.parameters():
                 piece_of[id(p)] = i
         state = sum(_bytes(list(s.values())) for s in self.optimizer.state.values())
-        overheads = self.wrapper_overheads()
-        contention = self.optimizer_contention()
+        overheads = {} if self.steps_only else self.wrapper_overheads()
+        contention = None if self.steps_only else self.optimizer_contention()
         profile = {
             "kind": "distbench-profile",
             "batch_size": full,

@@ -108,6 +108,8 @@ class Session:
         self.data, self.data_path, self.best = None, None, BestCheckpoint(getattr(cfg, "select_best", False))
         self._epoch_done = False
         self.profiler = None
+        if getattr(cfg, "profile_steps_only", False) and not cfg.profile_out:
+            raise SetupError("--profile_steps_only times a profile's steps: give it with --profile_out FILE")
         if cfg.profile_out:
             if self.accelerator.num_processes > 1 or self.par.plan.strategy != "single":
                 raise SetupError(
@@ -220,7 +222,7 @@ class Session:
     def batches(self, loader):
         """The epoch's batches (a resumed run skips those it already trained on), with a progress bar on the
         main process: steps, rate and ETA, and the loss wherever the loop syncs anyway (--check_every)."""
-        if self.profiler is not None:  # --profile_out: the loop runs on the profiler's ladder of batch sizes
+        if self.profiler is not None:  # --profile_out: the profiler times the loop's steps
             loader = self.profiler.batches(loader)
         batches = self.progress.batches(loader)
         if not self.show_progress:

@@ -1,5 +1,6 @@
 """shared/profiling.py on a tiny model, driven as a script's loop drives it: the batch's fetch is part of a
-step, the ladder is timed in rounds, and the memory-bandwidth contention is a real measurement (CPU only)."""
+step, a short last batch of an epoch is not timed, and the memory-bandwidth contention is a real measurement
+(CPU only)."""
 
 import json
 import os
@@ -12,33 +13,35 @@ import torch.nn as nn
 
 from shared import profiling
 from shared.profiling import Profiler
+from tests.conftest import REPO, child_env, explain, launch
 
 FETCH_S = 0.02  # the slow loader's time per full batch
 
 
 class SlowLoader:
-    """A loader that takes FETCH_S per batch of 32 rows, like a Dataset decoding samples one by one."""
+    """A loader that takes FETCH_S per batch of 32 rows, like a Dataset decoding samples one by one; an epoch is
+    6 batches, the last of 5 rows."""
 
     def __iter__(self):
-        for _ in range(1000):
-            time.sleep(FETCH_S)
-            yield torch.randn(32, 8), torch.randint(0, 4, (32,))
+        for rows in (32,) * 5 + (5,):
+            time.sleep(FETCH_S * rows / 32)
+            yield torch.randn(rows, 8), torch.randint(0, 4, (rows,))
 
 
 @pytest.fixture(scope="module")
 def p(tmp_path_factory):
-    """One profile for the module's tests (at most 20 rounds: seconds, not the minute a full ladder takes)."""
+    """One profile for the module's tests (20 timed steps: under a second)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(profiling, "MAX_STEPS", 20)
         return profile(tmp_path_factory.mktemp("profile"))
 
 
-def profile(tmp_path):
+def profile(tmp_path, steps_only=False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     acc = SimpleNamespace(device=torch.device("cpu"), print=lambda *a: None)
-    cfg = SimpleNamespace(profile_out=str(tmp_path / "p.json"))
+    cfg = SimpleNamespace(profile_out=str(tmp_path / "p.json"), profile_steps_only=steps_only)
     prof = Profiler(acc, cfg, model, opt, split_points=["2"])
     seen = []
     for x, y in prof.batches(SlowLoader()):  # the script's loop
@@ -49,17 +52,23 @@ def profile(tmp_path):
     return {**json.loads((tmp_path / "p.json").read_text()), "seen": seen}
 
 
-def test_a_step_includes_its_batch_fetch_pro_rata(p):
-    assert set(p["sizes"]) == {"32", "16", "8", "4", "2"}
-    for rows, s in p["sizes"].items():
-        share = FETCH_S * int(rows) / 32  # a run at this batch fetches only these rows
-        assert s["data_s"] == pytest.approx(share, rel=0.5)
-        assert s["step_s"] >= s["data_s"] + s["forward_s"] + s["backward_s"]
-        assert s["other_s"] >= 0.8 * s["data_s"]  # the rest of the step holds the fetch
-    # warm-up per size, then timed rounds of one step per size, as often for every size
-    warm = profiling.WARMUP_STEPS * 5
-    assert p["seen"][:warm] == [r for r in (32, 16, 8, 4, 2) for _ in range(profiling.WARMUP_STEPS)]
-    assert p["seen"][warm:] == [32, 16, 8, 4, 2] * p["sizes"]["32"]["steps"]
+def test_a_step_includes_its_batch_fetch_and_short_batches_are_not_timed(p):
+    assert set(p["sizes"]) == {"32"}  # its own batch only: bench/project.py runs a process per size
+    s = p["sizes"]["32"]
+    assert s["data_s"] == pytest.approx(FETCH_S, rel=0.5)
+    assert s["step_s"] >= s["data_s"] + s["forward_s"] + s["backward_s"]
+    assert s["other_s"] >= 0.8 * s["data_s"]  # the rest of the step holds the fetch
+    # warm-up, then timed steps; every short last batch of an epoch trains, untimed
+    timed = len(p["seen"]) - profiling.WARMUP_STEPS
+    assert s["steps"] == 20 == timed - p["seen"][profiling.WARMUP_STEPS :].count(5)
+    assert p["seen"].count(5) >= 3 and p["flops_per_step"] > 0 and p["ddp_overhead_s"] is not None
+
+
+def test_steps_only_skips_the_extras(tmp_path, monkeypatch):
+    monkeypatch.setattr(profiling, "MAX_STEPS", 5)
+    q = profile(tmp_path, steps_only=True)
+    assert q["sizes"]["32"]["steps"] == 5 and q["ddp_buckets"]
+    assert q["flops_per_step"] is None and q["optimizer_contention"] is None and q["ddp_overhead_s"] is None
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the neighbour needs a second core")
@@ -68,3 +77,17 @@ def test_memory_contention_is_measured_on_a_cpu(p):
     assert isinstance(p["optimizer_contention"], float) and 1.0 <= p["optimizer_contention"] < 10
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)
+
+
+@pytest.mark.parametrize(
+    "setup, args, needle",
+    [
+        (None, ["--profile_steps_only"], "give it with --profile_out"),
+        ("cpu_2proc", ["--profile_out", "p.json"], "profiles one process"),
+    ],
+)
+def test_a_profile_that_would_not_measure_what_it_says_is_refused(tmp_path, setup, args, needle):
+    proc = launch(setup, "mlp", "--data", "synthetic", "--runs_dir", tmp_path, *args, env=child_env())
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "error: " in ln]
+    assert proc.returncode != 0 and lines and needle in lines[0], explain(proc)
+    assert not list(tmp_path.glob("*.json")) and not (REPO / "p.json").exists()
