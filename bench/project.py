@@ -8,8 +8,9 @@
    are 4 cores). Both go into one profile record, runs/profiles/profile-<host>.json; later projections
    reuse it unless --reprofile or the scripts' settings changed.
 2. Project (instant): shared/projection.py per model, strategy, N and scaling, on the hardware asked for.
-3. --validate: per model of `make bench-strategies`, profile it again and run its real multi-process runs
-   right after (a shared host drifts; a profile predicts the machine of its own minutes), then compare each
+3. --validate: per model of `make bench-strategies`, profile it, run its real multi-process runs, profile it
+   again and keep the mean of the two profiles (a shared host drifts; a profile predicts the machine of its own
+   minutes), then compare each
    measured step time with the one predicted from the profile alone (relative error; table printed and kept
    in the record's `validation`).
 The projection record (runs/projection-*.json) holds `predictions`, `validation` and where each input came from.
@@ -200,8 +201,16 @@ def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] 
         spent.update(before=rec.get("measure_s", 0.0), since=time.perf_counter())
         measure(todo, flags, args, work, save, collectives)
 
-    def now(model: str):
+    def now(model: str, bracket: dict | None = None) -> dict:
+        """Profile `model` again now; with `bracket` (its profile from before its runs), keep the mean of the
+        two, so the profile stands for the minutes the runs took."""
         run([model], collectives=False)
+        if bracket is not None:
+            after = rec["models"][model]
+            full = str(after["batch_size"])
+            save("models", model, {**mean_of(bracket, after), "bracketed_step_s": [
+                bracket["sizes"][full]["step_s"], after["sizes"][full]["step_s"]]})  # fmt: skip
+        return rec["models"][model]
 
     todo = [m for m in todo if m not in later]
     if cached and not todo and rec["collectives"]:
@@ -210,6 +219,20 @@ def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] 
     run(todo, collectives=not rec["collectives"])
     print(f"profile record {path} ({rec['measure_s']:.0f} s)")
     return rec, now
+
+
+def mean_of(a, b):
+    """The element-wise mean of two profiles of one model: numbers averaged, anything else (names, layouts)
+    taken from the first; a figure only one of them has is kept."""
+    if a is None or b is None:
+        return b if a is None else a
+    if isinstance(a, dict):
+        return {k: mean_of(v, b.get(k)) for k, v in a.items()}
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [mean_of(x, y) for x, y in zip(a, b, strict=True)]
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return (a + b) / 2
+    return a
 
 
 def supported(profile: dict, strategy: str) -> bool:
@@ -248,16 +271,18 @@ def validated(models: list[str]) -> list[str]:
     return [m for m in models if m in model_flags_strategies()]
 
 
-def validate(args, rec: dict, hw: dict, models: list[str], profile_now) -> list[dict]:
-    """Run bench-strategies now (or read --validate_from) and compare each cell with its prediction. Run
-    now, each model is profiled just before its own launches: on a shared host that drifts by 10-30% within
-    half an hour, a profile taken half an hour before a run predicts the host of then, not the run."""
+def validate(args, rec: dict, hw: dict, models: list[str], profile_now) -> tuple[list[dict], list[str]]:
+    """Run bench-strategies now (or read --validate_from) and compare each cell with its prediction; also what
+    did not validate: run now, the cells with no finished run ("model setup"); read, the unfinished records.
+    Run now, each model is profiled just before its own launches and again just after, and the mean of the two
+    profiles predicts: on a shared host that drifts by 10-30% within minutes, a profile taken before a run
+    predicts the host of then, not the run."""
     if args.validate_from:
         where = Path(args.validate_from)
     else:
         where = Path(args.runs_dir) / "validation" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         for model in validated(models):
-            profile_now(model)
+            before = profile_now(model)
             cmd = [sys.executable, str(REPO / "bench/run.py"), "--matrix", str(REPO / "bench/strategies.yaml"),
                    "--profile", "strategies", "--data_dir", args.data_dir, "--runs_dir", str(where),
                    "--models", model]  # fmt: skip
@@ -267,11 +292,16 @@ def validate(args, rec: dict, hw: dict, models: list[str], profile_now) -> list[
                 flush=True,
             )
             subprocess.run(cmd, cwd=REPO, check=False)
+            profile_now(model, bracket=before)  # and again after: the mean stands for the runs' minutes
     cells: dict[tuple, list] = {}
+    failed = []
     for f in sorted(glob.glob(str(where / "*.json"))):
         r = json.loads(Path(f).read_text())
         steady = r.get("timing", {}).get("steady")
-        if r.get("status") != "finished" or not steady or r["model"] not in rec["models"]:
+        if r.get("model") not in rec["models"] or "setup" not in r:
+            continue
+        if r.get("status") != "finished" or not steady:
+            failed.append(f"{r['model']} {r['setup'].get('strategy')} ({Path(f).name}: {r.get('status')})")
             continue
         s = r["setup"]
         strategy = {"pipeline": "pipeline_1f1b" if s.get("schedule") == "1f1b" else "pipeline"}.get(
@@ -290,7 +320,11 @@ def validate(args, rec: dict, hw: dict, models: list[str], profile_now) -> list[
                     "measured_step_s": measured, "measured_runs": times, "predicted_step_s": p["step_s"],
                     "error": (p["step_s"] - measured) / measured, "oversubscribed": p["oversubscribed"],
                     "bottleneck": p["bottleneck"]})  # fmt: skip
-    return out
+    if args.validate_from:
+        return out, failed
+    setups = [n for s in yaml.safe_load((REPO / "bench/strategies.yaml").read_text())["setups"] for n in s]
+    ran = {c[:2] for c in cells}
+    return out, [f"{m} {s}" for m in validated(models) for s in setups if (m, s) not in ran]
 
 
 def study(rec: dict, models: list[str]) -> list[dict]:
@@ -379,7 +413,9 @@ def main(argv=None) -> int:
         for h in (hw, local):
             if h.get("kind") == "measured":
                 h["measured_collectives"] = rec["collectives"]
-        check = validate(args, rec, local, models, profile_now) if args.validate or args.validate_from else []
+        check, missing = [], []
+        if args.validate or args.validate_from:
+            check, missing = validate(args, rec, local, models, profile_now)
         scalings = ["strong", "weak"] if args.scaling == "both" else [args.scaling]
         preds = predictions(rec, hw, models, devices, args.nodes, scalings, os.cpu_count())
         revisited = study(rec, models) if args.study else []
@@ -392,10 +428,11 @@ def main(argv=None) -> int:
     print(table([{**p, "step_ms": p["step_s"] * 1e3} for p in preds if p["devices"] > 1],
                 ["model", "strategy", "devices", "scaling", "global_batch", "step_ms", "speedup", "efficiency",
                  "memory_gib_per_device", "bottleneck"]))  # fmt: skip
-    summary = None
+    summary = {"cells": 0, "missing": missing} if missing else None
     if check:
         errs = [abs(c["error"]) for c in check]
-        summary = {"cells": len(errs), "mean_abs_error": statistics.mean(errs), "max_abs_error": max(errs)}
+        summary = {"cells": len(errs), "mean_abs_error": statistics.mean(errs), "max_abs_error": max(errs),
+                   "missing": missing}  # fmt: skip
         print(table([{**c, "measured_ms": c["measured_step_s"] * 1e3, "predicted_ms": c["predicted_step_s"] * 1e3}
                      for c in check], ["model", "strategy", "devices", "global_batch", "measured_ms",
                                        "predicted_ms", "error", "oversubscribed"]))  # fmt: skip
@@ -438,6 +475,10 @@ def main(argv=None) -> int:
     out.with_suffix(".part").write_text(json.dumps(record, indent=1))
     os.replace(out.with_suffix(".part"), out)
     print(f"projection record {out} ({record['project_s']:.0f} s)")
+    if missing:  # a cell whose runs failed is not a cell that validated
+        print(f"error: validation incomplete, not finished: {', '.join(missing)} (see the bench's logs)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

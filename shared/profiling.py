@@ -33,7 +33,9 @@ from shared.record import device_name
 from shared.stages import pieces
 
 WARMUP_STEPS = 2
-MIN_STEPS, MAX_STEPS, MIN_SECONDS = 5, 200, 1.0  # timed steps per batch size
+# timed steps per batch size: at least 2 s, as a run's steady windows span 1-3 s (a step's time drifts within
+# a process: the autoencoder's read 28 ms over its first 80 steps, then 31)
+MIN_STEPS, MAX_STEPS, MIN_SECONDS = 5, 200, 2.0
 DDP_FIRST_BUCKET, DDP_BUCKET = 1024 * 1024, 25 * 1024 * 1024  # DDP's defaults (Accelerate keeps them)
 FSDP_MIN_PARAMS = 100_000  # accelerate_configs/*_fsdp.yaml: fsdp_min_num_params
 
@@ -248,13 +250,15 @@ class Profiler:
         out["saved_activation_bytes"] = saved
         return out
 
-    def wrapper_overheads(self, steps: int = 3) -> dict:
+    def wrapper_overheads(self, min_rounds: int = 3, min_s: float = 1.0) -> dict:
         """Seconds per step DDP and FSDP2 add beyond their collectives: the same forward, backward (of a
         surrogate loss, the output's sum) and optimizer step on copies of the model, plain, wrapped in
         DistributedDataParallel, and sharded with `fully_shard` (a unit per piece of >= FSDP_MIN_PARAMS
-        parameters, as the setup files wrap), each over a one-rank group, on the first batch's inputs. The
-        differences of the medians: bucket copies and averaging (DDP); copy-in/out, hooks and DTensor
-        dispatch (FSDP)."""
+        parameters, as the setup files wrap), each over a one-rank group, on the first batch's inputs. Timed
+        in rounds of one step of each (a drifting host slows all three alike; measured one after another, 3
+        steps each, VGG11's DDP figure read 0.21 s in one profile and 0.77 s in the next) until every kind has
+        `min_s` and `min_rounds`; per wrapper, the median over rounds of its step minus the plain one's: bucket
+        copies and averaging (DDP); copy-in/out, hooks and DTensor dispatch (FSDP)."""
         import copy
 
         from torch.distributed.device_mesh import init_device_mesh
@@ -265,14 +269,14 @@ class Profiler:
             return {}
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        times = {}
-        try:
-            mesh = init_device_mesh(self.device.type, (1,))
-            for kind in ("plain", "ddp", "fsdp"):
-                if kind in self.unsupported:
-                    continue
+        args, kwargs = self._inputs
+        mesh = init_device_mesh(self.device.type, (1,))
+        kinds = {}
+        for kind in ("plain", "ddp", "fsdp"):
+            if kind in self.unsupported:
+                continue
+            try:
                 model = copy.deepcopy(self.model)
-                opt = type(self.optimizer)(model.parameters(), **self.optimizer.defaults)
                 if kind == "ddp":
                     model = DistributedDataParallel(model)
                 elif kind == "fsdp":
@@ -280,22 +284,27 @@ class Profiler:
                         if sum(p.numel() for p in piece.parameters()) >= FSDP_MIN_PARAMS:
                             fully_shard(piece, mesh=mesh)
                     fully_shard(model, mesh=mesh)
-                    opt = type(self.optimizer)(model.parameters(), **self.optimizer.defaults)
-                args, kwargs = self._inputs
-                per = []
-                for k in range(steps + 1):
+                opt = type(self.optimizer)(model.parameters(), **self.optimizer.defaults)
+                _surrogate_step(model, opt, args, kwargs)  # warm-up (DDP builds its buckets)
+                kinds[kind] = (model, opt)
+            except Exception as e:  # noqa: BLE001 - a model a wrapper cannot take: no figure for it, said so
+                self.acc.print(f"profile: {kind} overhead not measured ({type(e).__name__}: {str(e)[:120]})")
+        times = {kind: [] for kind in kinds}
+        if "plain" in kinds:
+            while len(times["plain"]) < min_rounds or min(sum(t) for t in times.values()) < min_s:
+                for kind, (model, opt) in kinds.items():
                     t0 = self._clock()
                     _surrogate_step(model, opt, args, kwargs)
-                    if k:
-                        per.append(self._clock() - t0)
-                times[kind] = statistics.median(per)
-                del model, opt
-        except Exception as e:  # noqa: BLE001 - a model a wrapper cannot take: no overhead figure, said so
-            self.acc.print(f"profile: wrapper overheads not measured ({type(e).__name__}: {str(e)[:120]})")
-        finally:
-            dist.destroy_process_group()
+                    times[kind].append(self._clock() - t0)
+        kinds.clear()
+        model = opt = None  # noqa: F841 - gloo crashes at exit if a DDP model outlives its group
+        dist.destroy_process_group()
+        plain = times.pop("plain", None)
+        if plain is None:
+            return {}
         return {
-            k: max(0.0, v - times["plain"]) for k, v in times.items() if k != "plain" and "plain" in times
+            k: max(0.0, statistics.median(a - b for a, b in zip(t, plain, strict=True)))
+            for k, t in times.items()
         }
 
     def optimizer_contention(self, min_s: float = 0.5) -> float | None:

@@ -91,3 +91,25 @@ def test_a_profile_that_would_not_measure_what_it_says_is_refused(tmp_path, setu
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "error: " in ln]
     assert proc.returncode != 0 and lines and needle in lines[0], explain(proc)
     assert not list(tmp_path.glob("*.json")) and not (REPO / "p.json").exists()
+
+
+def test_a_wrapper_that_cannot_take_the_model_loses_only_its_own_figure(monkeypatch):
+    import torch.distributed.fsdp as fsdp
+
+    def refuse(*a, **k):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(fsdp, "fully_shard", refuse)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    acc = SimpleNamespace(device=torch.device("cpu"), print=lambda *a: said.append(a[0]))
+    said = []
+    prof = Profiler(
+        acc, SimpleNamespace(profile_out=""), model, torch.optim.SGD(model.parameters(), lr=0.1), []
+    )
+    prof._inputs = ((torch.randn(4, 8),), {})
+    overheads = prof.wrapper_overheads(min_rounds=3, min_s=0.01)
+    assert (
+        set(overheads) == {"ddp"}
+        and overheads["ddp"] >= 0
+        and said == ["profile: fsdp overhead not measured (RuntimeError: no)"]
+    )

@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
+import bench.project as bp
 from shared.projection import (
     Model,
     _fsdp_units,
@@ -245,6 +247,49 @@ def test_end_to_end_on_this_cpu(tmp_path):
     assert row["error"] == pytest.approx(
         (row["predicted_step_s"] - row["measured_step_s"]) / row["measured_step_s"]
     )
+    # a run that did not finish is not a validated cell: said in one line, exit 1, the record still written
+    (good,) = runs.glob("*.json")
+    (runs / "crashed.json").write_text(json.dumps({**json.loads(good.read_text()), "status": "failed"}))
+    r = run_project("--model", "mlp", "--batch_size", "64", "--devices", "2", "--data_dir", data_dir,
+                    "--validate_from", str(runs), "--out", str(tmp_path / "v2.json"), tmp_path=tmp_path)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: validation incomplete, not finished: mlp ddp (crashed.json: failed) (see the bench's logs)"
+    ]
+    v2 = json.loads((tmp_path / "v2.json").read_text())
+    assert len(v2["validation"]) == 1 and v2["validation_summary"]["missing"] == [
+        "mlp ddp (crashed.json: failed)"
+    ]
+
+
+def test_a_live_validation_names_every_cell_without_a_finished_run(tmp_path, monkeypatch):
+    """bench/run.py that wrote nothing (crashed, killed): every cell of bench-strategies is listed as missing,
+    not merely fewer cells averaged."""
+    monkeypatch.setattr(bp.subprocess, "run", lambda *a, **k: None)
+    args = SimpleNamespace(validate_from="", runs_dir=str(tmp_path), data_dir="unused")
+    profiled = []
+
+    def profile_now(model, bracket=None):
+        profiled.append((model, bracket))
+        return "before"
+
+    check, missing = bp.validate(args, {"models": {"mlp": toy_profile(8)}}, {"kind": "measured"}, ["mlp", "nbow"],
+                                 profile_now)  # fmt: skip
+    setups = [n for s in yaml.safe_load((REPO / "bench/strategies.yaml").read_text())["setups"] for n in s]
+    assert check == [] and missing == [f"mlp {s}" for s in setups] and len(setups) == 7
+    assert profiled == [("mlp", None), ("mlp", "before")]  # before its runs, and after them with the first
+
+
+def test_two_profiles_of_a_model_average_its_numbers_only():
+    a, b = toy_profile(8), toy_profile(8)
+    for s in b["sizes"].values():
+        s["step_s"] *= 3
+        s["ready_s"] = [None, 0.5]
+    b["optimizer_contention"], a["optimizer_contention"] = 1.5, None
+    m = bp.mean_of(a, b)
+    assert m["sizes"]["8"]["step_s"] == pytest.approx(2 * a["sizes"]["8"]["step_s"])
+    assert m["optimizer_contention"] == 1.5 and m["ddp_buckets"] == a["ddp_buckets"]
+    ready = a["sizes"]["8"]["ready_s"]
+    assert m["sizes"]["8"]["ready_s"] == [ready[0], pytest.approx((0.5 + ready[1]) / 2)]
 
 
 @pytest.mark.parametrize(
