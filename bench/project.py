@@ -131,9 +131,10 @@ def measure(models: list[str], flags: dict, args, work: Path, save, collectives:
 
 
 def ladder(batch: int) -> list[int]:
-    """The batch sizes a model is profiled at: B, B/2, ... B/16 (the per-device batch of N devices, or a
-    pipeline micro-batch), at least 2 rows (BatchNorm needs 2)."""
-    return sorted({max(min(2, batch), batch // 2**k) for k in range(5)}, reverse=True)
+    """The batch sizes a model is profiled at: B, B/2, B/4, B/8 (the per-device batch of N = 1-8 devices, or a
+    pipeline micro-batch; the validated cells use all four), at least 2 rows (BatchNorm needs 2). Smaller
+    batches extend the ladder's last segment linearly (shared/projection.py)."""
+    return sorted({max(min(2, batch), batch // 2**k) for k in range(4)}, reverse=True)
 
 
 def profile_one(name: str, fl: dict, args, work: Path, steps_only: bool = False) -> dict:

@@ -223,7 +223,7 @@ def test_end_to_end_on_this_cpu(tmp_path):
         assert p["speedup"] == pytest.approx(p["single_step_s"] * p["global_batch"] / 64 / p["step_s"])
     prof = json.loads(next((tmp_path / "profiles").glob("profile-*.json")).read_text())
     assert prof["models"]["mlp"]["batch_size"] == 64 and "2" in prof["collectives"]
-    assert set(prof["models"]["mlp"]["sizes"]) == {"64", "32", "16", "8", "4"}
+    assert set(prof["models"]["mlp"]["sizes"]) == {"64", "32", "16", "8"}
     assert all(s["data_s"] > 0 for s in prof["models"]["mlp"]["sizes"].values())  # the loader's fetch counts
     # a second projection reuses the profile: instant, and on another hardware file
     r = run_project("--model", "mlp", "--batch_size", "64", "--hardware", "t4-pcie", "--devices", "2",
@@ -300,3 +300,9 @@ def test_a_bad_hardware_file_is_one_line(text, tmp_path):
     bad.write_text(text)
     r = run_project("--hardware", str(bad), tmp_path=tmp_path / "runs")
     assert r.returncode == 2 and str(bad) in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_profiled_ladder_covers_the_validated_batches():
+    # B (single, model split), B/2 (DDP, FSDP), B/4 (GPipe / 1F1B micro-batch), B/8 (2 x 2 hybrid micro-batch)
+    assert bp.ladder(256) == [256, 128, 64, 32] and bp.ladder(16) == [16, 8, 4, 2]
+    assert bp.ladder(3) == [3, 2] and bp.ladder(1) == [1]  # never below 2 rows unless the batch is 1
