@@ -10,9 +10,9 @@
 2. Project (instant): shared/projection.py per model, strategy, N and scaling, on the hardware asked for.
 3. --validate: per model of `make bench-strategies`, profile it, run its real multi-process runs, profile it
    again and keep the mean of the two profiles (a shared host drifts; a profile predicts the machine of its own
-   minutes), then compare each
-   measured step time with the one predicted from the profile alone (relative error; table printed and kept
-   in the record's `validation`).
+   minutes), then compare each measured step time with the one predicted from the profiles alone (relative
+   error; table printed and kept in the record's `validation`; cells whose runs did not finish are named,
+   exit status 1).
 The projection record (runs/projection-*.json) holds `predictions`, `validation` and where each input came from.
 """
 
@@ -297,9 +297,13 @@ def validate(args, rec: dict, hw: dict, models: list[str], profile_now) -> tuple
     cells: dict[tuple, list] = {}
     failed = []
     for f in sorted(glob.glob(str(where / "*.json"))):
-        r = json.loads(Path(f).read_text())
-        steady = r.get("timing", {}).get("steady")
-        if r.get("model") not in rec["models"] or "setup" not in r:
+        try:
+            r = json.loads(Path(f).read_text())
+            steady = r.get("timing", {}).get("steady")
+        except (OSError, ValueError, AttributeError):
+            failed.append(f"{Path(f).name}: not a run record")
+            continue
+        if r.get("model") not in rec["models"] or not isinstance(r.get("setup"), dict):
             continue
         if r.get("status") != "finished" or not steady:
             failed.append(f"{r['model']} {r['setup'].get('strategy')} ({Path(f).name}: {r.get('status')})")

@@ -306,3 +306,16 @@ def test_the_profiled_ladder_covers_the_validated_batches():
     # B (single, model split), B/2 (DDP, FSDP), B/4 (GPipe / 1F1B micro-batch), B/8 (2 x 2 hybrid micro-batch)
     assert bp.ladder(256) == [256, 128, 64, 32] and bp.ladder(16) == [16, 8, 4, 2]
     assert bp.ladder(3) == [3, 2] and bp.ladder(1) == [1]  # never below 2 rows unless the batch is 1
+
+
+def test_validating_from_a_folder_names_what_is_not_a_run_record(tmp_path):
+    (tmp_path / "torn.json").write_text('{"model": "mlp", "sta')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "other.json").write_text(
+        json.dumps({"model": "nbow", "setup": {}})
+    )  # not this profile's model
+    args = SimpleNamespace(validate_from=str(tmp_path))
+    check, missing = bp.validate(
+        args, {"models": {"mlp": toy_profile(8)}}, {"kind": "measured"}, ["mlp"], None
+    )
+    assert check == [] and missing == ["list.json: not a run record", "torn.json: not a run record"]
