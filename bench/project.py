@@ -120,7 +120,7 @@ def measure(models: list[str], flags: dict, args, work: Path, save, collectives:
         print(f"collectives on {n} processes: {time.perf_counter() - t0:.0f} s", flush=True)
     for name in models:
         t0 = time.perf_counter()
-        fl = {**flags[name], **({"batch_size": args.batch_size} if args.batch_size else {})}
+        fl = settings(name, flags, args)
         full, *smaller = ladder(int(fl["batch_size"]))
         prof = profile_one(name, fl, args, work)
         for b in smaller:  # each size in a process of its own, as a run at that batch is
@@ -128,6 +128,11 @@ def measure(models: list[str], flags: dict, args, work: Path, save, collectives:
         save("models", name, {**prof, "flags": fl})
         print(f"profiled {name} at batch {', '.join(map(str, (full, *smaller)))}: "
               f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+
+
+def settings(name: str, flags: dict, args) -> dict:
+    """The script flags a model is profiled with: its bench settings, at --batch_size when given."""
+    return {**flags[name], **({"batch_size": args.batch_size} if args.batch_size else {})}
 
 
 def ladder(batch: int) -> list[int]:
@@ -163,8 +168,7 @@ def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] 
             raise UsageError(f"--profile {path}: not a profile record (written by make project)") from None
     elif args.profile and not path.is_file():
         raise UsageError(f"--profile {path}: no such file")
-    want = {m: {**flags[m], **({"batch_size": args.batch_size} if args.batch_size else {})} for m in models}
-    todo = [m for m in models if not rec or rec["models"].get(m, {}).get("flags") != want[m]]
+    todo = [m for m in models if not rec or rec["models"].get(m, {}).get("flags") != settings(m, flags, args)]
     missing = [
         f"{MODEL_DATA[m]} (for {m})"
         for m in sorted({*todo, *later})
@@ -305,13 +309,13 @@ def validate(args, rec: dict, hw: dict, models: list[str], profile_now) -> tuple
             continue
         if r.get("model") not in rec["models"] or not isinstance(r.get("setup"), dict):
             continue
-        if r.get("status") != "finished" or not steady:
-            failed.append(f"{r['model']} {r['setup'].get('strategy')} ({Path(f).name}: {r.get('status')})")
-            continue
         s = r["setup"]
         strategy = {"pipeline": "pipeline_1f1b" if s.get("schedule") == "1f1b" else "pipeline"}.get(
-            s["strategy"], s["strategy"]
+            s.get("strategy"), s.get("strategy")
         )
+        if r.get("status") != "finished" or not steady:
+            failed.append(f"{r['model']} {strategy} ({Path(f).name}: {r.get('status')})")
+            continue
         n = len(s.get("stages") or []) if strategy == "model_split" else s["num_processes"]
         key = (r["model"], strategy, n, s["global_batch_size"], s.get("microbatches") or 4)
         cells.setdefault(key, []).append(steady["step_s"])
