@@ -18,8 +18,9 @@ pids=(); for i in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$i "$@" & pids
 rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc
 """
 SCONTROL = """#!/bin/bash
-# stand-in for `scontrol show hostnames LIST`: every node is this host
-echo 127.0.0.1; echo 127.0.0.1
+# stand-in for `scontrol show hostnames LIST`: every node is this host. The rest of the list comes after a pause,
+# as from a long allocation, so a reader that stops at the first line closes the pipe before it is written.
+echo 127.0.0.1; sleep 0.3; for i in $(seq 2 64); do echo 127.0.0.1; done
 """
 
 
@@ -59,3 +60,13 @@ def test_a_node_without_gpus_or_processes_count_is_one_line(tmp_path):
                           cwd=REPO, env=env, timeout=60)  # fmt: skip
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "set PROCS_PER_NODE" in lines[0], proc.stderr
+
+
+def test_a_node_list_scontrol_cannot_expand_is_one_line(tmp_path):
+    (tmp_path / "scontrol").write_text("#!/bin/bash\nexit 0\n")  # lists no host
+    (tmp_path / "scontrol").chmod(0o755)
+    env = child_env(SLURM_JOB_NODELIST="bogus[", PATH=f"{tmp_path}:/usr/bin:/bin")
+    proc = subprocess.run(["bash", "slurm/distbench.sbatch", "scripts/mlp.py"], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=60)  # fmt: skip
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "lists no host" in lines[0], proc.stderr
