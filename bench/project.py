@@ -328,7 +328,7 @@ def validate(args, rec: dict, hw: dict, models: list[str], profile_now) -> tuple
         out.append({"model": model, "strategy": strategy, "devices": n, "global_batch": batch,
                     "measured_step_s": measured, "measured_runs": times, "predicted_step_s": p["step_s"],
                     "error": (p["step_s"] - measured) / measured, "oversubscribed": p["oversubscribed"],
-                    "bottleneck": p["bottleneck"]})  # fmt: skip
+                    "bottleneck": p["bottleneck"], "assumed": p["assumed"]})  # fmt: skip
     if args.validate_from:
         return out, failed
     setups = [n for s in yaml.safe_load((REPO / "bench/strategies.yaml").read_text())["setups"] for n in s]
@@ -437,6 +437,13 @@ def main(argv=None) -> int:
     print(table([{**p, "step_ms": p["step_s"] * 1e3} for p in preds if p["devices"] > 1],
                 ["model", "strategy", "devices", "scaling", "global_batch", "step_ms", "speedup", "efficiency",
                  "memory_gib_per_device", "bottleneck"]))  # fmt: skip
+    assumed: dict[tuple, set] = {}  # (model, input priced as 0): the strategies whose predictions use it
+    for p in preds + check:
+        for what in p["assumed"]:
+            assumed.setdefault((p["model"], what), set()).add(p["strategy"])
+    for (model, what), strategies in sorted(assumed.items()):
+        print(f"warning: {model}: {what} in the profile (its log under runs/profiles/ says why), priced as 0: "
+              f"{', '.join(sorted(strategies))} predictions are lower bounds", file=sys.stderr)  # fmt: skip
     summary = {"cells": 0, "missing": missing} if missing else None
     if check:
         errs = [abs(c["error"]) for c in check]

@@ -79,7 +79,10 @@ def fig_projection(rec: dict, model: str, scaling: str, metric: str = "speedup")
                         p["step_s"] * 1e3,
                         p["memory_gib_per_device"],
                         p["global_batch"],
-                        "oversubscribed" if p.get("oversubscribed") else "",
+                        "; ".join(
+                            ["oversubscribed"] * bool(p.get("oversubscribed"))
+                            + [f"assumes {a}" for a in p.get("assumed", [])]
+                        ),
                     ]
                     for p in pts
                 ],  # fmt: skip

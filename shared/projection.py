@@ -267,14 +267,13 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
     P, G, S = profile["param_bytes"], profile["grad_bytes"], profile["optimizer_state_bytes"]
     act = lambda b: m.at("saved_activation_bytes", b) or 0.0  # noqa: E731
     busy = None  # total CPU-seconds of all processes (oversubscription check)
+    assumed = []  # inputs the profile lacks, priced as 0: the prediction is then a lower bound
     many = n > 1 and strategy != "model_split"  # several processes on one machine step at the same moment
     if strategy in ("ddp", "single") or n == 1 and strategy != "model_split":
         t = m.times(per_dev, contended=many)
         parts["compute"] = sum(t.values())
         if n > 1 and m.local:  # DDP's bucket copies and averaging, measured on a one-rank group
-            parts["compute"] += (profile.get("ddp_overhead_s") or 0.0) * (
-                profile.get("optimizer_contention") or 1.0
-            )
+            parts["compute"] += _overhead(profile, "ddp_overhead_s", assumed)
         if n > 1:
             ready = m.ready(per_dev)
             comm, end = 0.0, 0.0
@@ -293,8 +292,8 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
         t = m.times(per_dev, contended=True)
         t["optimizer"] /= n
         # FSDP2's own work each step (copy-in/out, hooks, DTensor dispatch), measured on a one-rank group
-        parts["compute"] = sum(t.values()) + (profile.get("fsdp_overhead_s") or 0.0 if m.local else 0.0) * (
-            profile.get("optimizer_contention") or 1.0
+        parts["compute"] = sum(t.values()) + (
+            _overhead(profile, "fsdp_overhead_s", assumed) if m.local else 0.0
         )
         units = _fsdp_units(profile, min_unit_params)
         ag = [collective_s(hw, "all_gather", u, n, nodes) for u in units]
@@ -399,7 +398,17 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
         "parts_s": parts,
         "bottleneck": "memory" if not fits else max(parts, key=parts.get),
         "oversubscribed": oversubscribed,
+        "assumed": assumed,
     }
+
+
+def _overhead(profile: dict, key: str, assumed: list) -> float:
+    """A wrapper's own work per step (profile[key], seconds), as contended as the optimizer; 0 when the profile
+    could not measure it, noted in `assumed`."""
+    if profile.get(key) is None:
+        assumed.append(f"{key} = 0 (not measured)")
+        return 0.0
+    return profile[key] * (profile.get("optimizer_contention") or 1.0)
 
 
 def _fsdp_unit_pieces(profile: dict, min_params: int) -> tuple[list[int], list[float]]:

@@ -116,6 +116,21 @@ def test_ddp_speedup_strong_and_weak():
     assert weak["efficiency"] == pytest.approx(1.0, rel=1e-6)
 
 
+def test_an_unmeasured_wrapper_overhead_is_named_not_silently_zero():
+    hw = {**HW, "kind": "measured", "measured_collectives": {}}
+    prof = toy_profile(8)  # its profile could not time DDP's or FSDP's own work
+    ddp, fsdp = (project(prof, hw, s, 2, batch=8) for s in ("ddp", "fsdp"))
+    assert ddp["assumed"] == ["ddp_overhead_s = 0 (not measured)"]
+    assert fsdp["assumed"] == ["fsdp_overhead_s = 0 (not measured)"]
+    timed = {**prof, "ddp_overhead_s": 2e-3, "fsdp_overhead_s": 3e-3}
+    ddp2, fsdp2 = (project(timed, hw, s, 2, batch=8) for s in ("ddp", "fsdp"))
+    assert ddp2["assumed"] == fsdp2["assumed"] == []
+    assert ddp2["step_s"] == pytest.approx(ddp["step_s"] + 2e-3)  # contention 1 in the toy profile
+    assert fsdp2["step_s"] == pytest.approx(fsdp["step_s"] + 3e-3)
+    assert project(prof, hw, "single", 1, batch=8)["assumed"] == []  # one device: no wrapper
+    assert project(prof, HW, "ddp", 2, batch=8)["assumed"] == []  # a GPU: counted FLOPs, no such input
+
+
 def test_ddp_overlap_bounds_exposed_communication():
     prof = toy_profile(8)
     over = project(prof, HW, "ddp", 2, batch=8)
