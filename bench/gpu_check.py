@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from shared.record import record_files  # noqa: E402
+
 MODELS = ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"]
 # The speed issue's H100 targets: seconds per full training epoch at the tutorial's batch (docs/speed-levers.md)
 EPOCH_TARGET_S = {
@@ -73,7 +76,7 @@ class Check:
                str(REPO / "accelerate_configs" / f"{setup}.yaml"), *wrapper, str(REPO / "scripts" / f"{script}.py"),
                "--data_dir", self.args.data_dir, "--runs_dir", str(runs), *map(str, flags)]  # fmt: skip
         rc, text = self.run(name, cmd, timeout)
-        recs = sorted(runs.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        recs = sorted(record_files(runs), key=lambda p: p.stat().st_mtime)
         return rc, text, (json.loads(recs[-1].read_text()) if recs else None)
 
     def item(self, name: str, ok: bool, measured: str = "", target: str = ""):

@@ -19,6 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from shared.record import record_files  # noqa: E402
+
 MODELS = ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"]
 SETUPS = {"1 process": None, "2 processes (DDP)": "cpu_2proc"}
 
@@ -36,7 +39,7 @@ def launch(model: str, setup: str | None, args, runs: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=args.timeout)
-    records = [json.loads(p.read_text()) for p in runs.glob("*.json")]
+    records = [json.loads(p.read_text()) for p in record_files(runs)]
     ok = proc.returncode == 0 and len(records) == 1 and records[0]["status"] == "finished"
     return {
         "ok": ok,

@@ -258,15 +258,19 @@ def read_record(path: str | os.PathLike) -> dict:
     return record
 
 
+def record_files(runs_dir: str | os.PathLike) -> list[Path]:
+    """The run records in `runs_dir` (not recursive), sorted: its *.json files but the hidden ones, which are
+    records being written (write_replace's .tmp-*.json; pathlib's glob matches hidden names)."""
+    return [p for p in sorted(Path(runs_dir).glob("*.json")) if not p.name.startswith(".")]
+
+
 def load_runs(runs_dir: str | os.PathLike) -> tuple[list[dict], list[tuple[str, str]]]:
     """All valid records in `runs_dir` (not recursive) and a list of (file name, reason) for the rest."""
     runs, problems = [], []
     d = Path(runs_dir)
     if not d.is_dir():
         return runs, problems
-    for path in sorted(d.glob("*.json")):
-        if path.name.startswith(".tmp-"):
-            continue
+    for path in record_files(d):
         try:
             runs.append(read_record(path))
         except ValueError as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.record import free_port  # noqa: F401 - tests import it from here
+from shared.record import free_port, record_files  # noqa: F401 - tests import free_port from here
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -83,7 +83,7 @@ def launch(
 
 
 def records(runs_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(runs_dir).glob("*.json"))]
+    return [json.loads(p.read_text()) for p in record_files(runs_dir)]
 
 
 def explain(proc: subprocess.CompletedProcess) -> str:

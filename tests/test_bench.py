@@ -64,6 +64,13 @@ def state(tmp_path: Path) -> dict:
     return json.loads((batch / "state.json").read_text()) | {"dir": batch}
 
 
+def cells_done(tmp_path: Path) -> int:
+    """Finished cells so far; 0 until the bench has made its folder and written its state (the folder comes
+    first, so a poll can fall between the two)."""
+    batches = list((tmp_path / "runs" / "bench").glob("*/state.json"))
+    return len(state(tmp_path)["results"]) if batches else 0
+
+
 def test_ctrl_c_ends_the_matrix_and_resume_runs_only_the_missing_cells(tmp_path):
     data = require_dataset("mnist")
     setups = [
@@ -75,7 +82,7 @@ def test_ctrl_c_ends_the_matrix_and_resume_runs_only_the_missing_cells(tmp_path)
     proc = start(tmp_path, "--matrix", str(m), "--profile", "t", "--data_dir", str(data))
     try:
         wait_for(
-            lambda: (tmp_path / "runs" / "bench").is_dir() and len(state(tmp_path)["results"]) == 1,
+            lambda: cells_done(tmp_path) == 1,
             180,
             "cell 1",
         )

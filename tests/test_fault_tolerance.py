@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from shared.record import read_record
+from shared.record import read_record, record_files
 from tests.conftest import BIN, REPO, child_env, explain, free_port, launch, records, require_dataset
 
 pytestmark = pytest.mark.slow  # real launches or a browser: `make test-fast` leaves these out
@@ -177,8 +177,8 @@ def test_a_dead_rank_fails_the_run_within_60_s(tmp_path):
     proc = popen(
         "cpu_2proc", "mlp", "--data_dir", require_dataset("mnist"), "--runs_dir", tmp_path, "--epochs", 50
     )
-    wait_for(lambda: list(tmp_path.glob("*.json")), proc, what="the record")
-    pids = json.loads(next(tmp_path.glob("*.json")).read_text())["setup"]["pids"]
+    wait_for(lambda: record_files(tmp_path), proc, what="the record")
+    pids = json.loads(record_files(tmp_path)[0].read_text())["setup"]["pids"]
     time.sleep(1.0)  # inside the training loop
     os.kill(pids[1], signal.SIGKILL)
     t0 = time.monotonic()

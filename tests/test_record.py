@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from shared.record import RunRecord, load_runs, read_record, validate
+from shared.record import RunRecord, load_runs, read_record, record_files, validate
 
 BODY = {
     "model": "mlp",
@@ -119,7 +119,14 @@ def test_killed_writer_never_leaves_a_corrupt_file(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     runs, problems = load_runs(tmp_path)
-    assert problems == [] and len(runs) == 100
+    assert problems == [] and len(runs) == 100 and len(record_files(tmp_path)) == 100
+
+
+def test_a_record_being_written_is_not_listed(tmp_path):
+    """write_replace writes .tmp-*.json then renames it; pathlib's glob("*.json") matches hidden names."""
+    rec = RunRecord(tmp_path, BODY)
+    (tmp_path / ".tmp-abc123.json").write_text('{"half": ')
+    assert record_files(tmp_path) == [rec.path]
 
 
 @pytest.mark.parametrize("status", ["finished", "failed", "interrupted"])
