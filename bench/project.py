@@ -105,31 +105,6 @@ def launch(args: list[str], log: Path, threads: int = 1, timeout: float = 900) -
         raise UsageError(f"{' '.join(args[:3])} ... failed (exit {rc}): {tail[0][:200]}; log {log}")
 
 
-def measure(models: list[str], flags: dict, args, work: Path, save, collectives: bool = True) -> None:
-    """Profile each model on one process and the collectives on 2 processes (4 where the cores allow);
-    `save(kind, key, value)` after each, so a later failure keeps what was measured."""
-    cores = os.cpu_count() or 1
-    for n in [k for k in (2, 4) if k <= cores and collectives]:
-        t0 = time.perf_counter()
-        f = work / f"collectives-{n}.json"
-        launch(["--config_file", str(REPO / "accelerate_configs/cpu_2proc.yaml"), "--num_processes", str(n),
-                "--main_process_port", str(free_port()), "--num_cpu_threads_per_process", "1",
-                str(REPO / "bench/collectives.py"), "--out", str(f), "--max_mb", str(args.collective_max_mb)],
-               work / f"collectives-{n}.log")  # fmt: skip
-        save("collectives", str(n), json.loads(f.read_text())["ops"])
-        print(f"collectives on {n} processes: {time.perf_counter() - t0:.0f} s", flush=True)
-    for name in models:
-        t0 = time.perf_counter()
-        fl = settings(name, flags, args)
-        full, *smaller = ladder(int(fl["batch_size"]))
-        prof = profile_one(name, fl, args, work)
-        for b in smaller:  # each size in a process of its own, as a run at that batch is
-            prof["sizes"] |= profile_one(name, {**fl, "batch_size": b}, args, work, steps_only=True)["sizes"]
-        save("models", name, {**prof, "flags": fl})
-        print(f"profiled {name} at batch {', '.join(map(str, (full, *smaller)))}: "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
-
-
 def settings(name: str, flags: dict, args) -> dict:
     """The script flags a model is profiled with: its bench settings, at --batch_size when given."""
     return {**flags[name], **({"batch_size": args.batch_size} if args.batch_size else {})}
@@ -154,21 +129,106 @@ def profile_one(name: str, fl: dict, args, work: Path, steps_only: bool = False)
     return json.loads(f.read_text())
 
 
-def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] = ()):
-    """The cached profile record, or a fresh one when missing, stale or --reprofile; and a function that
-    measures one model again now. Models in `later` are left for that function (validation profiles each
-    model just before its runs)."""
-    path = Path(args.profile or Path(args.runs_dir) / "profiles" / f"profile-{socket.gethostname()}.json")
-    rec = None
-    if path.is_file() and not args.reprofile:
+class Profiles:
+    """This host's profile record (runs/profiles/profile-<host>.json, or --profile): read when cached (unless
+    --reprofile), measured where missing or stale, and rewritten whole after each measurement, so a later
+    failure keeps what was measured. `rec` is the record; `now(model)` measures one model again."""
+
+    def __init__(self, args, flags: dict):
+        self.args, self.flags = args, flags
+        self.path = Path(
+            args.profile or Path(args.runs_dir) / "profiles" / f"profile-{socket.gethostname()}.json"
+        )
+        if args.profile and not self.path.is_file():
+            raise UsageError(f"--profile {self.path}: no such file")
+        self.cached = self.path.is_file() and not args.reprofile
+        self.rec = self.read() if self.cached else {"kind": "distbench-profile-record", "models": {}}
+        self.rec.setdefault("collectives", {})
+        self.work = Path(args.runs_dir) / "profiles" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        # measure_s, the seconds all of the record's measurements took: those before, plus this process's
+        self.earlier_s, self.started = 0.0, 0.0
+
+    def read(self) -> dict:
         try:
-            rec = json.loads(path.read_text())
+            rec = json.loads(self.path.read_text())
             assert rec.get("kind") == "distbench-profile-record"
         except (OSError, ValueError, AttributeError, AssertionError):
-            raise UsageError(f"--profile {path}: not a profile record (written by make project)") from None
-    elif args.profile and not path.is_file():
-        raise UsageError(f"--profile {path}: no such file")
-    todo = [m for m in models if not rec or rec["models"].get(m, {}).get("flags") != settings(m, flags, args)]
+            raise UsageError(
+                f"--profile {self.path}: not a profile record (written by make project)"
+            ) from None
+        return rec
+
+    def stale(self, models: list[str]) -> list[str]:
+        """The models whose cached profile is missing or was measured with other settings."""
+        return [
+            m
+            for m in models
+            if self.rec["models"].get(m, {}).get("flags") != settings(m, self.flags, self.args)
+        ]
+
+    def save(self, kind: str, key: str, value) -> None:
+        rec = self.rec
+        rec[kind][key] = value
+        rec.update(
+            measured_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            measure_s=self.earlier_s + time.perf_counter() - self.started,
+            hostname=socket.gethostname(),
+            machine=next(
+                (v["device_name"] for v in rec["models"].values() if v.get("device_name")),
+                f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
+            ),
+            git_commit=git_commit(),
+            threads_per_process=1,
+        )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.with_suffix(".part").write_text(json.dumps(rec, indent=1))
+        os.replace(self.path.with_suffix(".part"), self.path)
+
+    def measure(self, models: list[str], collectives: bool) -> None:
+        """Profile each model on one process, and (`collectives`) the collectives on 2 processes (4 where the
+        cores allow); saved after each."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.earlier_s, self.started = self.rec.get("measure_s", 0.0), time.perf_counter()
+        cores = os.cpu_count() or 1
+        for n in [k for k in (2, 4) if k <= cores and collectives]:
+            t0 = time.perf_counter()
+            f = self.work / f"collectives-{n}.json"
+            launch(["--config_file", str(REPO / "accelerate_configs/cpu_2proc.yaml"), "--num_processes", str(n),
+                    "--main_process_port", str(free_port()), "--num_cpu_threads_per_process", "1",
+                    str(REPO / "bench/collectives.py"), "--out", str(f),
+                    "--max_mb", str(self.args.collective_max_mb)], self.work / f"collectives-{n}.log")  # fmt: skip
+            self.save("collectives", str(n), json.loads(f.read_text())["ops"])
+            print(f"collectives on {n} processes: {time.perf_counter() - t0:.0f} s", flush=True)
+        for name in models:
+            t0 = time.perf_counter()
+            fl = settings(name, self.flags, self.args)
+            full, *smaller = ladder(int(fl["batch_size"]))
+            prof = profile_one(name, fl, self.args, self.work)
+            for b in smaller:  # each size in a process of its own, as a run at that batch is
+                prof["sizes"] |= profile_one(
+                    name, {**fl, "batch_size": b}, self.args, self.work, steps_only=True
+                )["sizes"]
+            self.save("models", name, {**prof, "flags": fl})
+            print(f"profiled {name} at batch {', '.join(map(str, (full, *smaller)))}: "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+
+    def now(self, model: str, bracket: dict | None = None) -> dict:
+        """Profile `model` again now; with `bracket` (its profile from before its runs), keep the mean of the
+        two, so the profile stands for the minutes the runs took."""
+        self.measure([model], collectives=False)
+        if bracket is not None:
+            after = self.rec["models"][model]
+            full = str(after["batch_size"])
+            self.save("models", model, {**mean_of(bracket, after), "bracketed_step_s": [
+                bracket["sizes"][full]["step_s"], after["sizes"][full]["step_s"]]})  # fmt: skip
+        return self.rec["models"][model]
+
+
+def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] = ()) -> Profiles:
+    """The profile record, measured where missing or stale (or all of it with --reprofile). Models in `later`
+    are left for `Profiles.now` (validation profiles each model just before its runs)."""
+    profiles = Profiles(args, flags)
+    todo = profiles.stale(models)
     missing = [
         f"{MODEL_DATA[m]} (for {m})"
         for m in sorted({*todo, *later})
@@ -178,52 +238,15 @@ def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] 
         raise UsageError(
             f"no local copy under --data_dir {args.data_dir} of: {', '.join(missing)} (make data)"
         )
-    work = Path(args.runs_dir) / "profiles" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    cached = rec is not None and not args.reprofile
-    rec = rec if cached else {"kind": "distbench-profile-record", "models": {}}
-    rec.setdefault("collectives", {})
-    spent = {"before": 0.0, "since": 0.0}  # measure_s: the seconds all of the record's measurements took
-
-    def save(kind: str, key: str, value):
-        rec[kind][key] = value
-        rec.update(
-            measured_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            measure_s=spent["before"] + time.perf_counter() - spent["since"],
-            hostname=socket.gethostname(),
-            machine=next(
-                (v["device_name"] for v in rec["models"].values() if v.get("device_name")),
-                f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
-            ),
-            git_commit=git_commit(),
-            threads_per_process=1,
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".part").write_text(json.dumps(rec, indent=1))
-        os.replace(path.with_suffix(".part"), path)
-
-    def run(todo: list[str], collectives: bool):
-        work.mkdir(parents=True, exist_ok=True)
-        spent.update(before=rec.get("measure_s", 0.0), since=time.perf_counter())
-        measure(todo, flags, args, work, save, collectives)
-
-    def now(model: str, bracket: dict | None = None) -> dict:
-        """Profile `model` again now; with `bracket` (its profile from before its runs), keep the mean of the
-        two, so the profile stands for the minutes the runs took."""
-        run([model], collectives=False)
-        if bracket is not None:
-            after = rec["models"][model]
-            full = str(after["batch_size"])
-            save("models", model, {**mean_of(bracket, after), "bracketed_step_s": [
-                bracket["sizes"][full]["step_s"], after["sizes"][full]["step_s"]]})  # fmt: skip
-        return rec["models"][model]
-
     todo = [m for m in todo if m not in later]
-    if cached and not todo and rec["collectives"]:
-        print(f"profile record {path} (measured {rec['measured_at']}; --reprofile to measure again)")
-        return rec, now
-    run(todo, collectives=not rec["collectives"])
-    print(f"profile record {path} ({rec['measure_s']:.0f} s)")
-    return rec, now
+    if profiles.cached and not todo and profiles.rec["collectives"]:
+        print(
+            f"profile record {profiles.path} (measured {profiles.rec['measured_at']}; --reprofile to measure again)"
+        )
+        return profiles
+    profiles.measure(todo, collectives=not profiles.rec["collectives"])
+    print(f"profile record {profiles.path} ({profiles.rec['measure_s']:.0f} s)")
+    return profiles
 
 
 def mean_of(a, b):
@@ -418,13 +441,14 @@ def main(argv=None) -> int:
         local = load_hardware("this-machine")
         t0 = time.perf_counter()
         later = tuple(validated(models)) if args.validate and not args.validate_from else ()
-        rec, profile_now = profile_record(args, models, model_flags(), later)
+        profiles = profile_record(args, models, model_flags(), later)
+        rec = profiles.rec
         for h in (hw, local):
             if h.get("kind") == "measured":
                 h["measured_collectives"] = rec["collectives"]
         check, missing = [], []
         if args.validate or args.validate_from:
-            check, missing = validate(args, rec, local, models, profile_now)
+            check, missing = validate(args, rec, local, models, profiles.now)
         scalings = ["strong", "weak"] if args.scaling == "both" else [args.scaling]
         preds = predictions(rec, hw, models, devices, args.nodes, scalings, os.cpu_count())
         revisited = study(rec, models) if args.study else []
