@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -92,14 +93,38 @@ def load_hardware(name: str) -> dict:
     return hw
 
 
+def run_group(cmd: list[str], timeout: float | None = None, grace_s: float = 20, **popen) -> int:
+    """Run `cmd` as a process group of its own, so that a timeout or a Ctrl-C reaches every process it started
+    (`accelerate launch` and its workers, bench/run.py and its cell's), never the parent alone, which would
+    leave the rest running. Ctrl-C is passed on once, with `grace_s` to end (bench/run.py records the
+    interrupted cell), then the group is killed."""
+    child = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, **popen)
+    try:
+        return child.wait(timeout=timeout)
+    except BaseException as e:
+        try:
+            if isinstance(e, KeyboardInterrupt):
+                os.killpg(child.pid, signal.SIGINT)
+                child.wait(timeout=grace_s)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # the leader may be gone and its workers not
+        except ProcessLookupError:
+            pass
+        child.wait()
+        raise
+
+
 def launch(args: list[str], log: Path, threads: int = 1, timeout: float = 900) -> None:
     """`accelerate launch` one job, one thread per process (a process is one core, like one device)."""
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log, "w") as f:
-        rc = subprocess.run(
-            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, timeout=timeout
-        ).returncode
+        try:
+            rc = run_group(cmd, timeout, stdout=f, stderr=subprocess.STDOUT, env=env)
+        except subprocess.TimeoutExpired:
+            raise UsageError(f"{' '.join(args[:3])} ... timed out after {timeout:.0f} s; log {log}") from None
     if rc:
         tail = log.read_text().strip().splitlines()[-1:] or [""]
         raise UsageError(f"{' '.join(args[:3])} ... failed (exit {rc}): {tail[0][:200]}; log {log}")
@@ -319,7 +344,7 @@ def validate(args, rec: dict, hw: dict, models: list[str], profile_now) -> tuple
                 " ".join(cmd),
                 flush=True,
             )
-            subprocess.run(cmd, cwd=REPO, check=False)
+            run_group(cmd)
             profile_now(model, bracket=before)  # and again after: the mean stands for the runs' minutes
     cells: dict[tuple, list] = {}
     failed = []
@@ -455,6 +480,10 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: its processes stopped; the profile record keeps every model measured so far",
+              file=sys.stderr)  # fmt: skip
+        return 130
     for name in models:
         mine = [p for p in preds if p["model"] == name and p["devices"] > 1]
         print(sentence(name, hw["name"], mine))

@@ -3,8 +3,10 @@ refusals, and one end-to-end projection on this CPU with a real profile (slow)."
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -276,10 +278,34 @@ def test_end_to_end_on_this_cpu(tmp_path):
     ]
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_make_project_and_every_process_it_started(tmp_path):
+    """SIGINT to bench/project.py alone (as `kill -INT`) while the collectives run on 2 processes: it exits 130
+    in one line and leaves no launcher or worker behind (killing the launcher alone would orphan them)."""
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench/project.py"), "--runs_dir", str(runs), "--model", "mlp",
+                             "--data_dir", str(require_dataset("mnist")), "--out", str(tmp_path / "p.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=child_env())  # fmt: skip
+
+    def ours(pattern):
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        return [pid for pid in found if int(pid) != proc.pid]
+
+    deadline = time.monotonic() + 120
+    while len(ours(f"collectives.py --out {runs}")) < 2:  # both workers are up
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted:"), err[-2000:]
+    assert ours(str(runs)) == [], "processes of the interrupted projection are still running"
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_a_live_validation_names_every_cell_without_a_finished_run(tmp_path, monkeypatch):
     """bench/run.py that wrote nothing (crashed, killed): every cell of bench-strategies is listed as missing,
     not merely fewer cells averaged."""
-    monkeypatch.setattr(bp.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setattr(bp, "run_group", lambda *a, **k: 1)
     args = SimpleNamespace(validate_from="", runs_dir=str(tmp_path), data_dir="unused")
     profiled = []
 
