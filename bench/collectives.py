@@ -12,7 +12,8 @@ Median, mean and range per size go in FILE. Sizes follow nccl-tests
 (doc/PERFORMANCE.md): all_reduce and send/recv move S bytes per rank, all_gather gathers into S, and
 reduce_scatter reduces S. The fit is t = latency + c * S / busbw with c = 2(N-1)/N for all_reduce, (N-1)/N for
 all_gather and reduce_scatter, 1 for send/recv (one way: half a round trip), weighted by 1/t^2 so every size
-counts alike; its error (median and worst relative residual) is reported with it.
+counts alike; its error (median and worst relative residual) is reported with it. Every call's time is kept:
+the projection pools the calls of the latency-bound sizes into one latency (shared/projection.py `latency`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import os
 import statistics
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+
+from shared.projection import fit_alpha_beta, latency
 
 SIZES = [1024 * 4**k for k in range(10)]  # 1 KB ... 256 MB
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
@@ -64,21 +66,6 @@ def call(op: str, buf: torch.Tensor, out: torch.Tensor, rank: int, n: int, sync)
     sync()
 
 
-def fit(sizes: list[int], times: list[float], c: float) -> dict:
-    """Weighted least squares of t = latency + c*S/bw (weights 1/t^2: relative residuals)."""
-    x, y = np.array(sizes, float) * c, np.array(times, float)
-    a = np.stack([np.ones_like(x), x], 1) / y[:, None]
-    (lat, inv_bw), *_ = np.linalg.lstsq(a, np.ones_like(y), rcond=None)
-    lat, inv_bw = max(float(lat), 0.0), max(float(inv_bw), 1e-15)
-    rel = np.abs(lat + x * inv_bw - y) / y
-    return {
-        "latency_s": lat,
-        "busbw_GBps": 1e-9 / inv_bw,
-        "error_median": float(np.median(rel)),
-        "error_max": float(rel.max()),
-    }
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -114,15 +101,15 @@ def main():
                 if op == "send_recv":
                     times = [t / 2 for t in times]  # one way
                 rows.append({"bytes": size, "median_s": statistics.median(times), "mean_s": statistics.mean(times),
-                             "min_s": min(times), "max_s": max(times), "calls": reps})  # fmt: skip
+                             "min_s": min(times), "max_s": max(times), "calls": reps,
+                             "times_s": [round(t, 7) for t in times]})  # fmt: skip
             c = factor(op, n)
-            fitted = fit(sizes, [r["mean_s"] for r in rows], c)
-            result["ops" if regime == "after_compute" else "barrier"][op] = {
-                "sizes": rows,
-                "fit": fitted,
-                "factor": c,
-            }
-            acc.print(f"{regime} {op}: " + json.dumps(fitted))
+            table = {"sizes": rows, "fit": fit_alpha_beta(sizes, [r["mean_s"] for r in rows], c), "factor": c}
+            result["ops" if regime == "after_compute" else "barrier"][op] = table
+            lat = latency(table)
+            acc.print(f"{regime} {op}: latency {lat['latency_s'] * 1e3:.2f} ms [{lat['low_s'] * 1e3:.2f}-"
+                      f"{lat['high_s'] * 1e3:.2f}] over {lat['calls']} calls up to {lat['up_to_bytes']} B; "
+                      + json.dumps(table["fit"]))  # fmt: skip
     if acc.is_main_process:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out + ".part", "w") as f:

@@ -37,7 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from shared.datasets import MODEL_DATA, missing_files  # noqa: E402
-from shared.projection import STRATEGIES, project, sentence  # noqa: E402
+from shared.projection import STRATEGIES, latency, pool_collectives, project, sentence  # noqa: E402
 from shared.record import free_port, git_commit  # noqa: E402
 
 MODELS = list(MODEL_DATA)
@@ -214,16 +214,9 @@ class Profiles:
         cores allow); saved after each."""
         self.work.mkdir(parents=True, exist_ok=True)
         self.earlier_s, self.started = self.rec.get("measure_s", 0.0), time.perf_counter()
-        cores = os.cpu_count() or 1
-        for n in [k for k in (2, 4) if k <= cores and collectives]:
-            t0 = time.perf_counter()
-            f = self.work / f"collectives-{n}.json"
-            launch(["--config_file", str(REPO / "accelerate_configs/cpu_2proc.yaml"), "--num_processes", str(n),
-                    "--main_process_port", str(free_port()), "--num_cpu_threads_per_process", "1",
-                    str(REPO / "bench/collectives.py"), "--out", str(f),
-                    "--max_mb", str(self.args.collective_max_mb)], self.work / f"collectives-{n}.log")  # fmt: skip
-            self.save("collectives", str(n), json.loads(f.read_text())["ops"])
-            print(f"collectives on {n} processes: {time.perf_counter() - t0:.0f} s", flush=True)
+        if collectives:
+            for n, ops in self.collectives(self.args.collective_max_mb).items():
+                self.save("collectives", n, ops)
         for name in models:
             t0 = time.perf_counter()
             fl = settings(name, self.flags, self.args)
@@ -237,16 +230,55 @@ class Profiles:
             print(f"profiled {name} at batch {', '.join(map(str, (full, *smaller)))}: "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
 
-    def now(self, model: str, bracket: dict | None = None) -> dict:
-        """Profile `model` again now; with `bracket` (its profile from before its runs), keep the mean of the
-        two, so the profile stands for the minutes the runs took."""
+    def collectives(self, max_mb: float) -> dict:
+        """bench/collectives.py on 2 processes (4 where the cores allow), messages up to `max_mb`."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        out = {}
+        for n in [k for k in (2, 4) if k <= (os.cpu_count() or 1)]:
+            t0 = time.perf_counter()
+            f = self.work / f"collectives-{n}-{dt.datetime.now().strftime('%H%M%S')}.json"
+            launch(["--config_file", str(REPO / "accelerate_configs/cpu_2proc.yaml"), "--num_processes", str(n),
+                    "--main_process_port", str(free_port()), "--num_cpu_threads_per_process", "1",
+                    str(REPO / "bench/collectives.py"), "--out", str(f), "--max_mb", str(max_mb)],
+                   f.with_suffix(".log"))  # fmt: skip
+            out[str(n)] = collectives_of(json.loads(f.read_text()))
+            print(
+                f"collectives on {n} processes, up to {max_mb:g} MB: {time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
+        return out
+
+    def now(self, model: str) -> tuple[dict, dict]:
+        """`model`'s profile and the latency-bound collectives (up to 1 MB), measured again now."""
         self.measure([model], collectives=False)
-        if bracket is not None:
-            after = self.rec["models"][model]
-            full = str(after["batch_size"])
-            self.save("models", model, {**mean_of(bracket, after), "bracketed_step_s": [
-                bracket["sizes"][full]["step_s"], after["sizes"][full]["step_s"]]})  # fmt: skip
-        return self.rec["models"][model]
+        return self.rec["models"][model], self.collectives(max_mb=1)
+
+    def pool(self, model: str, samples: list[tuple[dict, dict]]) -> None:
+        """Keep the mean of `model`'s profiles taken around its runs (on a shared host that drifts by 10-30%
+        within minutes, a profile taken before a run predicts the host of then, not the run), with the
+        collectives measured alongside them, pooled with the record's own, as the ones its runs met."""
+        profiles = [p for p, _ in samples]
+        full = str(profiles[0]["batch_size"])
+        self.save("models", model, {
+            **mean_of(*profiles), "bracketed_step_s": [p["sizes"][full]["step_s"] for p in profiles],
+            "collectives_around_runs": pool_collectives([c for _, c in samples], rest=self.rec["collectives"]),
+        })  # fmt: skip
+
+
+def latencies(collectives: dict) -> dict:
+    """Per process count and op, the pooled latency of the latency-bound sizes, after compute and back to back
+    (shared/projection.py `latency`), with its interval: what the projection prices a small message at."""
+    return {
+        n: {op: {"after_compute": latency(t), "back_to_back": latency(t.get("back_to_back", {}))}
+            for op, t in ops.items()}
+        for n, ops in collectives.items()
+    }  # fmt: skip
+
+
+def collectives_of(result: dict) -> dict:
+    """bench/collectives.py's output as the record keeps it: per op the after-compute table (what a step pays
+    after computing), with the back-to-back one (after a barrier: a collective right after another)."""
+    return {op: {**t, "back_to_back": result["barrier"][op]} for op, t in result["ops"].items()}
 
 
 def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] = ()) -> Profiles:
@@ -274,17 +306,19 @@ def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] 
     return profiles
 
 
-def mean_of(a, b):
-    """The element-wise mean of two profiles of one model: numbers averaged, anything else (names, layouts)
-    taken from the first; a figure only one of them has is kept."""
-    if a is None or b is None:
-        return b if a is None else a
+def mean_of(*profiles):
+    """The element-wise mean of profiles of one model: numbers averaged, anything else (names, layouts) taken
+    from the first; a figure only some of them have is the mean of those."""
+    have = [p for p in profiles if p is not None]
+    if not have:
+        return None
+    a = have[0]
     if isinstance(a, dict):
-        return {k: mean_of(v, b.get(k)) for k, v in a.items()}
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [mean_of(x, y) for x, y in zip(a, b, strict=True)]
-    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
-        return (a + b) / 2
+        return {k: mean_of(*(p.get(k) if isinstance(p, dict) else None for p in have)) for k in a}
+    if isinstance(a, list) and all(isinstance(p, list) and len(p) == len(a) for p in have):
+        return [mean_of(*xs) for xs in zip(*have, strict=True)]
+    if isinstance(a, float) and all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in have):
+        return sum(have) / len(have)
     return a
 
 
@@ -324,28 +358,27 @@ def validated(models: list[str]) -> list[str]:
     return [m for m in models if m in model_flags_strategies()]
 
 
-def validate(args, rec: dict, hw: dict, models: list[str], profile_now) -> tuple[list[dict], list[str]]:
+def validate(args, rec: dict, hw: dict, models: list[str], profiles) -> tuple[list[dict], list[str]]:
     """Run bench-strategies now (or read --validate_from) and compare each cell with its prediction; also what
     did not validate: run now, the cells with no finished run ("model setup"); read, the unfinished records.
-    Run now, each model is profiled just before its own launches and again just after, and the mean of the two
-    profiles predicts: on a shared host that drifts by 10-30% within minutes, a profile taken before a run
-    predicts the host of then, not the run."""
+    Run now, each model's launches go in --validate_rounds rounds (one launch per cell each), and the model is
+    profiled, with the latency-bound collectives, before each round and after the last: their mean predicts
+    (Profiles.pool). The noise of one launch on this host (about 10%) is thus averaged on both sides."""
     if args.validate_from:
         where = Path(args.validate_from)
     else:
         where = Path(args.runs_dir) / "validation" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         for model in validated(models):
-            before = profile_now(model)
-            cmd = [sys.executable, str(REPO / "bench/run.py"), "--matrix", str(REPO / "bench/strategies.yaml"),
-                   "--profile", "strategies", "--data_dir", args.data_dir, "--runs_dir", str(where),
-                   "--models", model]  # fmt: skip
-            print(
-                f"validation of {model}: the real runs of make bench-strategies, now:",
-                " ".join(cmd),
-                flush=True,
-            )
-            run_group(cmd)
-            profile_now(model, bracket=before)  # and again after: the mean stands for the runs' minutes
+            samples = [profiles.now(model)]
+            for k in range(args.validate_rounds):
+                cmd = [sys.executable, str(REPO / "bench/run.py"), "--matrix", str(REPO / "bench/strategies.yaml"),
+                       "--profile", "strategies", "--data_dir", args.data_dir, "--runs_dir", str(where),
+                       "--models", model, "--repeats", "1"]  # fmt: skip
+                print(f"validation of {model}, round {k + 1} of {args.validate_rounds}: the real runs of "
+                      f"make bench-strategies, now: {' '.join(cmd)}", flush=True)  # fmt: skip
+                run_group(cmd)
+                samples.append(profiles.now(model))
+            profiles.pool(model, samples)
     cells: dict[tuple, list] = {}
     failed = []
     for f in sorted(glob.glob(str(where / "*.json"))):
@@ -369,8 +402,14 @@ def validate(args, rec: dict, hw: dict, models: list[str], profile_now) -> tuple
         cells.setdefault(key, []).append(steady["step_s"])
     out = []
     for (model, strategy, n, batch, micro), times in sorted(cells.items()):
+        prof = rec["models"][model]
+        around = (
+            {"measured_collectives": prof["collectives_around_runs"]}
+            if "collectives_around_runs" in prof
+            else {}
+        )
         p = project(
-            rec["models"][model], hw, strategy, n, batch=batch, microbatches=micro, cores=os.cpu_count()
+            prof, {**hw, **around}, strategy, n, batch=batch, microbatches=micro, cores=os.cpu_count()
         )
         measured = statistics.median(times)
         out.append({"model": model, "strategy": strategy, "devices": n, "global_batch": batch,
@@ -438,6 +477,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--validate", action="store_true", help="run bench-strategies now and compare (this machine)"
     )
+    ap.add_argument("--validate_rounds", type=int, default=2, help="with --validate: launches per cell")
     ap.add_argument("--study", action="store_true", help="the study's 2 x T4 DDP runs projected on t4-pcie")
     ap.add_argument("--validate_from", default="", help="compare with the records in this folder instead")
     ap.add_argument(
@@ -458,8 +498,8 @@ def main(argv=None) -> int:
             devices = sorted({int(d) for d in args.devices.split(",")})
         except ValueError:
             raise UsageError(f"--devices {args.devices}: not a comma-separated list of integers") from None
-        if devices[0] < 1 or args.nodes < 1 or args.batch_size < 0:
-            raise UsageError("--devices, --nodes and --batch_size must be positive")
+        if devices[0] < 1 or args.nodes < 1 or args.batch_size < 0 or args.validate_rounds < 1:
+            raise UsageError("--devices, --nodes, --batch_size and --validate_rounds must be positive")
         if args.validate_from and not list(Path(args.validate_from).glob("*.json")):
             raise UsageError(f"--validate_from {args.validate_from}: no run records there")
         hw = load_hardware(args.hardware)
@@ -471,9 +511,10 @@ def main(argv=None) -> int:
         for h in (hw, local):
             if h.get("kind") == "measured":
                 h["measured_collectives"] = rec["collectives"]
+                h["collective_latency"] = latencies(rec["collectives"])
         check, missing = [], []
         if args.validate or args.validate_from:
-            check, missing = validate(args, rec, local, models, profiles.now)
+            check, missing = validate(args, rec, local, models, profiles)
         scalings = ["strong", "weak"] if args.scaling == "both" else [args.scaling]
         preds = predictions(rec, hw, models, devices, args.nodes, scalings, os.cpu_count())
         revisited = study(rec, models) if args.study else []

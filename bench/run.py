@@ -223,6 +223,9 @@ def main():
     ap.add_argument("--models", default="", help="comma-separated subset of the matrix's models")
     ap.add_argument("--setups", default="", help="comma-separated subset of the matrix's setups")
     ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per launch")
+    ap.add_argument(
+        "--repeats", type=int, default=0, help="launches per cell (default: the profile's repeats)"
+    )
     ap.add_argument("--resume", default="", help="a stopped batch id: run only its cells that did not finish")
     args = ap.parse_args()
     stop = Stop()
@@ -243,6 +246,8 @@ def main():
             setups_all = parse_setups(matrix)
         except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
             sys.exit(f"error: cannot read the matrix {args.matrix}: {e}")
+        if args.repeats < 0:
+            sys.exit(f"error: --repeats {args.repeats}: give 1 or more (0: the profile's)")
         profile = args.profile if args.profile != "auto" else ("full" if n_cuda else "quick")
         if profile not in matrix["profiles"]:
             sys.exit(f"error: profile {profile!r} not in {args.matrix} (has {', '.join(matrix['profiles'])})")
@@ -261,6 +266,7 @@ def main():
             "runs_dir": args.runs_dir,
             "threads": prof.get("threads_per_process", matrix.get("threads_per_process")),
             "timeout": args.timeout,
+            "repeats": args.repeats or int(prof.get("repeats", 1)),
             "n_cuda": n_cuda,
             "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -277,7 +283,7 @@ def main():
         for m in ex["models"]
         for s in ex["setups"]
     }
-    seeds, repeats = prof.get("seeds", [0]), int(prof.get("repeats", 1))
+    seeds, repeats = prof.get("seeds", [0]), int(plan.get("repeats") or prof.get("repeats", 1))
     skipped = plan["skipped"] = {s: r for s in plan["setups"] if (r := skip_reason(setups[s], n_cuda))}
     # round-robin: every cell once per round, so a drift of the machine spreads over all setups
     cells = []

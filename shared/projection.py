@@ -12,6 +12,8 @@ Torch-free arithmetic; docs/projection.md writes every formula down with its sou
 from __future__ import annotations
 
 import math
+import random
+import statistics
 
 GIB = 2**30
 STRATEGIES = ("ddp", "fsdp", "pipeline", "pipeline_1f1b", "model_split", "hybrid")
@@ -35,7 +37,103 @@ def _interp(points: list[tuple[float, float]], x: float) -> float:
     return y1 + (x - x1) * (y1 - y0) / (x1 - x0)
 
 
-def collective_s(hw: dict, op: str, nbytes: float, n: int, nodes: int = 1, world: int | None = None) -> float:
+def fit_alpha_beta(sizes: list[float], times: list[float], c: float) -> dict:
+    """Least squares of t = latency + c * S / busbw in relative terms (weights 1/t^2, so every size counts
+    alike), with the fit's median and worst relative residual."""
+    a = [1 / t for t in times]
+    b = [c * s / t for s, t in zip(sizes, times, strict=True)]
+    saa, sab, sbb = (
+        sum(x * x for x in a),
+        sum(x * y for x, y in zip(a, b, strict=True)),
+        sum(y * y for y in b),
+    )
+    det = saa * sbb - sab * sab
+    lat = (sbb * sum(a) - sab * sum(b)) / det if det else statistics.fmean(times)
+    inv_bw = (saa * sum(b) - sab * sum(a)) / det if det else 0.0
+    lat, inv_bw = max(lat, 0.0), max(inv_bw, 1e-15)
+    rel = sorted(abs(lat + c * s * inv_bw - t) / t for s, t in zip(sizes, times, strict=True))
+    return {"latency_s": lat, "busbw_GBps": 1e-9 / inv_bw, "error_median": statistics.median(rel),
+            "error_max": rel[-1]}  # fmt: skip
+
+
+def latency(table: dict) -> dict | None:
+    """The latency of one measured collective, from every call at the latency-bound sizes pooled: those whose
+    bandwidth term c * S / busbw (the fit's) is at most the fit's latency. Small gloo messages on a CPU are
+    scheduler-bound and bimodal (../shared/ENVIRONMENT.md part 3): per size, 30 calls' mean swings by 2x
+    between measurements and is not monotone in S, so one latency from all of them, minus each call's
+    bandwidth term, stands for them all. With a 95% bootstrap interval over the calls where they are kept."""
+    fit, rows = table.get("fit") or {}, sorted(table.get("sizes", []), key=lambda r: r["bytes"])
+    if not fit.get("busbw_GBps") or not rows:
+        return None
+    per_byte = table.get("factor", 1.0) / (fit["busbw_GBps"] * 1e9)
+    bound = [r for r in rows if r["bytes"] * per_byte <= fit["latency_s"]] or rows[:1]
+    calls = [t - r["bytes"] * per_byte for r in bound for t in r.get("times_s", [])]
+    if calls:
+        lat = statistics.fmean(calls)
+        rng = random.Random(0)
+        means = sorted(statistics.fmean(rng.choices(calls, k=len(calls))) for _ in range(400))
+        low, high = means[10], means[389]
+    else:  # a record without per-call times: the sizes' means, weighted by their calls
+        w = [r.get("calls", 1) for r in bound]
+        lat = sum(
+            k * (r.get("mean_s", r["median_s"]) - r["bytes"] * per_byte)
+            for k, r in zip(w, bound, strict=True)
+        ) / sum(w)
+        low = high = None
+    return {"latency_s": max(lat, 0.0), "low_s": low, "high_s": high, "calls": len(calls) or sum(w),
+            "up_to_bytes": bound[-1]["bytes"], "per_byte_s": per_byte}  # fmt: skip
+
+
+def _measured(table: dict, nbytes: float) -> float:
+    """One measured collective at `nbytes`: the pooled latency plus the bandwidth term up to the largest
+    latency-bound size; above it, the sizes' means interpolated (from that size's pooled value)."""
+    points = [(r["bytes"], r.get("mean_s", r["median_s"])) for r in table["sizes"]]
+    lat = latency(table)
+    if lat:
+        top = lat["up_to_bytes"]
+        pooled = lambda s: lat["latency_s"] + s * lat["per_byte_s"]  # noqa: E731
+        if nbytes <= top:
+            return pooled(nbytes)
+        points = [(top, pooled(top)), *[p for p in points if p[0] > top]]
+    return _interp(points, nbytes)
+
+
+def pool_collectives(measurements: list[dict], rest: dict | None = None) -> dict:
+    """Several measurements of this machine's collectives ({processes: {op: table}}) as one: at each size of
+    the first, the calls of every measurement that has that size, pooled (mean, median, range), then `rest`'s
+    larger sizes, and the fit redone; the back-to-back tables likewise."""
+
+    def pool(tables: list[dict], more: dict | None) -> dict:
+        out = {**tables[0], "sizes": []}
+        top = max(r["bytes"] for r in tables[0]["sizes"])
+        for row in tables[0]["sizes"] + [r for r in (more or {}).get("sizes", []) if r["bytes"] > top]:
+            same = [r for t in tables for r in t["sizes"] if r["bytes"] == row["bytes"]] or [row]
+            times = [x for r in same for x in r.get("times_s", [])]
+            if len(times) == sum(r["calls"] for r in same):
+                row = {**row, "times_s": times, "median_s": statistics.median(times),
+                       "mean_s": statistics.fmean(times), "min_s": min(times), "max_s": max(times),
+                       "calls": len(times)}  # fmt: skip
+            out["sizes"].append(row)
+        rows = out["sizes"]
+        out["fit"] = fit_alpha_beta(
+            [r["bytes"] for r in rows], [r["mean_s"] for r in rows], out.get("factor", 1.0)
+        )
+        out["measurements"] = len(tables)
+        if "back_to_back" in tables[0]:
+            b2b = [t.get("back_to_back", tables[0]["back_to_back"]) for t in tables]
+            out["back_to_back"] = pool(b2b, (more or {}).get("back_to_back"))
+        return out
+
+    rest = rest or {}
+    return {
+        n: {op: pool([m[n][op] for m in measurements if op in m.get(n, {})], rest.get(n, {}).get(op))
+            for op in ops}
+        for n, ops in measurements[0].items()
+    }  # fmt: skip
+
+
+def collective_s(hw: dict, op: str, nbytes: float, n: int, nodes: int = 1, world: int | None = None,
+                 follows: bool = False) -> float:  # fmt: skip
     """Seconds for one collective of `nbytes` over `n` devices (nccl-tests sizes: all_reduce moves S, all_gather
     gathers into S, reduce_scatter reduces S). One device or no bytes costs nothing. Across nodes:
     reduce-scatter inside each node, the collective on S/g between nodes, all-gather inside (hierarchical).
@@ -43,24 +141,30 @@ def collective_s(hw: dict, op: str, nbytes: float, n: int, nodes: int = 1, world
     `world`: the job's process count, when the collective runs in a sub-group (a hybrid's replicas, a stage
     pair). Where this machine's collectives were measured at that world size (more processes than cores: the
     scheduler's time slices set the latency), that measurement is used, at the bytes that give the
-    sub-group's bandwidth term."""
+    sub-group's bandwidth term.
+
+    `follows`: issued right after another collective of the same ranks (the loop's stop check after DDP's
+    last bucket). On this machine that is the back-to-back regime, measured after a barrier: the ranks arrive
+    together and gloo's threads are awake (bench/collectives.py)."""
     if n <= 1 or nbytes <= 0:
         return 0.0
     table = hw.get("measured_collectives", {})
+
+    def pick(t: dict) -> dict:
+        return t.get("back_to_back", t) if follows else t
+
     if world and world != n and str(world) in table and op in table[str(world)]:
         scaled = nbytes * FACTOR[op](n) / FACTOR[op](world)
-        return _interp(
-            [(r["bytes"], r.get("mean_s", r["median_s"])) for r in table[str(world)][op]["sizes"]], scaled
-        )
+        return _measured(pick(table[str(world)][op]), scaled)
     if nodes > 1:
         g = n // nodes
         if op == "all_reduce":
             inner = collective_s(hw, "reduce_scatter", nbytes, g) + collective_s(hw, "all_gather", nbytes, g)
             return inner + _link(hw, "inter", op, nbytes / max(g, 1), nodes)
         return _link(hw, "inter", op, nbytes, n)
-    measured = hw.get("measured_collectives", {}).get(str(n), {}).get(op)
-    if measured:  # this machine: the measured medians, interpolated
-        return _interp([(r["bytes"], r.get("mean_s", r["median_s"])) for r in measured["sizes"]], nbytes)
+    measured = table.get(str(n), {}).get(op)
+    if measured:  # this machine: the pooled latency, then the measured means, interpolated
+        return _measured(pick(measured), nbytes)
     return _link(hw, "intra", op, nbytes, n)
 
 
@@ -369,7 +473,9 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
         # the loop's stop / non-finite check: one all-reduce of two floats over every rank each `check_every`
         # steps (shared/checkpoint.py; 1 on a CPU, 25 on CUDA)
         every = check_every or (1 if hw.get("kind") == "measured" else 25)
-        control = collective_s(hw, "all_reduce", 8, n, nodes) / every
+        # right after the gradients' last collective (DDP, FSDP, a hybrid's replica sync): back to back
+        follows = strategy in ("ddp", "fsdp") or strategy == "hybrid" and n // 2 > 1
+        control = collective_s(hw, "all_reduce", 8, n, nodes, follows=follows) / every
         parts["communication"] += control
         if busy is not None:
             busy += n * control

@@ -164,3 +164,21 @@ def test_a_short_run_is_flagged_warmup_dominated(tmp_path):
         <= by_steps[100]["samples_per_s_ci95"][1]
     )
     assert "WARM-UP-DOMINATED" in short.stdout
+
+
+def test_repeats_on_the_command_line_set_the_launches_per_cell(tmp_path):
+    """--repeats K overrides the profile's repeats (make project-validate runs one round at a time); a
+    negative count is one line and exit 1, with nothing started."""
+    data = require_dataset("mnist")
+    m = matrix(tmp_path, ["cpu_1proc"], {"batch_size": 64, "limit_train": 640})
+    spec = yaml.safe_load(m.read_text())
+    spec["profiles"]["t"]["repeats"] = 3
+    m.write_text(yaml.safe_dump(spec))
+    bad = subprocess.run([sys.executable, str(REPO / "bench/run.py"), "--matrix", str(m), "--profile", "t",
+                          "--repeats", "-1", "--runs_dir", str(tmp_path / "runs")],
+                         capture_output=True, text=True, cwd=REPO, env=child_env())  # fmt: skip
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: --repeats -1"), bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    proc = start(tmp_path, "--matrix", str(m), "--profile", "t", "--data_dir", str(data), "--repeats", "1")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "bench.log").read_text()[-2000:]
+    assert len(state(tmp_path)["results"]) == 1 and len(records(tmp_path / "runs")) == 1

@@ -20,7 +20,10 @@ from shared.projection import (
     balanced_cuts,
     bubble_fraction,
     collective_s,
+    fit_alpha_beta,
+    latency,
     pipeline_makespan,
+    pool_collectives,
     project,
 )
 from tests.conftest import child_env, free_port, require_dataset
@@ -74,6 +77,113 @@ def test_measured_collectives_interpolate_between_sizes():
     assert collective_s(hw, "all_reduce", 1000, 2) == pytest.approx(1e-3)
     assert collective_s(hw, "all_reduce", 10_000, 2) == pytest.approx(1e-2)  # log-log midpoint
     assert collective_s(hw, "all_reduce", 200_000, 2) == pytest.approx(0.2, rel=0.01)  # linear beyond
+
+
+def measured_table(lat: float, slow: float, busbw: float = 1e9, b2b: float | None = None) -> dict:
+    """An after-compute all-reduce table as bench/collectives.py writes it (2 processes, c = 1): sizes 1 KB to
+    64 MB; below 1 MB each size's 30 calls are `lat` but for a few at `slow` (bimodal, a different share per
+    size, so the sizes' means are not monotone); above, latency + S / busbw."""
+    rows = []
+    for k in range(9):
+        size = 1024 * 4**k
+        base = lat + size / busbw
+        times = (
+            [base] * 30
+            if size > 2**20
+            else [lat + size / busbw + (slow if i < 2 + 3 * (k % 3) else 0) for i in range(30)]
+        )
+        rows.append({"bytes": size, "mean_s": sum(times) / 30, "median_s": sorted(times)[15], "calls": 30,
+                     "min_s": min(times), "max_s": max(times), "times_s": times})  # fmt: skip
+    table = {"sizes": rows, "factor": 1.0}
+    table["fit"] = fit_alpha_beta([r["bytes"] for r in rows], [r["mean_s"] for r in rows], 1.0)
+    if b2b is not None:
+        table["back_to_back"] = measured_table(b2b, 0.0, busbw)
+    return table
+
+
+def test_fit_alpha_beta_recovers_latency_and_bandwidth():
+    sizes = [1e3, 1e5, 1e7, 1e9]
+    f = fit_alpha_beta(sizes, [2e-3 + 1.5 * s / 4e9 for s in sizes], 1.5)
+    assert f["latency_s"] == pytest.approx(2e-3) and f["busbw_GBps"] == pytest.approx(4.0)
+    assert f["error_max"] < 1e-9
+
+
+def test_small_messages_cost_one_latency_pooled_over_their_calls():
+    """The latency-bound sizes' calls pooled into one latency (with a bootstrap interval), not each size's own
+    noisy mean interpolated: 1 KB, 4 KB and 16 KB cost the same latency plus their bandwidth term."""
+    t = measured_table(lat=1e-3, slow=20e-3)
+    hw = {"kind": "measured", "measured_collectives": {"2": {"all_reduce": t}}}
+    lat = latency(t)
+    small = [r for r in t["sizes"] if r["bytes"] <= lat["up_to_bytes"]]
+    assert len(small) >= 4 and lat["calls"] == 30 * len(small)
+    pooled = sum(x - r["bytes"] * lat["per_byte_s"] for r in small for x in r["times_s"]) / lat["calls"]
+    assert lat["latency_s"] == pytest.approx(pooled)
+    assert lat["low_s"] < lat["latency_s"] < lat["high_s"]
+    means = [r["mean_s"] for r in small[:3]]
+    assert max(means) / min(means) > 2  # each size's own mean: 2x apart
+    for size in (1024, 4096, 16384):  # one latency for all of them
+        assert collective_s(hw, "all_reduce", size, 2) == pytest.approx(
+            lat["latency_s"] + size * lat["per_byte_s"]
+        )
+    # above the latency-bound sizes the measured means, continuous at the boundary
+    top = lat["up_to_bytes"]
+    assert collective_s(hw, "all_reduce", top * 1.0001, 2) == pytest.approx(
+        collective_s(hw, "all_reduce", top, 2), rel=1e-3
+    )
+    big = t["sizes"][-1]
+    assert collective_s(hw, "all_reduce", big["bytes"], 2) == pytest.approx(big["mean_s"])
+
+
+def test_a_record_without_per_call_times_pools_the_sizes_means():
+    t = measured_table(lat=1e-3, slow=20e-3)
+    bare = {**t, "sizes": [{k: v for k, v in r.items() if k != "times_s"} for r in t["sizes"]]}
+    assert latency(bare)["latency_s"] == pytest.approx(latency(t)["latency_s"])
+    assert latency(bare)["low_s"] is None
+    assert latency({"sizes": []}) is None and latency({"sizes": t["sizes"]}) is None  # no fit: interpolate
+
+
+def test_the_stop_check_right_after_the_gradients_is_priced_back_to_back():
+    """The loop's per-step stop check follows DDP's (and FSDP's) last gradient collective at once: the ranks
+    arrive together and gloo's threads are awake, so it costs the back-to-back latency. After a pipeline's
+    last backward it follows compute, and costs the after-compute one."""
+    t = measured_table(lat=2e-3, slow=0.0, b2b=0.2e-3)
+    hw = {**HW, "kind": "measured", "measured_collectives": {"2": {"all_reduce": t}}}
+    assert collective_s(hw, "all_reduce", 8, 2, follows=True) == pytest.approx(0.2e-3, rel=0.01)
+    assert collective_s(hw, "all_reduce", 8, 2) == pytest.approx(2e-3, rel=0.01)
+    prof = {**toy_profile(8), "ddp_overhead_s": 0.0}
+    ddp = project(prof, hw, "ddp", 2, batch=8)
+    grads = collective_s(hw, "all_reduce", prof["grad_bytes"], 2)
+    assert ddp["parts_s"]["communication"] == pytest.approx(grads + 0.2e-3, rel=0.01)
+    slow_b2b = {
+        **hw,
+        "measured_collectives": {"2": {"all_reduce": {**t, "back_to_back": measured_table(2e-3, 0.0)}}},
+    }
+    assert project(prof, slow_b2b, "ddp", 2, batch=8)["step_s"] == pytest.approx(
+        ddp["step_s"] + 1.8e-3, rel=0.01
+    )
+    pipe, pipe_slow = (project(prof, h, "pipeline", 2, batch=8) for h in (hw, slow_b2b))
+    assert pipe["step_s"] == pipe_slow["step_s"]  # a pipeline's check follows compute
+
+
+def test_pooling_measurements_keeps_every_call_and_the_larger_sizes():
+    """Validation measures the small collectives again around each model's runs: their calls pooled with each
+    other, the record's larger sizes kept, the fit redone."""
+    a, b = measured_table(1e-3, 20e-3, b2b=0.3e-3), measured_table(3e-3, 0.0, b2b=0.5e-3)
+    small = lambda t: {**t, "sizes": [r for r in t["sizes"] if r["bytes"] <= 2**20]}  # noqa: E731
+    now = [{"2": {"all_reduce": {**small(t), "back_to_back": small(t["back_to_back"])}}} for t in (a, b)]
+    rest = {"2": {"all_reduce": measured_table(9e-3, 0.0, b2b=9e-3)}}
+    pooled = pool_collectives(now, rest=rest)["2"]["all_reduce"]
+    sizes = [r["bytes"] for r in pooled["sizes"]]
+    assert sizes == [r["bytes"] for r in rest["2"]["all_reduce"]["sizes"]]
+    first = pooled["sizes"][0]
+    assert first["calls"] == 60 and first["mean_s"] == pytest.approx(
+        (a["sizes"][0]["mean_s"] + b["sizes"][0]["mean_s"]) / 2
+    )
+    assert pooled["sizes"][-1]["mean_s"] == pytest.approx(
+        rest["2"]["all_reduce"]["sizes"][-1]["mean_s"]
+    )  # 64 MB
+    assert pooled["measurements"] == 2 and pooled["back_to_back"]["sizes"][0]["calls"] == 60
+    assert pooled["fit"] != a["fit"]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -304,20 +414,27 @@ def test_ctrl_c_stops_make_project_and_every_process_it_started(tmp_path):
 
 def test_a_live_validation_names_every_cell_without_a_finished_run(tmp_path, monkeypatch):
     """bench/run.py that wrote nothing (crashed, killed): every cell of bench-strategies is listed as missing,
-    not merely fewer cells averaged."""
-    monkeypatch.setattr(bp, "run_group", lambda *a, **k: 1)
-    args = SimpleNamespace(validate_from="", runs_dir=str(tmp_path), data_dir="unused")
-    profiled = []
+    not merely fewer cells averaged. The model is profiled before each round of launches and after the last,
+    and the mean of those profiles is what predicts."""
+    launched = []
+    monkeypatch.setattr(bp, "run_group", lambda cmd, *a, **k: launched.append(cmd) or 1)
+    args = SimpleNamespace(validate_from="", runs_dir=str(tmp_path), data_dir="unused", validate_rounds=3)
+    calls = []
 
-    def profile_now(model, bracket=None):
-        profiled.append((model, bracket))
-        return "before"
+    class Profiles:
+        def now(self, model):
+            calls.append(("now", model))
+            return len(calls), {}
+
+        def pool(self, model, samples):
+            calls.append(("pool", model, [k for k, _ in samples]))
 
     check, missing = bp.validate(args, {"models": {"mlp": toy_profile(8)}}, {"kind": "measured"}, ["mlp", "nbow"],
-                                 profile_now)  # fmt: skip
+                                 Profiles())  # fmt: skip
     setups = [n for s in yaml.safe_load((REPO / "bench/strategies.yaml").read_text())["setups"] for n in s]
     assert check == [] and missing == [f"mlp {s}" for s in setups] and len(setups) == 7
-    assert profiled == [("mlp", None), ("mlp", "before")]  # before its runs, and after them with the first
+    assert calls == [("now", "mlp")] * 4 + [("pool", "mlp", [1, 2, 3, 4])]  # nbow is not a strategies model
+    assert len(launched) == 3 and all(c[-2:] == ["--repeats", "1"] for c in launched)
 
 
 def test_two_profiles_of_a_model_average_its_numbers_only():
@@ -328,6 +445,7 @@ def test_two_profiles_of_a_model_average_its_numbers_only():
     b["optimizer_contention"], a["optimizer_contention"] = 1.5, None
     m = bp.mean_of(a, b)
     assert m["sizes"]["8"]["step_s"] == pytest.approx(2 * a["sizes"]["8"]["step_s"])
+    assert bp.mean_of(a, b, b)["sizes"]["8"]["step_s"] == pytest.approx(7 / 3 * a["sizes"]["8"]["step_s"])
     assert m["optimizer_contention"] == 1.5 and m["ddp_buckets"] == a["ddp_buckets"]
     ready = a["sizes"]["8"]["ready_s"]
     assert m["sizes"]["8"]["ready_s"] == [ready[0], pytest.approx((0.5 + ready[1]) / 2)]
