@@ -352,6 +352,12 @@ def test_end_to_end_on_this_cpu(tmp_path):
     assert prof["models"]["mlp"]["batch_size"] == 64 and "2" in prof["collectives"]
     assert set(prof["models"]["mlp"]["sizes"]) == {"64", "32", "16", "8"}
     assert all(s["data_s"] > 0 for s in prof["models"]["mlp"]["sizes"].values())  # the loader's fetch counts
+    ar = prof["collectives"]["2"]["all_reduce"]  # every call kept, both regimes
+    assert all(len(r["times_s"]) == r["calls"] for t in (ar, ar["back_to_back"]) for r in t["sizes"])
+    lat = rec["hardware"]["collective_latency"]["2"]["all_reduce"]  # the pooled latency, with its interval
+    for regime in ("after_compute", "back_to_back"):
+        assert 0 < lat[regime]["low_s"] <= lat[regime]["latency_s"] <= lat[regime]["high_s"] < 0.1
+        assert lat[regime]["calls"] >= 30
     # a second projection reuses the profile: instant, and on another hardware file
     r = run_project("--model", "mlp", "--batch_size", "64", "--hardware", "t4-pcie", "--devices", "2",
                     "--data_dir", data_dir, "--out", str(tmp_path / "t4.json"), tmp_path=tmp_path)  # fmt: skip
