@@ -1,18 +1,19 @@
 """`make project`: will N devices pay off? Projected speedup per strategy and N, from measurements on this machine.
 
     python bench/project.py [--model all|mlp,cnn] [--hardware this-machine|t4-pcie|FILE] [--devices 1,2,4,8]
-                            [--nodes 1] [--batch_size B] [--scaling strong|weak|both] [--validate] [--out FILE]
+                            [--nodes 1] [--batch_size B] [--scaling strong|weak|both] [--validate]
+                            [--validate_rounds 2] [--out FILE]
 
 1. Profile (cached): each script runs one process through `accelerate launch` with --profile_out
    (shared/profiling.py), and bench/collectives.py times gloo collectives on 2 processes (4 only where there
    are 4 cores). Both go into one profile record, runs/profiles/profile-<host>.json; later projections
    reuse it unless --reprofile or the scripts' settings changed.
 2. Project (instant): shared/projection.py per model, strategy, N and scaling, on the hardware asked for.
-3. --validate: per model of `make bench-strategies`, profile it, run its real multi-process runs, profile it
-   again and keep the mean of the two profiles (a shared host drifts; a profile predicts the machine of its own
-   minutes), then compare each measured step time with the one predicted from the profiles alone (relative
-   error; table printed and kept in the record's `validation`; cells whose runs did not finish are named,
-   exit status 1).
+3. --validate: per model of `make bench-strategies`, its real multi-process runs in --validate_rounds rounds,
+   the model profiled and the small collectives timed before each round and after the last; the mean of the
+   profiles and the pooled collectives (a shared host drifts; a measurement predicts the machine of its own
+   minutes) predict each cell, compared with its measured step time (relative error; table printed and kept
+   in the record's `validation`; cells whose runs did not finish are named, exit status 1).
 The projection record (runs/projection-*.json) holds `predictions`, `validation` and where each input came from.
 """
 
@@ -157,7 +158,8 @@ def profile_one(name: str, fl: dict, args, work: Path, steps_only: bool = False)
 class Profiles:
     """This host's profile record (runs/profiles/profile-<host>.json, or --profile): read when cached (unless
     --reprofile), measured where missing or stale, and rewritten whole after each measurement, so a later
-    failure keeps what was measured. `rec` is the record; `now(model)` measures one model again."""
+    failure keeps what was measured. `rec` is the record; `now(model)` measures one model and the small
+    collectives again, `pool(model, samples)` keeps the mean of such measurements (validation)."""
 
     def __init__(self, args, flags: dict):
         self.args, self.flags = args, flags
@@ -283,7 +285,7 @@ def collectives_of(result: dict) -> dict:
 
 def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] = ()) -> Profiles:
     """The profile record, measured where missing or stale (or all of it with --reprofile). Models in `later`
-    are left for `Profiles.now` (validation profiles each model just before its runs)."""
+    are left for `Profiles.now` (validation profiles each model around its runs)."""
     profiles = Profiles(args, flags)
     todo = profiles.stale(models)
     missing = [

@@ -42,9 +42,8 @@ ARGS = [
 ]
 SHOTS = Path(os.environ.get("DISTBENCH_SCREENSHOTS") or tempfile.mkdtemp(prefix="distbench-shots-"))
 RESULTS = REPO / "docs" / "results" / "2026-11-29"  # the runs behind the README's speed tables
-PROJECTION = (
-    RESULTS / "projection"
-)  # `make project-validate`'s records: projection + the real runs it checked
+# `make project-validate`'s records: projection + the real runs it checked
+PROJECTION = REPO / "docs" / "results" / "2026-11-30" / "projection-rounds"
 STALE_S = 600
 VIEWS = {
     "Speedup": "speedup_fixture",
