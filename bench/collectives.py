@@ -28,16 +28,10 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-from shared.projection import fit_alpha_beta, latency
+from shared.projection import FACTOR, fit_alpha_beta, latency
 
 SIZES = [1024 * 4**k for k in range(10)]  # 1 KB ... 256 MB
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
-
-
-def factor(op: str, n: int) -> float:
-    return {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n}.get(
-        op, 1.0
-    )
 
 
 GAP_S = 0.005  # compute before each `after_compute` call
@@ -103,7 +97,7 @@ def main():
                 rows.append({"bytes": size, "median_s": statistics.median(times), "mean_s": statistics.mean(times),
                              "min_s": min(times), "max_s": max(times), "calls": reps,
                              "times_s": [round(t, 7) for t in times]})  # fmt: skip
-            c = factor(op, n)
+            c = FACTOR[op](n)
             table = {"sizes": rows, "fit": fit_alpha_beta(sizes, [r["mean_s"] for r in rows], c), "factor": c}
             result["ops" if regime == "after_compute" else "barrier"][op] = table
             lat = latency(table)

@@ -257,8 +257,8 @@ class Profiles:
 
     def pool(self, model: str, samples: list[tuple[dict, dict]]) -> None:
         """Keep the mean of `model`'s profiles taken around its runs (on a shared host that drifts by 10-30%
-        within minutes, a profile taken before a run predicts the host of then, not the run), with the
-        collectives measured alongside them, pooled with the record's own, as the ones its runs met."""
+        within minutes, a profile taken before a run predicts the host of then, not the run), and the calls of
+        the small collectives timed alongside them pooled (the record's larger sizes kept): what its runs met."""
         profiles = [p for p, _ in samples]
         full = str(profiles[0]["batch_size"])
         self.save("models", model, {

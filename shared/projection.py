@@ -56,31 +56,38 @@ def fit_alpha_beta(sizes: list[float], times: list[float], c: float) -> dict:
             "error_max": rel[-1]}  # fmt: skip
 
 
-def latency(table: dict) -> dict | None:
+def latency(table: dict, interval: bool = True) -> dict | None:
     """The latency of one measured collective, from every call at the latency-bound sizes pooled: those whose
     bandwidth term c * S / busbw (the fit's) is at most the fit's latency. Small gloo messages on a CPU are
     scheduler-bound and bimodal (../shared/ENVIRONMENT.md part 3): per size, 30 calls' mean swings by 2x
     between measurements and is not monotone in S, so one latency from all of them, minus each call's
-    bandwidth term, stands for them all. With a 95% bootstrap interval over the calls where they are kept."""
+    bandwidth term, stands for them all. With `interval`, a 95% bootstrap interval over the calls where they
+    are kept (a report's figure; pricing a collective needs only the mean). A record without per-call times
+    gives the sizes' means, weighted by their calls."""
     fit, rows = table.get("fit") or {}, sorted(table.get("sizes", []), key=lambda r: r["bytes"])
     if not fit.get("busbw_GBps") or not rows:
         return None
     per_byte = table.get("factor", 1.0) / (fit["busbw_GBps"] * 1e9)
     bound = [r for r in rows if r["bytes"] * per_byte <= fit["latency_s"]] or rows[:1]
     calls = [t - r["bytes"] * per_byte for r in bound for t in r.get("times_s", [])]
+    weights = [r.get("calls", 1) for r in bound]
     if calls:
-        lat = statistics.fmean(calls)
+        lat, n = statistics.fmean(calls), len(calls)
+    else:
+        n = sum(weights)
+        lat = (
+            sum(
+                k * (r.get("mean_s", r["median_s"]) - r["bytes"] * per_byte)
+                for k, r in zip(weights, bound, strict=True)
+            )
+            / n
+        )
+    low = high = None
+    if calls and interval:
         rng = random.Random(0)
-        means = sorted(statistics.fmean(rng.choices(calls, k=len(calls))) for _ in range(400))
+        means = sorted(statistics.fmean(rng.choices(calls, k=n)) for _ in range(400))
         low, high = means[10], means[389]
-    else:  # a record without per-call times: the sizes' means, weighted by their calls
-        w = [r.get("calls", 1) for r in bound]
-        lat = sum(
-            k * (r.get("mean_s", r["median_s"]) - r["bytes"] * per_byte)
-            for k, r in zip(w, bound, strict=True)
-        ) / sum(w)
-        low = high = None
-    return {"latency_s": max(lat, 0.0), "low_s": low, "high_s": high, "calls": len(calls) or sum(w),
+    return {"latency_s": max(lat, 0.0), "low_s": low, "high_s": high, "calls": n,
             "up_to_bytes": bound[-1]["bytes"], "per_byte_s": per_byte}  # fmt: skip
 
 
@@ -88,7 +95,7 @@ def _measured(table: dict, nbytes: float) -> float:
     """One measured collective at `nbytes`: the pooled latency plus the bandwidth term up to the largest
     latency-bound size; above it, the sizes' means interpolated (from that size's pooled value)."""
     points = [(r["bytes"], r.get("mean_s", r["median_s"])) for r in table["sizes"]]
-    lat = latency(table)
+    lat = latency(table, interval=False)
     if lat:
         top = lat["up_to_bytes"]
         pooled = lambda s: lat["latency_s"] + s * lat["per_byte_s"]  # noqa: E731
