@@ -322,6 +322,7 @@ def run_project(*args, tmp_path):
         (["--model", "resnet"], "--model resnet: unknown"),
         (["--devices", "2,x"], "not a comma-separated list"),
         (["--devices", "0"], "must be positive"),
+        (["--validate", "--validate_rounds", "0"], "--validate_rounds must be positive"),
         (["--validate_from", "/nonexistent/dir"], "no run records there"),
         (["--profile", "/nonexistent/profile.json"], "no such file"),
     ],
