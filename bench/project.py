@@ -38,7 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from shared.datasets import MODEL_DATA, missing_files  # noqa: E402
-from shared.projection import STRATEGIES, latency, pool_collectives, project, sentence  # noqa: E402
+from shared.projection import PROFILE_VERSION, STRATEGIES, latency, pool_collectives, project, sentence  # noqa: E402
 from shared.record import free_port, git_commit  # noqa: E402
 
 MODELS = list(MODEL_DATA)
@@ -186,11 +186,13 @@ class Profiles:
         return rec
 
     def stale(self, models: list[str]) -> list[str]:
-        """The models whose cached profile is missing or was measured with other settings."""
+        """The models whose cached profile is missing, was measured with other settings or by another version
+        of shared/profiling.py."""
         return [
             m
             for m in models
             if self.rec["models"].get(m, {}).get("flags") != settings(m, self.flags, self.args)
+            or self.rec["models"][m].get("version") != PROFILE_VERSION
         ]
 
     def save(self, kind: str, key: str, value) -> None:

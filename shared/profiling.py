@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from shared.projection import PROFILE_VERSION
 from shared.record import device_name
 from shared.stages import pieces
 
@@ -59,11 +60,15 @@ while True: opt.step()
 """
 
 
-def _surrogate_step(model, opt, args, kwargs):
-    """One training step without the script's loss: forward, backward of the outputs' sum, optimizer step."""
+def _surrogate_step(model, opt, args, kwargs, clock=time.perf_counter) -> tuple[float, float]:
+    """One training step without the script's loss: forward, backward of the outputs' sum, optimizer step.
+    Returns the seconds of forward + backward and of the optimizer step."""
     opt.zero_grad(set_to_none=True)
+    t0 = clock()
     sum(o.float().sum() for o in _tensors(model(*args, **kwargs))).backward()
+    t1 = clock()
     opt.step()
+    return t1 - t0, clock() - t1
 
 
 class CountOps(TorchDispatchMode):
@@ -258,8 +263,15 @@ class Profiler:
         parameters, as the setup files wrap), each over a one-rank group, on the first batch's inputs. Timed
         in rounds of one step of each (a drifting host slows all three alike; measured one after another, 3
         steps each, VGG11's DDP figure read 0.21 s in one profile and 0.77 s in the next) until every kind has
-        `min_s` and `min_rounds`; per wrapper, the median over rounds of its step minus the plain one's: bucket
-        copies and averaging (DDP); copy-in/out, hooks and DTensor dispatch (FSDP)."""
+        `min_s` and `min_rounds`; per wrapper, the median over rounds of its time minus the plain one's.
+
+        DDP: forward + backward only. Its work (bucket copies in, averaging, copies out) all runs inside
+        backward; it leaves the optimizer step as it was, and on a CPU that step's time is bimodal (VGG11's
+        Adam read 0.85-0.93 s or 1.3-1.6 s from step to step, plain or wrapped alike), which made the whole
+        step's difference read anywhere from -0.6 to +1.0 s (0.10 s from forward + backward alone). FSDP2: the
+        forward + backward (copy-in/out, hooks) and, apart, the optimizer step over the DTensor parameters:
+        N ranks each step 1/N of the parameters, so the projection divides that part by N (VGG11: 0.71 s and
+        0.57 s)."""
         import copy
 
         from torch.distributed.device_mesh import init_device_mesh
@@ -286,27 +298,30 @@ class Profiler:
                             fully_shard(piece, mesh=mesh)
                     fully_shard(model, mesh=mesh)
                 opt = type(self.optimizer)(model.parameters(), **self.optimizer.defaults)
-                _surrogate_step(model, opt, args, kwargs)  # warm-up (DDP builds its buckets)
+                for _ in range(2):  # warm-up: DDP builds its buckets in step 1 and rebuilds them after it
+                    _surrogate_step(model, opt, args, kwargs)
                 kinds[kind] = (model, opt)
             except Exception as e:  # noqa: BLE001 - a model a wrapper cannot take: no figure for it, said so
                 self.acc.print(f"profile: {kind} overhead not measured ({type(e).__name__}: {str(e)[:120]})")
-        times = {kind: [] for kind in kinds}
+        times = {kind: [] for kind in kinds}  # per round: (forward + backward, optimizer) seconds
         if "plain" in kinds:
-            while len(times["plain"]) < min_rounds or min(sum(t) for t in times.values()) < min_s:
+            while len(times["plain"]) < min_rounds or min(sum(map(sum, t)) for t in times.values()) < min_s:
                 for kind, (model, opt) in kinds.items():
-                    t0 = self._clock()
-                    _surrogate_step(model, opt, args, kwargs)
-                    times[kind].append(self._clock() - t0)
+                    times[kind].append(_surrogate_step(model, opt, args, kwargs, clock=self._clock))
         kinds.clear()
         model = opt = None  # noqa: F841 - gloo crashes at exit if a DDP model outlives its group
         dist.destroy_process_group()
         plain = times.pop("plain", None)
         if plain is None:
             return {}
-        return {
-            k: max(0.0, statistics.median(a - b for a, b in zip(t, plain, strict=True)))
-            for k, t in times.items()
-        }
+
+        def over(kind: str, i: int) -> float:  # i: 0 forward + backward, 1 optimizer step
+            return max(0.0, statistics.median(a[i] - b[i] for a, b in zip(times[kind], plain, strict=True)))
+
+        out = {"ddp": over("ddp", 0)} if "ddp" in times else {}
+        if "fsdp" in times:
+            out.update(fsdp=over("fsdp", 0), fsdp_optimizer=over("fsdp", 1))
+        return out
 
     def optimizer_contention(self, min_s: float = 0.5) -> float | None:
         """How much slower the optimizer step runs while the other core runs the same optimizer over as many
@@ -375,8 +390,13 @@ class Profiler:
             "optimizer_state_bytes": state,
             "ddp_buckets": [[order[k] for k in bucket] for bucket in buckets],
             "optimizer_contention": contention,  # optimizer step with / without a neighbour streaming memory
-            "ddp_overhead_s": overheads.get("ddp"),  # DDP's own work per step beyond its all-reduces
-            "fsdp_overhead_s": overheads.get("fsdp"),  # FSDP2's, beyond its collectives (one-rank groups)
+            "version": PROFILE_VERSION,
+            "ddp_overhead_s": overheads.get(
+                "ddp"
+            ),  # DDP's own work per step beyond its all-reduces (in backward)
+            "fsdp_overhead_s": overheads.get("fsdp"),  # FSDP2's in forward + backward, beyond its collectives
+            # FSDP2's in the optimizer step, over all the parameters on one rank (each of N ranks does 1/N)
+            "fsdp_optimizer_overhead_s": overheads.get("fsdp_optimizer"),
             "flops_per_step": out["flops"],
             "aten_calls_per_step": out.get("aten_calls"),
             "sizes": sizes,

@@ -16,6 +16,10 @@ import random
 import statistics
 
 GIB = 2**30
+# the profile's format (shared/profiling.py writes it): bench/project.py measures a cached profile of another
+# version again (2: DDP's overhead from forward + backward only; FSDP2's split into forward + backward and the
+# optimizer step)
+PROFILE_VERSION = 2
 STRATEGIES = ("ddp", "fsdp", "pipeline", "pipeline_1f1b", "model_split", "hybrid")
 FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
           "reduce_scatter": lambda n: (n - 1) / n, "send_recv": lambda n: 1.0}  # fmt: skip
@@ -402,10 +406,12 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
     elif strategy == "fsdp":
         t = m.times(per_dev, contended=True)
         t["optimizer"] /= n
-        # FSDP2's own work each step (copy-in/out, hooks, DTensor dispatch), measured on a one-rank group
-        parts["compute"] = sum(t.values()) + (
-            _overhead(profile, "fsdp_overhead_s", assumed) if m.local else 0.0
-        )
+        # FSDP2's own work each step, measured on a one-rank group: copy-in/out and hooks in forward and
+        # backward, and DTensor dispatch in the optimizer step, which each rank runs over its 1/N shard
+        parts["compute"] = sum(t.values())
+        if m.local:
+            parts["compute"] += _overhead(profile, "fsdp_overhead_s", assumed)
+            parts["compute"] += _overhead(profile, "fsdp_optimizer_overhead_s", assumed) / n
         units = _fsdp_units(profile, min_unit_params)
         ag = [collective_s(hw, "all_gather", u, n, nodes) for u in units]
         rs = [collective_s(hw, "reduce_scatter", u, n, nodes) for u in units]

@@ -113,3 +113,42 @@ def test_a_wrapper_that_cannot_take_the_model_loses_only_its_own_figure(monkeypa
         and overheads["ddp"] >= 0
         and said == ["profile: fsdp overhead not measured (RuntimeError: no)"]
     )
+
+
+class Lurching(torch.optim.SGD):
+    """SGD whose step takes 40 ms longer over the parameters of a model in DistributedDataParallel (as a large
+    Adam's step on a CPU reads 0.9 s or 1.4 s with the page faults of its temporaries, whatever wraps it)."""
+
+    def step(self, closure=None):
+        if any(getattr(p, "_in_ddp", False) for g in self.param_groups for p in g["params"]):
+            time.sleep(0.04)
+        return super().step(closure)
+
+
+def test_the_wrappers_overheads_are_timed_where_their_work_is(monkeypatch):
+    """DDP's figure is forward + backward only, where all its work runs: an optimizer step 40 ms slower leaves
+    it at the bucket copies' few ms. FSDP2's optimizer step is its own figure (the projection divides it by
+    N ranks)."""
+    import torch.nn.parallel
+
+    class MarkedDDP(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module, **kw):
+            super().__init__(module, **kw)
+            for q in module.parameters():
+                q._in_ddp = True
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", MarkedDDP)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    acc = SimpleNamespace(device=torch.device("cpu"), print=lambda *a: None)
+    prof = Profiler(acc, SimpleNamespace(profile_out=""), model, Lurching(model.parameters(), lr=0.1), [])
+    prof._inputs = ((torch.randn(4, 8),), {})
+    overheads = prof.wrapper_overheads(min_rounds=5, min_s=0.01)
+    assert set(overheads) == {"ddp", "fsdp", "fsdp_optimizer"}
+    assert 0 <= overheads["ddp"] < 0.01 and 0 <= overheads["fsdp"] < 0.03, overheads
+    assert not any(getattr(q, "_in_ddp", False) for q in model.parameters())  # the copies were wrapped
+
+
+def test_the_profile_says_its_version(p):
+    from shared.projection import PROFILE_VERSION
+
+    assert p["version"] == PROFILE_VERSION and p["fsdp_optimizer_overhead_s"] is not None

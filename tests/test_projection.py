@@ -15,6 +15,7 @@ import yaml
 
 import bench.project as bp
 from shared.projection import (
+    PROFILE_VERSION,
     Model,
     _fsdp_units,
     balanced_cuts,
@@ -233,12 +234,20 @@ def test_an_unmeasured_wrapper_overhead_is_named_not_silently_zero():
     prof = toy_profile(8)  # its profile could not time DDP's or FSDP's own work
     ddp, fsdp = (project(prof, hw, s, 2, batch=8) for s in ("ddp", "fsdp"))
     assert ddp["assumed"] == ["ddp_overhead_s = 0 (not measured)"]
-    assert fsdp["assumed"] == ["fsdp_overhead_s = 0 (not measured)"]
-    timed = {**prof, "ddp_overhead_s": 2e-3, "fsdp_overhead_s": 3e-3}
+    assert fsdp["assumed"] == [
+        "fsdp_overhead_s = 0 (not measured)",
+        "fsdp_optimizer_overhead_s = 0 (not measured)",
+    ]
+    timed = {**prof, "ddp_overhead_s": 2e-3, "fsdp_overhead_s": 3e-3, "fsdp_optimizer_overhead_s": 4e-3}
     ddp2, fsdp2 = (project(timed, hw, s, 2, batch=8) for s in ("ddp", "fsdp"))
     assert ddp2["assumed"] == fsdp2["assumed"] == []
     assert ddp2["step_s"] == pytest.approx(ddp["step_s"] + 2e-3)  # contention 1 in the toy profile
-    assert fsdp2["step_s"] == pytest.approx(fsdp["step_s"] + 3e-3)
+    assert fsdp2["step_s"] == pytest.approx(fsdp["step_s"] + 3e-3 + 4e-3 / 2)  # each rank steps half
+    contended = {**timed, "optimizer_contention": 1.5}  # both ranks' copies share the memory bandwidth
+    fsdp3 = project(contended, hw, "fsdp", 2, batch=8)
+    assert fsdp3["step_s"] - fsdp["step_s"] - 1.5 * (3e-3 + 4e-3 / 2) == pytest.approx(
+        1e-3 / 2 * (1.5 - 1)  # and the optimizer's half, contended (the toy's optimizer step: 1 ms)
+    )
     assert project(prof, hw, "single", 1, batch=8)["assumed"] == []  # one device: no wrapper
     assert project(prof, HW, "ddp", 2, batch=8)["assumed"] == []  # a GPU: counted FLOPs, no such input
 
@@ -313,6 +322,18 @@ def test_hardware_files_name_their_sources():
 def run_project(*args, tmp_path):
     return subprocess.run([sys.executable, str(REPO / "bench/project.py"), "--runs_dir", str(tmp_path), *args],
                           capture_output=True, text=True, cwd=REPO, timeout=600, env=child_env())  # fmt: skip
+
+
+def test_a_profile_of_another_version_or_settings_is_measured_again():
+    args = SimpleNamespace(batch_size=0)
+    flags = {"mlp": {"batch_size": 64}, "cnn": {"batch_size": 128}, "vgg11": {"batch_size": 16}, "nbow": {}}
+    rec = {"models": {
+        "mlp": {"flags": {"batch_size": 64}, "version": PROFILE_VERSION},
+        "cnn": {"flags": {"batch_size": 128}, "version": PROFILE_VERSION - 1},  # an older profiler's fields
+        "vgg11": {"flags": {"batch_size": 8}, "version": PROFILE_VERSION},  # other settings
+    }}  # fmt: skip
+    me = SimpleNamespace(rec=rec, flags=flags, args=args)
+    assert bp.Profiles.stale(me, ["mlp", "cnn", "vgg11", "nbow"]) == ["cnn", "vgg11", "nbow"]
 
 
 @pytest.mark.parametrize(
