@@ -43,7 +43,7 @@ ARGS = [
 SHOTS = Path(os.environ.get("DISTBENCH_SCREENSHOTS") or tempfile.mkdtemp(prefix="distbench-shots-"))
 RESULTS = REPO / "docs" / "results" / "2026-11-29"  # the runs behind the README's speed tables
 # `make project-validate`'s records: projection + the real runs it checked
-PROJECTION = REPO / "docs" / "results" / "2026-11-30" / "projection-rounds"
+PROJECTION = REPO / "docs" / "results" / "2026-11-30" / "projection-overheads"
 STALE_S = 600
 VIEWS = {
     "Speedup": "speedup_fixture",
