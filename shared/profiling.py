@@ -267,11 +267,11 @@ class Profiler:
 
         DDP: forward + backward only. Its work (bucket copies in, averaging, copies out) all runs inside
         backward; it leaves the optimizer step as it was, and on a CPU that step's time is bimodal (VGG11's
-        Adam read 0.85-0.93 s or 1.3-1.6 s from step to step, plain or wrapped alike), which made the whole
-        step's difference read anywhere from -0.6 to +1.0 s (0.10 s from forward + backward alone). FSDP2: the
-        forward + backward (copy-in/out, hooks) and, apart, the optimizer step over the DTensor parameters:
-        N ranks each step 1/N of the parameters, so the projection divides that part by N (VGG11: 0.71 s and
-        0.57 s)."""
+        Adam read 0.87 s or 1.2-1.6 s by turns, plain or wrapped alike), which made the whole step's difference
+        read anywhere from -0.6 to +1.0 s per round, against a steady 0.13-0.16 s in forward + backward. FSDP2:
+        forward + backward (copy-in/out, hooks) and, apart, the optimizer step over the DTensor parameters: N
+        ranks each step 1/N of the parameters, so the projection divides that part by N (VGG11: 0.72 s and
+        0.63 s)."""
         import copy
 
         from torch.distributed.device_mesh import init_device_mesh
@@ -391,9 +391,8 @@ class Profiler:
             "ddp_buckets": [[order[k] for k in bucket] for bucket in buckets],
             "optimizer_contention": contention,  # optimizer step with / without a neighbour streaming memory
             "version": PROFILE_VERSION,
-            "ddp_overhead_s": overheads.get(
-                "ddp"
-            ),  # DDP's own work per step beyond its all-reduces (in backward)
+            # DDP's own work per step beyond its all-reduces (all of it in backward)
+            "ddp_overhead_s": overheads.get("ddp"),
             "fsdp_overhead_s": overheads.get("fsdp"),  # FSDP2's in forward + backward, beyond its collectives
             # FSDP2's in the optimizer step, over all the parameters on one rank (each of N ranks does 1/N)
             "fsdp_optimizer_overhead_s": overheads.get("fsdp_optimizer"),
