@@ -84,11 +84,17 @@ bench-speed: venv
 # and strategy at N = 1, 2, 4, 8 (docs/projection.md). PROJECT_ARGS="--hardware t4-pcie --model cnn --devices 1,2"
 .PHONY: project project-validate
 project: venv
-	$(BIN)/python bench/project.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) --study $(PROJECT_ARGS)
+	$(BIN)/python bench/project.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) $(PROJECT_ARGS)
 
 # the same, plus the real multi-process runs of bench-strategies now, each compared with its prediction
 project-validate: venv
-	$(BIN)/python bench/project.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) --validate --study $(PROJECT_ARGS)
+	$(BIN)/python bench/project.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) --validate $(PROJECT_ARGS)
+
+# the modelled GPU compute against GPU figures that exist: published scaling tables and the study's T4 runs
+# (docs/projection.md#validation-on-gpu-figures-that-exist); about 15 minutes on 2 cores
+.PHONY: gpu-validate
+gpu-validate: venv
+	$(BIN)/python -m bench.gpu_validation --data_dir $(DATA_DIR) --out $(RUNS_DIR)/gpu-validation
 
 # the result tables of README.md and docs/speed.md, from the clean records listed in docs/results/report.yaml
 .PHONY: report

@@ -109,7 +109,13 @@ def projection_view():
     ]
     model = select(c2, "Model", "proj_model", projection.models(rec), projection.models(rec)[0])
     scaling = select(c3, "Scaling", "proj_scaling", ["strong", "weak"], "strong")
-    st.markdown(f"**{rec['sentences'].get(model, '')}**")
+    lines = projection.verdicts(rec, model)
+    if lines:
+        st.markdown(
+            "**Verdicts**\n" + "\n".join(f"- {line}" for line in lines if f"({scaling} scaling)" in line)
+        )
+    else:
+        st.markdown(f"**{(rec.get('sentences') or {}).get(model, '')}**")
     left, right = st.columns(2)
     with left:
         show(projection.fig_projection(rec, model, scaling, "speedup"), "projection_speedup")
@@ -120,7 +126,10 @@ def projection_view():
         f"Dotted lines: projected by shared/projection.py on **{hw['name']}** ({hw['kind']}: "
         f"{hw.get('description', '')}) from the profile measured on {prof['machine']} ({prof['hostname']}, "
         f"{prof['measured_at']}, commit {prof['git_commit']}, one thread per process). Marker = bottleneck "
-        "(circle compute, x communication, triangle bubble, square memory). "
+        "(circle compute, x communication, triangle bubble, square memory, star input). Legend: whether each curve's "
+        "compute was measured on that device or modelled from the hardware file's figures; shaded band: the "
+        "range such predictions showed in validation (shared/residuals.yaml); verdict `cannot tell` where the "
+        "band crosses 1. "
         + (
             "Strong scaling: the global batch stays the model's batch, each device takes batch/N. "
             if scaling == "strong"
@@ -138,7 +147,7 @@ def projection_view():
             f"over {s.get('cells', len(table))} cells"
         )
         st.dataframe(table, hide_index=True, width="stretch")
-    if rec.get("study"):
+    if projection.study_table(rec):
         st.markdown("**The study revisited**: its 2 x T4 DDP runs projected on `t4-pcie` (assumed figures)")
         st.dataframe(projection.study_table(rec), hide_index=True, width="stretch")
         st.caption(

@@ -84,6 +84,35 @@ class Check:
         print(f"{'PASS' if ok else 'FAIL'}  {name}  {measured}  {target}".rstrip(), flush=True)
 
 
+def project_gpu(c: Check, args, model: str = "mlp") -> None:
+    """`make project` on this device for one model, then a real run at the profile's settings: the profiled
+    one-device step against the run's steady step (a profile must not inflate what it measures)."""
+    import socket
+
+    where = c.out / "project"
+    cmd = [sys.executable, str(REPO / "bench" / "project.py"), "--device", "cpu" if args.plumbing else "cuda",
+           "--model", model, "--hardware", "h100-nvlink", "--devices", "1,2", "--collective_max_mb", "1",
+           "--data_dir", args.data_dir, "--runs_dir", str(where)]  # fmt: skip
+    rc, _ = c.run("project_profile", cmd, 300)
+    try:
+        rec = json.loads((where / "profiles" / f"profile-{socket.gethostname()}.json").read_text())
+        prof = rec["models"][model]
+    except (OSError, ValueError, KeyError):
+        c.item(f"{model}: make project's profile on this device", False, f"exit {rc}, no profile")
+        return
+    flags = [x for k, v in prof["flags"].items() for x in (f"--{k}", str(v))]
+    rc2, _, run = c.launch(f"project_real_{model}", model, *flags, "--epochs", 1)
+    steady = ((run or {}).get("timing") or {}).get("steady") or {}
+    profiled = prof["sizes"][str(prof["batch_size"])]["step_s"]
+    if rc2 or not steady.get("step_s"):
+        c.item(f"{model}: profiled one-device step vs a real run", False, f"run exit {rc2}, no steady step")
+        return
+    error = profiled / steady["step_s"] - 1
+    c.item(f"{model}: profiled one-device step vs a real run (batch {prof['batch_size']})",
+           rc == 0 and (args.plumbing or abs(error) <= 0.25),
+           f"{profiled * 1e3:.3g} ms vs {steady['step_s'] * 1e3:.3g} ms ({error:+.0%})", "within 25%")  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data_dir", default="../shared/data")
@@ -176,6 +205,10 @@ def main():
              "3" if args.plumbing else "200"]  # fmt: skip
     rc, text = c.run("bench_speed", speed, 300)
     c.item("bench/speed.py (project step vs study loop, MFU)", rc == 0, "see logs/bench_speed.log")
+
+    # 6. make project's one-GPU profile against a real run at the same settings (docs/projection.md: compute
+    # measured on the GPU where there is one)
+    project_gpu(c, args)
 
     lines = [f"| {n} | {s} | {m} | {t} |" for n, s, m, t in c.rows]
     table = "| check | result | measured | target |\n|---|---|---|---|\n" + "\n".join(lines)

@@ -37,8 +37,19 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from shared import nccl_tests  # noqa: E402
 from shared.datasets import MODEL_DATA, missing_files  # noqa: E402
-from shared.projection import PROFILE_VERSION, STRATEGIES, latency, pool_collectives, project, sentence  # noqa: E402
+from shared.projection import (  # noqa: E402
+    PROFILE_VERSION,
+    STRATEGIES,
+    latency,
+    load_residuals,
+    pool_collectives,
+    project,
+    sentence,
+    verdict_lines,
+    with_range,
+)  # fmt: skip
 from shared.record import free_port, git_commit  # noqa: E402
 
 MODELS = list(MODEL_DATA)
@@ -79,18 +90,31 @@ def load_hardware(name: str) -> dict:
     if not isinstance(hw, dict):
         raise UsageError(f"{path}: a hardware file is a mapping of fields (see hardware/t4-pcie.yaml)")
     need = ["name", "kind"] + ([] if hw.get("kind") == "measured" else
-                               ["peak_flops", "efficiency", "memory_bandwidth_GBps", "launch_overhead_s", "links"])  # fmt: skip
+                               ["peak_tflops", "memory_bandwidth_GBps", "launch_overhead_s", "links"])  # fmt: skip
     missing = [k for k in need if k not in hw]
     if missing:
         raise UsageError(f"{path}: missing {', '.join(missing)} (see hardware/t4-pcie.yaml for the fields)")
-    numbers = {k: hw[k] for k in need[2:] if k != "links"} | {
-        f"links.{name}.{k}": link.get(k)
-        for name, link in hw.get("links", {}).items()
-        for k in ("busbw_GBps", "latency_s")
-    }
+    peaks = hw.get("peak_tflops", {"fp32": 1})
+    if not isinstance(peaks, dict) or "fp32" not in peaks:
+        raise UsageError(f"{path}: peak_tflops is a mapping of dtype to TFLOPS with at least fp32, e.g. "
+                         "{fp32: 8.1, fp16: 65.0}")  # fmt: skip
+    optional = ["matmul_efficiency", "memory_efficiency", "kernel_min_s", "host_link_GBps", "memory_gib"]
+    numbers = (
+        {k: hw[k] for k in [*need[2:], *optional] if k in hw and k != "links"}
+        | {
+            f"links.{name}.{k}": link.get(k)
+            for name, link in hw.get("links", {}).items()
+            for k in ("busbw_GBps", "latency_s", "half_bytes")
+            if k in link or k != "half_bytes"
+        }
+        | {f"peak_tflops.{k}": v for k, v in peaks.items()}
+    )
+    numbers.pop("peak_tflops", None)
     bad = [k for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
     if bad:  # YAML reads 8.1e12 as text: it wants 8.1e+12
         raise UsageError(f"{path}: {', '.join(bad)} must be non-negative numbers (write 8.1e+12, not 8.1e12)")
+    if hw.get("kind") != "measured" and not peaks["fp32"]:
+        raise UsageError(f"{path}: peak_tflops.fp32 must be above 0")
     return hw
 
 
@@ -132,8 +156,26 @@ def launch(args: list[str], log: Path, threads: int = 1, timeout: float = 900) -
 
 
 def settings(name: str, flags: dict, args) -> dict:
-    """The script flags a model is profiled with: its bench settings, at --batch_size when given."""
-    return {**flags[name], **({"batch_size": args.batch_size} if args.batch_size else {})}
+    """The script flags a model is profiled with: its bench settings, at --batch_size when given (with enough
+    training rows for the profile's steps at that batch: a smaller --limit_train would cut the batch short)."""
+    fl = {**flags[name], **script_settings(getattr(args, "set", ""))}
+    if args.batch_size:
+        fl["batch_size"] = args.batch_size
+        if fl.get("limit_train"):
+            fl["limit_train"] = max(int(fl["limit_train"]), 12 * args.batch_size)
+    return fl
+
+
+def script_settings(text: str) -> dict:
+    """--set "image_size=224,freeze=true": any of the script's own flags, for every model profiled."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip() or key.strip() == "batch_size":
+            raise UsageError(f"--set {text}: expected key=value pairs of script flags, comma-separated "
+                             "(e.g. image_size=224,freeze=true; the batch is --batch_size)")  # fmt: skip
+        out[key.strip().lstrip("-")] = value.strip()
+    return out
 
 
 def ladder(batch: int) -> list[int]:
@@ -143,11 +185,29 @@ def ladder(batch: int) -> list[int]:
     return sorted({max(min(2, batch), batch // 2**k) for k in range(4)}, reverse=True)
 
 
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device here (asked in a child: this process stays torch-free)."""
+    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+def profile_config(device: str) -> list[str]:
+    """The launch of one profiling process: on the GPU (`gpu_1`, its data path, precision and fused optimizer
+    as a run has them, the clock synchronised with the device) or on one CPU core."""
+    if device == "cuda":
+        return ["--config_file", str(REPO / "accelerate_configs/gpu_1.yaml")]
+    return [
+        "--config_file",
+        str(REPO / "accelerate_configs/cpu_1proc.yaml"),
+        "--num_cpu_threads_per_process",
+        "1",
+    ]
+
+
 def profile_one(name: str, fl: dict, args, work: Path, steps_only: bool = False) -> dict:
-    """One process of the script with --profile_out at fl's batch size (shared/profiling.py)."""
+    """One process of the script with --profile_out at fl's batch size (shared/profiling.py), on args.device."""
     f = work / f"{name}-{fl['batch_size']}.json"
-    launch(["--config_file", str(REPO / "accelerate_configs/cpu_1proc.yaml"),
-            "--num_cpu_threads_per_process", "1", str(REPO / "scripts" / f"{name}.py"),
+    launch([*profile_config(getattr(args, "device", "cpu")), str(REPO / "scripts" / f"{name}.py"),
             "--data_dir", args.data_dir, "--runs_dir", str(work / "runs"), "--profile_out", str(f),
             "--profile_steps_only", str(steps_only).lower(), "--progress", "false",
             *[x for k, v in fl.items() for x in (f"--{k}", str(v))]],
@@ -226,6 +286,13 @@ class Profiles:
             fl = settings(name, self.flags, self.args)
             full, *smaller = ladder(int(fl["batch_size"]))
             prof = profile_one(name, fl, self.args, self.work)
+            if prof["batch_size"] != int(
+                fl["batch_size"]
+            ):  # what is projected is what was asked, or one line
+                raise UsageError(
+                    f"{name}: asked for batch {fl['batch_size']}, but its loader's batches have {prof['batch_size']} "
+                    f"rows (the training split after --limit_train {fl.get('limit_train', '-')} is smaller)"
+                )
             for b in smaller:  # each size in a process of its own, as a run at that batch is
                 prof["sizes"] |= profile_one(
                     name, {**fl, "batch_size": b}, self.args, self.work, steps_only=True
@@ -349,8 +416,11 @@ def predictions(rec: dict, hw: dict, models, devices, nodes, scalings, cores) ->
                         continue
                     if strategy in PIPELINED and (batch // (2 if strategy == "hybrid" else 1)) % 4:
                         continue
-                    p = project(prof, hw, strategy, n, nodes=k, batch=batch, scaling=scaling,
-                                cores=cores if hw.get("kind") == "measured" else None)  # fmt: skip
+                    try:
+                        p = project(prof, hw, strategy, n, nodes=k, batch=batch, scaling=scaling,
+                                    cores=cores if hw.get("kind") == "measured" else None)  # fmt: skip
+                    except ValueError as e:
+                        raise UsageError(f"{name}: {e}") from None
                     rows.append({"model": name, "hardware": hw["name"], **p})
     for note in sorted(skipped):
         print(f"not projected: {note}")
@@ -427,38 +497,6 @@ def validate(args, rec: dict, hw: dict, models: list[str], profiles) -> tuple[li
     return out, [f"{m} {s}" for m in validated(models) for s in setups if (m, s) not in ran]
 
 
-def study(rec: dict, models: list[str]) -> list[dict]:
-    """The study's 2 x T4 DDP runs projected on t4-pcie at its batch per process (weak scaling: it doubled the
-    global batch on 2 GPUs) and at the same global batch (strong), beside its published speedup: the ratio of
-    its median epoch training times, 1-GPU run on a Colab T4 over 2-GPU run on a Kaggle T4 x2 (rank 0)."""
-    from board.reference import BATCH_PER_PROCESS, load_reference
-
-    hw = load_hardware("t4-pcie")
-    runs, _ = load_reference(REPO / "reference" / "seed_results")
-
-    def epoch_s(r):
-        return statistics.median(h["time/train_s"] for h in r["history"] if h.get("time/train_s"))
-
-    rows = []
-    for m in models:
-        one = [
-            r
-            for r in runs
-            if r["model"] == m and r["setup"]["strategy"] == "single" and "2GPU" not in r["run_id"]
-        ]
-        two = [r for r in runs if r["model"] == m and r["setup"]["strategy"] == "ddp"]
-        if not one or not two:
-            continue
-        b = BATCH_PER_PROCESS[m]
-        weak, strong = (
-            project(rec["models"][m], hw, "ddp", 2, batch=b, scaling=s) for s in ("weak", "strong")
-        )
-        rows.append({"model": m, "batch_per_gpu": b, "study_published_speedup": epoch_s(one[0]) / epoch_s(two[0]),
-                     "projected_weak_speedup": weak["speedup"], "projected_strong_speedup": strong["speedup"],
-                     "projected_bottleneck": weak["bottleneck"], "study_runs": [one[0]["run_id"], two[0]["run_id"]]})  # fmt: skip
-    return rows
-
-
 def table(rows: list[dict], cols: list[str]) -> str:
     def cell(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -478,11 +516,15 @@ def main(argv=None) -> int:
         "--batch_size", type=int, default=0, help="the model's batch (default: bench-strategies')"
     )
     ap.add_argument("--scaling", choices=["strong", "weak", "both"], default="both")
+    ap.add_argument("--set", default="", help="script flags to profile with, e.g. image_size=224,freeze=true")
     ap.add_argument(
         "--validate", action="store_true", help="run bench-strategies now and compare (this machine)"
     )
     ap.add_argument("--validate_rounds", type=int, default=2, help="with --validate: launches per cell")
-    ap.add_argument("--study", action="store_true", help="the study's 2 x T4 DDP runs projected on t4-pcie")
+    ap.add_argument("--collectives", default="",
+                    help="nccl-tests output file(s), comma-separated: your cluster's collectives at their rank count")  # fmt: skip
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="where the models are profiled: auto = the GPU where torch sees one, else one CPU core")  # fmt: skip
     ap.add_argument("--validate_from", default="", help="compare with the records in this folder instead")
     ap.add_argument(
         "--profile", default="", help="profile record to use (default runs/profiles/profile-<host>.json)"
@@ -504,10 +546,23 @@ def main(argv=None) -> int:
             raise UsageError(f"--devices {args.devices}: not a comma-separated list of integers") from None
         if devices[0] < 1 or args.nodes < 1 or args.batch_size < 0 or args.validate_rounds < 1:
             raise UsageError("--devices, --nodes, --batch_size and --validate_rounds must be positive")
+        script_settings(args.set)  # a malformed --set: one line before anything runs
         if args.validate_from and not list(Path(args.validate_from).glob("*.json")):
             raise UsageError(f"--validate_from {args.validate_from}: no run records there")
         hw = load_hardware(args.hardware)
+        if args.collectives:
+            try:
+                hw["measured_collectives"] = nccl_tests.load(args.collectives.split(","))
+            except nccl_tests.NcclTestsError as e:
+                raise UsageError(str(e)) from None
+            if hw.get("kind") == "measured":
+                raise UsageError("--collectives describes a GPU cluster: give it with a GPU --hardware file")
+            hw["collectives_files"] = args.collectives.split(",")
         local = load_hardware("this-machine")
+        args.device = ("cuda" if cuda_available() else "cpu") if args.device == "auto" else args.device
+        if args.device == "cuda" and args.validate:
+            raise UsageError("--validate runs the CPU strategies of bench-strategies: use --device cpu")
+        residuals = load_residuals()
         t0 = time.perf_counter()
         later = tuple(validated(models)) if args.validate and not args.validate_from else ()
         profiles = profile_record(args, models, model_flags(), later)
@@ -516,12 +571,19 @@ def main(argv=None) -> int:
             if h.get("kind") == "measured":
                 h["measured_collectives"] = rec["collectives"]
                 h["collective_latency"] = latencies(rec["collectives"])
-        check, missing = [], []
+        check, missing, yours = [], [], []
         if args.validate or args.validate_from:
             check, missing = validate(args, rec, local, models, profiles)
+        elif Path(
+            args.runs_dir
+        ).is_dir():  # the runs already in the folder: how far is the projection from them?
+            yours, _ = validate(argparse.Namespace(**{**vars(args), "validate_from": args.runs_dir}), rec, local,
+                                models, profiles)  # fmt: skip
         scalings = ["strong", "weak"] if args.scaling == "both" else [args.scaling]
-        preds = predictions(rec, hw, models, devices, args.nodes, scalings, os.cpu_count())
-        revisited = study(rec, models) if args.study else []
+        preds = [
+            with_range(p, residuals)
+            for p in predictions(rec, hw, models, devices, args.nodes, scalings, os.cpu_count())
+        ]
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -529,12 +591,18 @@ def main(argv=None) -> int:
         print("interrupted: its processes stopped; the profile record keeps every model measured so far",
               file=sys.stderr)  # fmt: skip
         return 130
+    verdicts = {m: verdict_lines(m, hw["name"], [p for p in preds if p["model"] == m]) for m in models}
+    print(
+        "verdicts (range: where measured figures fell in validations of the same kind, shared/residuals.yaml):"
+    )
+    for name in models:
+        print("\n".join(verdicts[name]))
     for name in models:
         mine = [p for p in preds if p["model"] == name and p["devices"] > 1]
         print(sentence(name, hw["name"], mine))
     print(table([{**p, "step_ms": p["step_s"] * 1e3} for p in preds if p["devices"] > 1],
                 ["model", "strategy", "devices", "scaling", "global_batch", "step_ms", "speedup", "efficiency",
-                 "memory_gib_per_device", "bottleneck"]))  # fmt: skip
+                 "memory_gib_per_device", "bottleneck", "verdict", "compute_source"]))  # fmt: skip
     assumed: dict[tuple, set] = {}  # (model, input priced as 0): the strategies whose predictions use it
     for p in preds + check:
         for what in p["assumed"]:
@@ -542,6 +610,11 @@ def main(argv=None) -> int:
     for (model, what), strategies in sorted(assumed.items()):
         print(f"warning: {model}: {what} in the profile (its log under runs/profiles/ says why), priced as 0: "
               f"{', '.join(sorted(strategies))} predictions are lower bounds", file=sys.stderr)  # fmt: skip
+    if yours:
+        errs = sorted(yours, key=lambda c: abs(c["error"]))
+        print(f"your runs in {args.runs_dir}: {len(errs)} cells of this machine, predicted from the profile with "
+              f"mean |error| {statistics.mean(abs(c['error']) for c in errs):.1%}, worst {errs[-1]['error']:+.1%} "
+              f"({errs[-1]['model']} {errs[-1]['strategy']} at N = {errs[-1]['devices']})")  # fmt: skip
     summary = {"cells": 0, "missing": missing} if missing else None
     if check:
         errs = [abs(c["error"]) for c in check]
@@ -552,10 +625,6 @@ def main(argv=None) -> int:
                                        "predicted_ms", "error", "oversubscribed"]))  # fmt: skip
         print(f"validation: mean |error| {summary['mean_abs_error']:.1%}, max {summary['max_abs_error']:.1%} "
               f"over {len(errs)} cells")  # fmt: skip
-    if revisited:
-        print("the study revisited (t4-pcie, DDP on 2 GPUs):")
-        print(table(revisited, ["model", "batch_per_gpu", "study_published_speedup", "projected_weak_speedup",
-                                "projected_strong_speedup", "projected_bottleneck"]))  # fmt: skip
     out = Path(
         args.out or Path(args.runs_dir) / f"projection-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     )
@@ -578,10 +647,12 @@ def main(argv=None) -> int:
             m: sentence(m, hw["name"], [p for p in preds if p["model"] == m and p["devices"] > 1])
             for m in models
         },  # fmt: skip
+        "verdicts": verdicts,
+        "residuals": residuals,
         "predictions": preds,
         "validation": check,
         "validation_summary": summary,
-        "study": revisited,
+        "runs_folder_check": yours,  # the runs already in --runs_dir against the profile's predictions
         "git_commit": git_commit(),
         "project_s": time.perf_counter() - t0,
     }

@@ -13,7 +13,13 @@ from board.figures import STRATEGY_COLORS
 from board.load import PROJECTION_PREFIX
 
 COLORS = {**STRATEGY_COLORS, "pipeline_1f1b": "#e377c2"}
-SYMBOLS = {"compute": "circle", "communication": "x", "bubble": "triangle-up", "memory": "square"}
+SYMBOLS = {
+    "compute": "circle",
+    "communication": "x",
+    "bubble": "triangle-up",
+    "memory": "square",
+    "input": "star",
+}
 
 
 def load_projections(runs_dir: str | Path) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -62,23 +68,53 @@ def fig_projection(rec: dict, model: str, scaling: str, metric: str = "speedup")
     fig = go.Figure()
     preds = [p for p in rec["predictions"] if p["model"] == model and p["scaling"] == scaling]
     one = [p for p in preds if p["devices"] == 1]
+    # older records say nothing of it: compute was measured where the hardware was this machine
+    here = "measured" if (rec.get("hardware") or {}).get("kind") == "measured" else "modelled"
+    kinds = sorted({p.get("compute_kind") or (p["compute_source"].split()[0] if p.get("compute_source") else here)
+                    for p in preds})  # fmt: skip
     for strategy in [s for s in COLORS if any(p["strategy"] == s for p in preds)]:
         pts = sorted((p for p in preds if p["strategy"] == strategy), key=lambda p: p["devices"])
         pts = one + pts if one else pts
+        # the range its kind of figure showed in validation (shared/residuals.yaml), from N = 1 (exactly 1)
+        band = [
+            (p["devices"], *p["speedup_range"]) for p in pts if p.get("speedup_range") and p["devices"] > 1
+        ]
+        if band:
+            band = [(1, 1.0, 1.0), *band]
+            div = [n if metric == "efficiency" else 1 for n, _, _ in band]
+            fig.add_trace(
+                go.Scatter(
+                    x=[n for n, _, _ in band] + [n for n, _, _ in reversed(band)],
+                    y=[hi / d for (_, _, hi), d in zip(band, div, strict=True)]
+                    + [lo / d for (_, lo, _), d in reversed(list(zip(band, div, strict=True)))],
+                    fill="toself",
+                    mode="lines",
+                    fillcolor=_alpha(COLORS[strategy], 0.15),
+                    line={"width": 0},
+                    hoverinfo="skip",
+                    name=f"{strategy} range",
+                    legendgroup=strategy,
+                    showlegend=False,
+                )
+            )
+        label = {"measured": "measured compute", "modelled": "modelled compute"}
+        kind = pts[-1].get("compute_kind") or kinds[0]
         fig.add_trace(
             go.Scatter(
                 x=[p["devices"] for p in pts],
                 y=[p[metric] for p in pts],
                 mode="lines+markers",
-                name=f"{strategy} (projected)",
+                legendgroup=strategy,
+                name=f"{strategy} ({label.get(kind, 'projected')})",
                 line={"color": COLORS[strategy], "dash": "dot"},
-                marker={"symbol": [SYMBOLS[p["bottleneck"]] for p in pts], "size": 9},
+                marker={"symbol": [SYMBOLS.get(p["bottleneck"], "circle") for p in pts], "size": 9},
                 customdata=[
                     [
                         p["bottleneck"],
                         p["step_s"] * 1e3,
                         p["memory_gib_per_device"],
                         p["global_batch"],
+                        p.get("verdict", ""),
                         "; ".join(
                             ["oversubscribed"] * bool(p.get("oversubscribed"))
                             + [f"assumes {a}" for a in p.get("assumed", [])]
@@ -89,7 +125,7 @@ def fig_projection(rec: dict, model: str, scaling: str, metric: str = "speedup")
                 hovertemplate=(
                     f"{strategy}, N = %{{x}}<br>{metric} %{{y:.2f}}<br>bottleneck: %{{customdata[0]}}<br>"
                     "step %{customdata[1]:.3g} ms, %{customdata[2]:.3g} GiB/device<br>global batch "
-                    "%{customdata[3]} %{customdata[4]}<extra>projected</extra>"
+                    "%{customdata[3]}<br>%{customdata[4]} %{customdata[5]}<extra>projected</extra>"
                 ),
             )
         )
@@ -119,15 +155,35 @@ def fig_projection(rec: dict, model: str, scaling: str, metric: str = "speedup")
                 )
             )
     fig.add_hline(y=1.0, line_dash="dash", line_color="grey")
+    source = sorted({p.get("compute_source", "") for p in preds if p["devices"] > 1} - {""})
+    if source:
+        fig.add_annotation(
+            text="compute " + "; ".join(source) + (" · bands: validation range" if any(
+                p.get("speedup_range") for p in preds) else ""),  # fmt: skip
+            xref="paper", yref="paper", x=0, y=1.0, yanchor="bottom", showarrow=False, font={"size": 12},
+        )  # fmt: skip
     fig.update_layout(
         xaxis_title="devices N",
         yaxis_title=metric,
         xaxis={"type": "log", "dtick": 0.30103, "tickformat": "d"},
         legend_title="strategy",
         height=460,
-        margin={"t": 30},
+        margin={"t": 40},
     )
     return fig
+
+
+def _alpha(color: str, a: float) -> str:
+    """A hex colour as rgba with opacity `a` (the bands)."""
+    h = color.lstrip("#")
+    if len(h) != 6:
+        return f"rgba(128,128,128,{a})"
+    return f"rgba({int(h[0:2], 16)},{int(h[2:4], 16)},{int(h[4:6], 16)},{a})"
+
+
+def verdicts(rec: dict, model: str) -> list[str]:
+    """The record's verdict lines for `model` (make project prints them first); none in older records."""
+    return list((rec.get("verdicts") or {}).get(model) or [])
 
 
 def validation_table(rec: dict, model: str | None = None) -> list[dict]:
@@ -149,6 +205,7 @@ def validation_table(rec: dict, model: str | None = None) -> list[dict]:
 
 
 def study_table(rec: dict) -> list[dict]:
+    """Older records' study rows (bench/project.py --study, before bench/gpu_validation.py replaced it)."""
     return [
         {
             "model": r["model"],
@@ -159,4 +216,5 @@ def study_table(rec: dict) -> list[dict]:
             "bottleneck": r["projected_bottleneck"],
         }
         for r in rec.get("study") or []
+        if isinstance(r, dict) and "study_published_speedup" in r
     ]

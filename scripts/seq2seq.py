@@ -56,6 +56,9 @@ class Config(RunConfig):
     n_layers: int = 2
     dropout: float = 0.5  # on the embeddings and between the LSTM layers
     teacher_forcing: float = 0.5  # probability of feeding the true previous token (training only)
+    stepwise: bool = (
+        False  # decode one token per LSTM call, as the tutorial (and the study) did: same function, slower
+    )
     clip: float = 1.0  # max global gradient norm
     max_decode_len: int = 25  # greedy decoding for BLEU: at most this many tokens (the tutorial's 25)
     # The encoder reads the padding (no packing, as the tutorial), so the loss depends on how far each batch
@@ -216,7 +219,7 @@ def train_one_epoch(s: Session, model, loader, optimizer) -> tuple[float, int]:
         # its shard to its own length (Accelerate shards the batch indices; each rank collates its own rows).
         coins.manual_seed(s.cfg.seed * 1_000_003 + s.step)
         teacher_force = (torch.rand(trg.shape[1] - 1, generator=coins) < s.cfg.teacher_forcing).tolist()
-        logits = model(src, trg, teacher_force)
+        logits = model(src, trg, teacher_force, stepwise=s.cfg.stepwise)
         target = trg[:, 1:]
         summed = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=pad, reduction="sum")
         tokens = (target != pad).sum()

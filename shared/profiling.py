@@ -11,8 +11,9 @@ medians (over windows, as runs time a step) of:
 - tensors saved for backward (activation memory), from the first (untimed) warm-up step.
 Also: parameter / gradient / optimizer-state bytes, and the DDP bucket layout torch computes after its first
 step (gradients in the order they become ready, the first bucket 1 MiB, then 25 MiB:
-torch/nn/parallel/distributed.py). Unless --profile_steps_only (bench/project.py's smaller batches): FLOPs and
-aten calls of one step (torch.utils.flop_counter), DDP's and FSDP2's own overhead per step, and on a CPU what
+torch/nn/parallel/distributed.py). Unless --profile_steps_only (bench/project.py's smaller batches): the op
+trace of one step (shared/optrace.py: every aten call with its FLOPs and bytes, for other hardware), the host's
+cost of one eager call, DDP's and FSDP2's own overhead per step, and on a CPU what
 sharing the machine's memory bandwidth costs: the optimizer step beside a neighbour on the other core.
 """
 
@@ -27,8 +28,8 @@ import time
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
+from shared.optrace import OpTrace
 from shared.projection import PROFILE_VERSION
 from shared.record import device_name
 from shared.stages import pieces
@@ -72,7 +73,7 @@ def _surrogate_step(model, opt, args, kwargs, clock=time.perf_counter) -> tuple[
 
 
 class CountOps(TorchDispatchMode):
-    """Counts aten calls: on a GPU each is about one kernel launch (the floor under a tiny model's step)."""
+    """Counts aten calls."""
 
     def __init__(self):
         super().__init__()
@@ -81,6 +82,29 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.n += 1
         return func(*args, **(kwargs or {}))
+
+
+def host_s_per_op(min_s: float = 0.3) -> float:
+    """What one aten call costs the host in eager PyTorch on this machine (Python, module and autograd
+    bookkeeping, dispatch), from a training step of a model too small to compute anything: the floor under a
+    small model's step on a GPU, whose host issues every kernel. Mean over at least `min_s`."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(2, 4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        opt.step()
+
+    step()
+    with CountOps() as ops:
+        step()
+    n, t0 = 0, time.perf_counter()
+    while n < 20 or time.perf_counter() - t0 < min_s:
+        step()
+        n += 1
+    return (time.perf_counter() - t0) / (n * ops.n)
 
 
 def _bytes(obj) -> int:
@@ -140,11 +164,20 @@ class Profiler:
         self._mark("fwd0")
         if self._inputs is None:  # the first batch's inputs, for the FSDP overhead measurement
             self._inputs = (args, kwargs)
+            self.input_bytes = _bytes(list(args)) + _bytes(kwargs)
 
     def _clock(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+    def phase(self) -> str:
+        """The part of the step running now (the op trace's phases)."""
+        n = self.now
+        if "opt1" in n:
+            return "other"
+        return next((p for k, p in (("opt0", "optimizer"), ("fwd1", "backward"), ("fwd0", "forward")) if k in n),
+                    "other")  # fmt: skip
 
     def _mark(self, key):
         self.now.setdefault(key, self._clock())  # first forward / step of the step counts
@@ -186,20 +219,21 @@ class Profiler:
         out = {"flops": None}
         for k in range(WARMUP_STEPS):  # untimed
             extra = contextlib.ExitStack()
+            self.now = {"step0": self._clock()}
             if k == 0:
                 extra.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))
                 self._saved = 0
-                if not self.steps_only:
-                    fc, ops = FlopCounterMode(display=False), CountOps()
-                    extra.enter_context(fc)
-                    extra.enter_context(ops)
-            self.now = {"step0": self._clock()}
+            if k == WARMUP_STEPS - 1 and not self.steps_only:  # after step 1 the optimizer has its state
+                state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+                trace = extra.enter_context(OpTrace(self.phase, [p for _, p in self.params], state))
             with extra:
                 yield batch
             if k == 0:
                 saved, self._saved = self._saved, None
-                if not self.steps_only:
-                    out["flops"], out["aten_calls"] = int(fc.get_total_flops()), ops.n
+            if k == WARMUP_STEPS - 1 and not self.steps_only:
+                out["op_trace"] = trace.calls
+                out["flops"] = sum(c[4] * c[7] for c in trace.calls)
+                out["aten_calls"] = sum(c[7] for c in trace.calls)
             batch, fetch = next_batch()
         steps, timed_s = [], 0.0
         while len(steps) < MAX_STEPS:
@@ -228,6 +262,10 @@ class Profiler:
         return {
             "step_s": t_end - n["step0"] + fetch,  # as a run times its steps: from one step's end to the next
             "data_s": fetch,
+            # the loop's own time before forward and after the optimizer step (batch preparation, sums,
+            # logging): what a GPU's host still spends; not the gap between the last gradient and the
+            # optimizer step, which on a CPU is mostly freeing the graph's memory
+            "host_gaps_s": max(0.0, f0 - n["step0"]) + max(0.0, t_end - o1),
             "forward_s": f1 - f0,
             "backward_s": last - f1,
             "optimizer_s": o1 - o0,
@@ -238,7 +276,7 @@ class Profiler:
 
     def _summarise(self, steps: list[dict], saved: int) -> dict:
         med = window_mean
-        keys = ("step_s", "data_s", "forward_s", "backward_s", "optimizer_s")
+        keys = ("step_s", "data_s", "forward_s", "backward_s", "optimizer_s", "host_gaps_s")
         out = {k: med(s[k] for s in steps) for k in keys}
         # the rest of the loop: the batch's fetch, the loss's reduction, logging
         out["other_s"] = max(0.0, out["step_s"] - out["forward_s"] - out["backward_s"] - out["optimizer_s"])
@@ -398,6 +436,11 @@ class Profiler:
             "fsdp_optimizer_overhead_s": overheads.get("fsdp_optimizer"),
             "flops_per_step": out["flops"],
             "aten_calls_per_step": out.get("aten_calls"),
+            # one step's aten calls in order (shared/optrace.py), what shared/roofline.py prices on a GPU
+            "op_trace": out.get("op_trace"),
+            "host_s_per_op": None if self.steps_only else host_s_per_op(),  # eager host cost of a call here
+            "input_bytes": getattr(self, "input_bytes", 0),  # the batch the model reads (the copy to a GPU)
+            "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
             "sizes": sizes,
         }
         path = self.cfg.profile_out

@@ -14,12 +14,15 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from pathlib import Path
+
+from shared.roofline import gpu_step
 
 GIB = 2**30
 # the profile's format (shared/profiling.py writes it): bench/project.py measures a cached profile of another
 # version again (2: DDP's overhead from forward + backward only; FSDP2's split into forward + backward and the
-# optimizer step)
-PROFILE_VERSION = 2
+# optimizer step; 3: the op trace, the host's cost per call, the batch's bytes)
+PROFILE_VERSION = 3
 STRATEGIES = ("ddp", "fsdp", "pipeline", "pipeline_1f1b", "model_split", "hybrid")
 FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
           "reduce_scatter": lambda n: (n - 1) / n, "send_recv": lambda n: 1.0}  # fmt: skip
@@ -99,7 +102,8 @@ def _measured(table: dict, nbytes: float) -> float:
     """One measured collective at `nbytes`: the pooled latency plus the bandwidth term up to the largest
     latency-bound size; above it, the sizes' means interpolated (from that size's pooled value)."""
     points = [(r["bytes"], r.get("mean_s", r["median_s"])) for r in table["sizes"]]
-    lat = latency(table, interval=False)
+    # nccl-tests' rows are already means over many iterations, monotone in S: interpolated as they are
+    lat = latency(table, interval=False) if table.get("source") != "nccl-tests" else None
     if lat:
         top = lat["up_to_bytes"]
         pooled = lambda s: lat["latency_s"] + s * lat["per_byte_s"]  # noqa: E731
@@ -167,23 +171,38 @@ def collective_s(hw: dict, op: str, nbytes: float, n: int, nodes: int = 1, world
     if world and world != n and str(world) in table and op in table[str(world)]:
         scaled = nbytes * FACTOR[op](n) / FACTOR[op](world)
         return _measured(pick(table[str(world)][op]), scaled)
-    if nodes > 1:
+    measured = table.get(str(n), {}).get(op)
+    if measured:  # measured at this N (this machine, or your nccl-tests output)
+        return _measured(pick(measured), nbytes)
+    if nodes > 1:  # hierarchical, as NCCL runs it: NVLink inside a node, every GPU's NIC (rail) in parallel
         g = n // nodes
         if op == "all_reduce":
             inner = collective_s(hw, "reduce_scatter", nbytes, g) + collective_s(hw, "all_gather", nbytes, g)
             return inner + _link(hw, "inter", op, nbytes / max(g, 1), nodes)
-        return _link(hw, "inter", op, nbytes, n)
-    measured = table.get(str(n), {}).get(op)
-    if measured:  # this machine: the pooled latency, then the measured means, interpolated
-        return _measured(pick(measured), nbytes)
+        if op in ("reduce_scatter", "all_gather"):  # inside on S, then between nodes on each GPU's S/g
+            return collective_s(hw, op, nbytes, g) + _link(hw, "inter", op, nbytes / max(g, 1), nodes)
+        return _link(hw, "inter", op, nbytes, 2)
     return _link(hw, "intra", op, nbytes, n)
 
 
 def _link(hw: dict, link: str, op: str, nbytes: float, n: int) -> float:
-    """latency + factor(n) * S / busbw; the latency grows with the ring's 2(n-1) steps from where it was fitted."""
-    spec = hw["links"][link] if "links" in hw else _fitted(hw, op)
-    steps = 2 * (n - 1) / (2 * (spec.get("fitted_n", 2) - 1))
-    return spec["latency_s"] * steps + FACTOR[op](n) * nbytes / (spec["busbw_GBps"] * 1e9)
+    """One collective on a link of a hardware file, as NCCL runs it, or on this machine's gloo beyond the N it
+    was measured at.
+
+    NCCL: latency = hops x latency_s / 2 (the file's latency_s is 2 GPUs' all-reduce: 2 hops), hops the fewer
+    of a ring's (2(n-1) for all-reduce, n-1 for all-gather / reduce-scatter) and a tree's (2 log2 n, log2 n),
+    as NCCL's tuner picks the faster for small messages; bus bandwidth saturating in the message size,
+    busbw x S / (S + half_bytes) (nccl-tests' curves: a 25 MiB DDP bucket runs well below the peak).
+    gloo (this machine): the fit, its latency along a ring's 2(n-1) steps from the N it was fitted at."""
+    if "links" not in hw:
+        spec = _fitted(hw, op)
+        steps = 2 * (n - 1) / (2 * (spec.get("fitted_n", 2) - 1))
+        return spec["latency_s"] * steps + FACTOR[op](n) * nbytes / (spec["busbw_GBps"] * 1e9)
+    spec = hw["links"][link]
+    log = math.ceil(math.log2(n))
+    hops = min(2 * (n - 1), 2 * log) if op == "all_reduce" else min(max(n - 1, 1), max(log, 1))
+    bw = spec["busbw_GBps"] * 1e9 * nbytes / (nbytes + spec.get("half_bytes", 0.0))
+    return spec["latency_s"] / 2 * hops + FACTOR[op](n) * nbytes / bw
 
 
 def _fitted(hw: dict, op: str) -> dict:
@@ -197,14 +216,32 @@ def _fitted(hw: dict, op: str) -> dict:
 
 
 class Model:
-    """A profile read at any per-device batch (linear interpolation between the measured sizes), on this
-    machine or scaled to another device by FLOPs (compute) and memory bandwidth (optimizer)."""
+    """A profile read at any per-device batch (linear interpolation between the measured sizes), on the device it
+    was measured on, or modelled on another one from its op trace (shared/roofline.py).
+
+    `compute_source` says which: "measured on <device>" where the profile's device is the one projected (this
+    machine's cores; a GPU profile projected on a hardware file of that GPU, `gpu_match`), else "modelled from
+    <hardware file>"."""
 
     def __init__(self, profile: dict, hw: dict):
         self.p, self.hw = profile, hw
         self.sizes = sorted((int(b), s) for b, s in profile["sizes"].items())
         self.full = profile["batch_size"]
-        self.local = hw.get("kind") == "measured"
+        gpu = str(profile.get("device", "")).startswith("cuda")
+        match = hw.get("gpu_match")
+        same_gpu = gpu and bool(match) and match.lower() in str(profile.get("device_name", "")).lower()
+        self.local = (hw.get("kind") == "measured" and not gpu) or same_gpu
+        if self.local:
+            self.compute_source = (
+                f"measured on {profile.get('device_name') or profile.get('device', 'this machine')}"
+            )
+        elif not profile.get("op_trace"):
+            raise ValueError(
+                f"the profile has no op trace to model {hw.get('name')} from (measured by an older version: "
+                "make project PROJECT_ARGS=--reprofile)"
+            )
+        else:
+            self.compute_source = f"modelled from {hw.get('name', 'a hardware file')}"
 
     def at(self, key: str, b: float):
         """`key` of the ladder at batch b (lists element-wise); linear in b between and beyond the sizes."""
@@ -222,31 +259,22 @@ class Model:
                 return None
             return max(0.0, a + w * (c - a))
 
-        return mix(lo[1][key], hi[1][key])
+        return mix(lo[1].get(key), hi[1].get(key))
 
     def times(self, b: float, contended: bool = False) -> dict:
-        """forward, backward, optimizer, other (seconds) for one step at per-device batch b. `contended`: other
-        processes on this machine step their optimizers at the same moment (they share its memory bandwidth;
+        """input, forward, backward, optimizer, other (seconds) for one step at per-device batch b. `contended`:
+        other processes on this CPU step their optimizers at the same moment (they share its memory bandwidth;
         the profile measured the slowdown with a neighbour streaming memory)."""
         if self.local:
             t = {k: self.at(f"{k}_s", b) for k in ("forward", "backward", "optimizer", "other")}
-            if contended:
+            t["input"] = min(self.at("data_s", b) or 0.0, t["other"])  # the batch's fetch, part of "other"
+            t["other"] -= t["input"]
+            if contended and self.hw.get("kind") == "measured":
                 t["optimizer"] *= self.p.get("optimizer_contention") or 1.0
-            return t
-        hw, p = self.hw, self.p
-        ref = self.at("forward_s", self.full), self.at("backward_s", self.full)
-        share_f = ref[0] / max(ref[0] + ref[1], 1e-12)
-        flops = p["flops_per_step"] * b / self.full
-        launch = hw["launch_overhead_s"] * (p["aten_calls_per_step"] or 0)
-        compute = max(flops / (hw["peak_flops"] * hw["efficiency"]), launch)
-        # Adam-like update: read and write parameters and state, read gradients, at memory bandwidth
-        traffic = 2 * p["param_bytes"] + p["grad_bytes"] + 2 * p["optimizer_state_bytes"]
-        return {
-            "forward": compute * share_f,
-            "backward": compute * (1 - share_f),
-            "optimizer": traffic / (hw["memory_bandwidth_GBps"] * 1e9) + hw["launch_overhead_s"] * len(p["params"]),
-            "other": hw.get("step_overhead_s", 0.0),
-        }  # fmt: skip
+        else:
+            fused = str(self.p.get("flags", {}).get("fused_optimizer", "auto")) != "false"
+            t = gpu_step(self.p, self.hw, scale=b / self.full, fused=fused)
+        return t
 
     def ready(self, b: float) -> list[float | None]:
         """When each parameter's gradient is ready, from the start of backward, at batch b."""
@@ -378,7 +406,7 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
     global_batch = batch if scaling == "strong" else batch * replicas  # weak: each replica keeps `batch`
     per_dev = global_batch / replicas
     t1 = sum(m.times(batch).values())
-    parts = {"compute": 0.0, "communication": 0.0, "bubble": 0.0}
+    parts = {"input": 0.0, "compute": 0.0, "communication": 0.0, "bubble": 0.0}
     P, G, S = profile["param_bytes"], profile["grad_bytes"], profile["optimizer_state_bytes"]
     act = lambda b: m.at("saved_activation_bytes", b) or 0.0  # noqa: E731
     busy = None  # total CPU-seconds of all processes (oversubscription check)
@@ -386,6 +414,7 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
     many = n > 1 and strategy != "model_split"  # several processes on one machine step at the same moment
     if strategy in ("ddp", "single") or n == 1 and strategy != "model_split":
         t = m.times(per_dev, contended=many)
+        parts["input"] = t.pop("input")
         parts["compute"] = sum(t.values())
         if n > 1 and m.local:  # DDP's bucket copies and averaging, measured on a one-rank group
             parts["compute"] += _overhead(profile, "ddp_overhead_s", assumed)
@@ -405,6 +434,7 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
         memory = P + G + S + act(per_dev) + (G if n > 1 else 0)
     elif strategy == "fsdp":
         t = m.times(per_dev, contended=True)
+        parts["input"] = t.pop("input")
         t["optimizer"] /= n
         # FSDP2's own work each step, measured on a one-rank group: copy-in/out and hooks in forward and
         # backward, and DTensor dispatch in the optimizer step, which each rank runs over its 1/N shard
@@ -435,6 +465,7 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
     elif strategy == "model_split":
         stages = m.stages(n, batch)
         t = m.times(batch)
+        parts["input"] = t.pop("input")
         parts["compute"] = sum(t.values())
         if not hw.get("kind") == "measured" or hw.get("devices_distinct", False):
             parts["communication"] = sum(
@@ -466,12 +497,13 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
         ):  # each stage's gradients all-reduced over its replicas (after the schedule, not overlapped)
             sync = max(collective_s(hw, "all_reduce", G * s, dp, 1) for s in share)
         parts["compute"] = max(work) + opt + t["other"]
+        parts["input"] = t["input"]
         parts["communication"] = span - span0 + sync  # transfers on the critical path, then the replica sync
         parts["bubble"] = max(0.0, span0 - max(work))
         # CPU-seconds of all processes: on a CPU, gloo's transfers are the cores' own copies and system calls
         # (a 4-process hybrid on 2 cores spent 10 s of its 54 CPU-seconds in the kernel), so they count as work
         busy = (
-            dp * (sum(work) + t["optimizer"] + sum(comm) * microbatches * 2 + pp * sync)
+            dp * (sum(work) + t["optimizer"] + sum(comm) * microbatches * 2 + pp * sync + t["input"])
             + dp * pp * t["other"]
         )
         in_flight = microbatches if sched == "gpipe" else min(microbatches, pp)
@@ -500,6 +532,7 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
             parts["compute"] += total / cores - step
             step = total / cores
     speedup = (t1 * global_batch / batch) / step
+    cause = superlinear_cause(m, strategy, n, batch, per_dev, speedup) if speedup / n > 1 + 1e-9 else None
     memory_gib = memory / GIB
     fits = memory_gib <= hw.get("memory_gib", float("inf"))
     return {
@@ -518,7 +551,24 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
         "bottleneck": "memory" if not fits else max(parts, key=parts.get),
         "oversubscribed": oversubscribed,
         "assumed": assumed,
+        "compute_source": m.compute_source,
+        "superlinear_cause": cause,  # efficiency above 1 only with a named cause ("unexplained" otherwise)
     }
+
+
+def superlinear_cause(m: Model, strategy: str, n: int, batch: int, per_dev: float, speedup: float) -> str:
+    """Why N devices would be more than N times faster, from the inputs that can make them so; "unexplained"
+    when none does (a test keeps committed projections free of those)."""
+    causes = []
+    if strategy == "fsdp" and m.times(per_dev)["optimizer"] > 0:
+        causes.append("FSDP shards the optimizer step: each device updates 1/N of the parameters")
+    if per_dev < batch:
+        per_sample = lambda b: sum(m.times(b).values()) / b  # noqa: E731
+        if per_sample(per_dev) < per_sample(batch) * (1 - 1e-9):
+            causes.append(
+                f"a step costs less per sample at batch {per_dev:g} than at {batch} (the profile's ladder)"
+            )
+    return "; ".join(causes) or "unexplained"
 
 
 def _overhead(profile: dict, key: str, assumed: list) -> float:
@@ -592,3 +642,73 @@ def sentence(model: str, hw_name: str, preds: list[dict]) -> str:
     if weak:
         return f"{model} on {hw_name}: at the same global batch {held_back('strong')}; with the batch per replica kept, {weak}"
     return f"{model} on {hw_name}: at the same global batch {held_back('strong')}; with the batch per replica kept, {held_back('weak')}"
+
+
+# ----------------------------------------------------------------------------- ranges and verdicts
+
+VERDICTS = ("pays off", "does not pay off", "cannot tell")
+SIMPLEST = ("single", "ddp", "fsdp", "model_split", "pipeline_1f1b", "pipeline", "hybrid")
+
+
+def load_residuals(path: str | Path | None = None) -> dict:
+    """The validation residuals every prediction's range comes from (shared/residuals.yaml)."""
+    import yaml
+
+    return yaml.safe_load(Path(path or Path(__file__).with_name("residuals.yaml")).read_text())
+
+
+def with_range(pred: dict, residuals: dict) -> dict:
+    """`pred` with the range its kind of figure has shown in validation, and a verdict.
+
+    `residuals` (shared/residuals.yaml): per kind, `measured` (compute measured on the device projected) or
+    `modelled` (a GPU modelled from its op trace), the lowest and highest relative error, predicted over
+    measured minus 1, of the step time and of the speedup over one device. The truth was within
+    prediction / (1 + high) .. prediction / (1 + low) there, so that is the range. Verdict: `pays off` when the
+    whole speedup range is above 1, `does not pay off` when it is below, else `cannot tell`; one device is
+    the baseline (no verdict)."""
+    kind = "measured" if pred["compute_source"].startswith("measured") else "modelled"
+    r = residuals.get(kind) or {}
+
+    def span(value: float, errors: dict | None) -> list[float] | None:
+        if not errors:
+            return None
+        return [value / (1 + errors["high"]), value / (1 + errors["low"])]
+
+    step, speedup = span(pred["step_s"], r.get("step")), span(pred["speedup"], r.get("speedup"))
+    if pred["devices"] == 1 and pred["strategy"] == "single":
+        verdict = "baseline"
+    elif speedup is None:
+        verdict = "cannot tell"
+    else:
+        verdict = VERDICTS[0] if speedup[0] > 1 else VERDICTS[1] if speedup[1] < 1 else VERDICTS[2]
+    return {**pred, "compute_kind": kind, "step_range_s": step, "speedup_range": speedup, "verdict": verdict,
+            "range_source": r.get("source", "no validation of this kind: no range")}  # fmt: skip
+
+
+def verdict_lines(model: str, hw_name: str, preds: list[dict]) -> list[str]:
+    """Per N > 1, one line: the strategy with the highest speedup (a batch that does not fit is no option),
+    its speedup and range, the verdict, whether compute was measured or modelled, and the bottleneck."""
+    out = []
+    for scaling in ("strong", "weak"):
+        for n in sorted({p["devices"] for p in preds if p["devices"] > 1 and p["scaling"] == scaling}):
+            mine = [
+                p
+                for p in preds
+                if p["devices"] == n and p["scaling"] == scaling and p["bottleneck"] != "memory"
+            ]
+            if not mine:
+                out.append(f"{model} on {hw_name}, N = {n} ({scaling}): no strategy fits in memory")
+                continue
+            top = max(p["speedup"] for p in mine)
+            # the simplest strategy within 5% of the fastest: FSDP or a pipeline only where the figures say so
+            best = min(
+                (p for p in mine if p["speedup"] >= 0.95 * top), key=lambda p: SIMPLEST.index(p["strategy"])
+            )
+            rng = best.get("speedup_range")
+            band = f" [{rng[0]:.2f}-{rng[1]:.2f}]" if rng else ""
+            verdict = best.get("verdict", "cannot tell")
+            figure = f"{best['strategy']} x{best['speedup']:.2f}{band}, {best['bottleneck']}-bound"
+            advice = f"stay on one device (best: {figure})" if verdict == VERDICTS[1] else figure
+            out.append(f"{model} on {hw_name}, N = {n} ({scaling} scaling): {verdict}: {advice}, compute "
+                       f"{best['compute_source']}")  # fmt: skip
+    return out

@@ -44,6 +44,8 @@ SHOTS = Path(os.environ.get("DISTBENCH_SCREENSHOTS") or tempfile.mkdtemp(prefix=
 RESULTS = REPO / "docs" / "results" / "2026-11-29"  # the runs behind the README's speed tables
 # `make project-validate`'s records: projection + the real runs it checked
 PROJECTION = REPO / "docs" / "results" / "2026-11-30" / "projection-overheads"
+# `make project` on the study's 2 x T4 (modelled compute, ranges and verdicts): the README's screenshot
+PROJECTION_GPU = REPO / "docs" / "results" / "2026-12-07" / "projection"
 STALE_S = 600
 VIEWS = {
     "Speedup": "speedup_fixture",
@@ -284,11 +286,34 @@ def test_projection_view_on_the_committed_projection(browser, tmp_path_factory):
         p_ = show_tab(page, "Projection")
         p_.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
         names = legend(page)
-        assert "ddp (projected)" in names and "ddp (measured)" in names, names
-        assert "pipeline_1f1b (projected)" in names
+        assert "ddp (measured compute)" in names and "ddp (measured)" in names, names
+        assert "pipeline_1f1b (measured compute)" in names
         text = p_.inner_text()
         assert "pays off" in text and "Validation: mean |error|" in text
         assert p_.locator(".js-plotly-plot .errorbar").count() > 0  # measured points carry their range
         assert page.locator(".stException, [data-testid='stException']").count() == 0
-        p_.screenshot(path=SHOTS / "projection.png")
+        p_.screenshot(path=SHOTS / "projection_cpu.png")
+        page.close()
+
+
+@pytest.mark.parametrize("width", [1280, 1600])
+def test_projection_view_draws_ranges_labels_and_verdicts(browser, tmp_path_factory, width):
+    """The Projection tab on a committed GPU projection (modelled compute): every curve labelled measured or
+    modelled, its range a shaded band, and one verdict line per N (the README's screenshot at 1600 px)."""
+    with dashboard(PROJECTION_GPU, tmp_path_factory.mktemp("projection_gpu") / "server.log") as url:
+        page = open_page(browser, url)
+        page.set_viewport_size({"width": width, "height": 1500})
+        p_ = show_tab(page, "Projection")
+        p_.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
+        names = legend(page)
+        assert "ddp (modelled compute)" in names, names
+        fills = p_.locator(".js-plotly-plot .scatterlayer .js-fill")
+        assert fills.count() > 0  # the bands
+        text = p_.inner_text()
+        assert "Verdicts" in text and "N = 2 (strong scaling)" in text
+        assert any(v in text for v in ("pays off", "does not pay off", "cannot tell"))
+        assert "compute modelled from t4-pcie" in text  # the newest record: t4-pcie
+        assert page.locator(".stException, [data-testid='stException']").count() == 0
+        if width == 1600:
+            p_.screenshot(path=SHOTS / "projection.png")
         page.close()

@@ -268,9 +268,10 @@ def test_gpu_check_plumbing_on_the_cpu(tmp_path):
     )  # fmt: skip
     table = (tmp_path / "gc" / "table.md").read_text()
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and "check" not in ln]
-    assert len(rows) == 12 and "NOT checked here" in proc.stdout, explain(proc)
+    assert len(rows) == 13 and "NOT checked here" in proc.stdout, explain(proc)
     assert proc.returncode == 0 and all("| PASS |" in r for r in rows), table + explain(proc)
-    assert len(list((tmp_path / "gc" / "logs").glob("*.log"))) == 13
+    assert len(list((tmp_path / "gc" / "logs").glob("*.log"))) == 15
+    assert "profiled one-device step vs a real run" in table  # make project's GPU profile, checked
 
 
 # 7. compile warm-up on one train batch: the last partial batch and the eval batch recompiled inside epoch 1

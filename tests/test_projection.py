@@ -3,6 +3,7 @@ refusals, and one end-to-end projection on this CPU with a real profile (slow)."
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from tests.conftest import child_env, free_port, require_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 HW = {"name": "toy", "kind": "assumed", "links": {"intra": {"busbw_GBps": 1.0, "latency_s": 1e-3},
-      "inter": {"busbw_GBps": 0.1, "latency_s": 1e-2}}, "peak_flops": 1e12, "efficiency": 0.5,
+      "inter": {"busbw_GBps": 0.1, "latency_s": 1e-2}}, "peak_tflops": {"fp32": 1.0}, "matmul_efficiency": 0.5,
       "memory_bandwidth_GBps": 100, "launch_overhead_s": 1e-6, "comm_overlaps_compute": True}  # fmt: skip
 
 
@@ -50,7 +51,12 @@ def toy_profile(batch=8):
         "params": [{"name": "a.w", "bytes": 4_000_000, "piece": 0}, {"name": "b.w", "bytes": 400, "piece": 1}],
         "param_bytes": 4_000_400, "grad_bytes": 4_000_400, "optimizer_state_bytes": 8_000_800,
         "ddp_buckets": [[1, 0]], "flops_per_step": 10**9, "aten_calls_per_step": 100, "sizes": sizes,
-        "dtype": "float32",
+        "dtype": "float32", "host_s_per_op": 1e-5,
+        # one step's calls at this batch (shared/optrace.py): on HW, 0.8 ms forward and 1.6 ms backward
+        "op_trace": [["forward", "mm", "float32", "mm", 4e8, 10**6, 4 * 10**5, 1],
+                     ["backward", "mm", "float32", "mm", 8e8, 2 * 10**6, 4 * 10**5, 1],
+                     ["optimizer", "add_", "float32", "vector", 0, 8 * 10**6, 8 * 10**6, 6],
+                     ["other", "sum", "float32", "vector", 0, 1000, 0, 1]],
     }  # fmt: skip
 
 
@@ -64,12 +70,24 @@ def test_collectives_alpha_beta():
     assert collective_s(HW, "all_reduce", s, 1) == 0  # one device: nothing to reduce
     assert collective_s(HW, "all_reduce", 0, 4) == 0
     assert collective_s(HW, "all_reduce", s, 2) == pytest.approx(1e-3 + 1.0)  # 2(N-1)/N = 1
-    assert collective_s(HW, "all_gather", s, 2) == pytest.approx(1e-3 + 0.5)
-    assert collective_s(HW, "reduce_scatter", s, 4) == pytest.approx(3e-3 + 0.75)  # ring latency x (N-1)
-    assert collective_s(HW, "all_reduce", s, 4) == pytest.approx(3e-3 + 1.5)
+    assert collective_s(HW, "all_gather", s, 2) == pytest.approx(0.5e-3 + 0.5)  # one hop
+    # NCCL's fewer hops of ring and tree: latency grows as log2 N, not N - 1
+    assert collective_s(HW, "reduce_scatter", s, 4) == pytest.approx(1e-3 + 0.75)  # 2 hops (tree) of 0.5 ms
+    assert collective_s(HW, "all_reduce", s, 4) == pytest.approx(2e-3 + 1.5)  # 4 hops, not a ring's 6
+    assert collective_s(HW, "all_reduce", 8, 8) < 4e-3  # 6 hops of 0.5 ms, where a ring has 14
     # two nodes of two: reduce-scatter and all-gather inside, all-reduce of S/2 between the nodes
     inner = collective_s(HW, "reduce_scatter", s, 2) + collective_s(HW, "all_gather", s, 2)
     assert collective_s(HW, "all_reduce", s, 4, nodes=2) == pytest.approx(inner + 1e-2 + 0.5e9 / 0.1e9)
+    # all-gather across nodes is hierarchical too: inside on S, between nodes each GPU's rail on S/2
+    ag = collective_s(HW, "all_gather", s, 4, nodes=2)
+    assert ag == pytest.approx(collective_s(HW, "all_gather", s, 2) + 0.5e-2 + 0.5 * 0.5e9 / 0.1e9)
+
+
+def test_bus_bandwidth_saturates_with_the_message_size():
+    hw = {**HW, "links": {"intra": {"busbw_GBps": 100.0, "latency_s": 0.0, "half_bytes": 64e6}}}
+    big, bucket = collective_s(hw, "all_reduce", 8e9, 8), collective_s(hw, "all_reduce", 25 * 2**20, 8)
+    assert 8e9 * 1.75 / big / 1e9 == pytest.approx(100 * 8e9 / (8e9 + 64e6))  # near the peak
+    assert 25 * 2**20 * 1.75 / bucket / 1e9 == pytest.approx(100 * 25 * 2**20 / (25 * 2**20 + 64e6))  # ~29%
 
 
 def test_measured_collectives_interpolate_between_sizes():
@@ -249,7 +267,9 @@ def test_an_unmeasured_wrapper_overhead_is_named_not_silently_zero():
         1e-3 / 2 * (1.5 - 1)  # and the optimizer's half, contended (the toy's optimizer step: 1 ms)
     )
     assert project(prof, hw, "single", 1, batch=8)["assumed"] == []  # one device: no wrapper
-    assert project(prof, HW, "ddp", 2, batch=8)["assumed"] == []  # a GPU: counted FLOPs, no such input
+    assert (
+        project(prof, HW, "ddp", 2, batch=8)["assumed"] == []
+    )  # a GPU: modelled from its trace, no such input
 
 
 def test_ddp_overlap_bounds_exposed_communication():
@@ -263,7 +283,7 @@ def test_ddp_overlap_bounds_exposed_communication():
     assert control < over["parts_s"]["communication"] <= ar + control
     every = project(prof, {**HW, "comm_overlaps_compute": False}, "ddp", 2, batch=8, check_every=1)
     assert every["parts_s"]["communication"] == pytest.approx(ar + 25 * control)
-    assert over["bottleneck"] == "communication"  # 4 MB at 1 GB/s dwarfs 12 ms of compute
+    assert over["bottleneck"] == "communication"  # 4 MB at 1 GB/s (4 ms) beyond ~3 ms of compute
 
 
 def test_fsdp_volume_and_memory():
@@ -312,9 +332,15 @@ def test_hardware_files_name_their_sources():
     for f in files:
         hw = yaml.safe_load(f.read_text())
         assert hw["name"] == f.stem and hw["kind"] in ("measured", "assumed")
-        for key in ("peak_flops", "efficiency", "memory_bandwidth_GBps", "launch_overhead_s"):
+        keys = ("peak_tflops", "matmul_efficiency", "memory_efficiency", "memory_bandwidth_GBps",
+                "launch_overhead_s", "kernel_min_s", "host_link_GBps")  # fmt: skip
+        for key in keys:
+            if hw["kind"] == "assumed":
+                assert key in hw, f"{f.name}: no {key}"
             if key in hw:
                 assert hw.get(f"{key}_source"), f"{f.name}: {key} without a source"
+        if hw["kind"] == "assumed":
+            assert hw["peak_tflops"]["fp32"] > 0 and hw["gpu_match"]
         for link in hw.get("links", {}).values():
             assert link["source"] and link["busbw_GBps"] > 0
 
@@ -346,6 +372,10 @@ def test_a_profile_of_another_version_or_settings_is_measured_again():
         (["--validate", "--validate_rounds", "0"], "--validate_rounds must be positive"),
         (["--validate_from", "/nonexistent/dir"], "no run records there"),
         (["--profile", "/nonexistent/profile.json"], "no such file"),
+        (["--set", "image_size"], "expected key=value pairs"),
+        (["--set", "batch_size=8"], "the batch is --batch_size"),
+        (["--collectives", "/nonexistent/all_reduce.txt", "--hardware", "t4-pcie"], "cannot read"),
+        (["--collectives", str(REPO / "tests/fixtures/nccl/all_reduce_2xH100_lambda.txt")], "GPU --hardware"),
     ],
 )
 def test_bad_input_is_one_line(args, says, tmp_path):
@@ -368,7 +398,13 @@ def test_end_to_end_on_this_cpu(tmp_path):
     (hybrid,) = [p for p in rec["predictions"] if p["strategy"] == "hybrid" and p["scaling"] == "strong"]
     assert hybrid["devices"] == 4 and hybrid["oversubscribed"] == ((os.cpu_count() or 1) < 4)
     for p in rec["predictions"]:
-        assert p["step_s"] > 0 and p["bottleneck"] in ("compute", "communication", "bubble", "memory")
+        assert p["step_s"] > 0 and p["bottleneck"] in (
+            "input",
+            "compute",
+            "communication",
+            "bubble",
+            "memory",
+        )
         assert p["speedup"] == pytest.approx(p["single_step_s"] * p["global_batch"] / 64 / p["step_s"])
     prof = json.loads(next((tmp_path / "profiles").glob("profile-*.json")).read_text())
     assert prof["models"]["mlp"]["batch_size"] == 64 and "2" in prof["collectives"]
@@ -402,8 +438,16 @@ def test_end_to_end_on_this_cpu(tmp_path):
     assert row["error"] == pytest.approx(
         (row["predicted_step_s"] - row["measured_step_s"]) / row["measured_step_s"]
     )
-    # a run that did not finish is not a validated cell: said in one line, exit 1, the record still written
+    # a run already in the runs folder (the user's own) is compared with the projection without asking
     (good,) = runs.glob("*.json")
+    shutil.copy(good, tmp_path / good.name)
+    r = run_project("--model", "mlp", "--batch_size", "64", "--devices", "2", "--data_dir", data_dir,
+                    "--out", str(tmp_path / "yours.json"), tmp_path=tmp_path)  # fmt: skip
+    assert r.returncode == 0 and "your runs in" in r.stdout and "mean |error|" in r.stdout, r.stdout[-2000:]
+    (mine,) = json.loads((tmp_path / "yours.json").read_text())["runs_folder_check"]
+    assert mine["strategy"] == "ddp" and mine["measured_step_s"] == row["measured_step_s"]
+    (tmp_path / good.name).unlink()
+    # a run that did not finish is not a validated cell: said in one line, exit 1, the record still written
     (runs / "crashed.json").write_text(json.dumps({**json.loads(good.read_text()), "status": "failed"}))
     r = run_project("--model", "mlp", "--batch_size", "64", "--devices", "2", "--data_dir", data_dir,
                     "--validate_from", str(runs), "--out", str(tmp_path / "v2.json"), tmp_path=tmp_path)  # fmt: skip
@@ -506,3 +550,57 @@ def test_validating_from_a_folder_names_what_is_not_a_run_record(tmp_path):
         args, {"models": {"mlp": toy_profile(8)}}, {"kind": "measured"}, ["mlp"], None
     )
     assert check == [] and missing == ["list.json: not a run record", "torn.json: not a run record"]
+
+
+FIXTURES = REPO / "tests" / "fixtures" / "nccl"
+
+
+def test_real_nccl_tests_output_is_read_as_the_clusters_collectives():
+    from shared import nccl_tests
+
+    dgx = nccl_tests.parse(
+        (FIXTURES / "all_reduce_2x8xH100_dgx.txt").read_text(), "all_reduce_2x8xH100_dgx.txt"
+    )
+    assert dgx["op"] == "all_reduce" and dgx["ranks"] == 16 and dgx["devices"] == ["NVIDIA H100 80GB HBM3"]
+    assert dgx["rows"][0] == (8, pytest.approx(172.7e-6), 0.0)
+    assert dgx["rows"][-1] == (17179869184, pytest.approx(0.068195), 472.35)
+    two = nccl_tests.parse((FIXTURES / "all_reduce_2xH100_lambda.txt").read_text(), "x_all_reduce.txt")
+    assert two["ranks"] == 2 and len(two["rows"]) == 31
+    tables = nccl_tests.load(
+        [str(FIXTURES / f) for f in ("all_reduce_2x8xH100_dgx.txt", "all_reduce_2xH100_lambda.txt")]
+    )
+    hw = {**bp.load_hardware("h100-2nodes-ib"), "measured_collectives": tables}
+    # at a measured size and rank count, the file's own time; between sizes, interpolated
+    assert collective_s(hw, "all_reduce", 8589934592, 16, nodes=2) == pytest.approx(0.034409, rel=1e-3)
+    assert 1373.1e-6 < collective_s(hw, "all_reduce", 25 * 2**20, 16, nodes=2) < 1568.7e-6
+    assert collective_s(hw, "all_reduce", 2**30, 2) == pytest.approx(3105.0e-6, rel=1e-3)
+    # other rank counts and ops: the hardware file's links
+    assert collective_s(hw, "all_gather", 2**30, 16, nodes=2) == pytest.approx(
+        collective_s(bp.load_hardware("h100-2nodes-ib"), "all_gather", 2**30, 16, nodes=2)
+    )
+
+
+@pytest.mark.parametrize(
+    "text, says", [("no table here\n", "which collective"), ("#  Rank 0\n", "which collective")]
+)
+def test_a_file_that_is_not_nccl_tests_output_is_one_line(text, says, tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text(text)
+    proc = run_project("--hardware", "h100-nvlink", "--collectives", str(bad), tmp_path=tmp_path)
+    assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+        proc.stderr
+    )
+    named = tmp_path / "all_reduce.txt"
+    named.write_text(text)
+    proc = run_project("--hardware", "h100-nvlink", "--collectives", str(named), tmp_path=tmp_path)
+    assert proc.returncode == 2 and "no nccl-tests table" in proc.stderr, proc.stderr
+    proc = run_project("--hardware", "h100-nvlink", "--collectives", str(tmp_path / "missing_all_gather.txt"),
+                       tmp_path=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "cannot read" in proc.stderr, proc.stderr
+
+
+def test_what_is_asked_is_what_is_profiled():
+    args = SimpleNamespace(batch_size=512, set="image_size=224,freeze=true")
+    fl = bp.settings("vgg11", {"vgg11": {"batch_size": 16, "limit_train": 192, "image_size": 32}}, args)
+    # the batch asked for, enough rows for the profile's steps at it, and the script's own flags
+    assert fl == {"batch_size": 512, "limit_train": 6144, "image_size": "224", "freeze": "true"}
