@@ -18,6 +18,7 @@ import re
 import secrets
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -220,11 +221,41 @@ class RunRecord:
 # ----------------------------------------------------------------------------- reading
 
 
+_TYPES = {"object": dict, "array": list, "string": str, "number": (int, float), "integer": int,
+          "boolean": bool, "null": type(None)}  # fmt: skip
+_warned = []
+
+
+def _validate_plain(record: dict, schema: dict) -> list[str]:
+    """Without jsonschema (a GPU machine's bare image): the schema's required top-level fields and their
+    types only, said once on stderr."""
+    if not _warned:
+        _warned.append(1)
+        print("note: jsonschema is not installed: run records are checked for their required fields and types "
+              "only", file=sys.stderr)  # fmt: skip
+    errors = [
+        f"(top level): '{k}' is a required property" for k in schema.get("required", []) if k not in record
+    ]
+    for key, spec in schema.get("properties", {}).items():
+        kinds = spec.get("type")
+        if key not in record or kinds is None:
+            continue
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        value = record[key]
+        ok = any(isinstance(value, _TYPES[k]) and not (k in ("number", "integer") and isinstance(value, bool))
+                 for k in kinds if k in _TYPES)  # fmt: skip
+        if not ok:
+            errors.append(f"{key}: {value!r:.40} is not of type {', '.join(kinds)}")
+    return errors
+
+
 def validate(record: dict) -> list[str]:
     """Return schema violations as short strings (empty list = valid)."""
-    import jsonschema
-
     schema = json.loads(SCHEMA_PATH.read_text())
+    try:
+        import jsonschema
+    except ImportError:
+        return _validate_plain(record, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = []
     for e in sorted(validator.iter_errors(record), key=lambda e: list(e.absolute_path)):

@@ -1,6 +1,7 @@
 """What a review of the CUDA-only code paths found (docs/gpu.md), proven on the CPU where the CPU can show it:
 each test fails on the code before its fix. The GPU itself is checked by `make gpu-check`."""
 
+import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -291,3 +292,18 @@ def test_compile_warm_up_covers_every_shape_before_epoch_1(tmp_path):
         "Recompiling" in ln for ln in lines[:first_epoch]
     )  # the tail of 10 rows: compiled in the warm-up
     assert not any("Recompiling" in ln for ln in lines[first_epoch:]), "\n".join(lines[first_epoch:])[:3000]
+
+
+def test_records_are_checked_without_jsonschema(monkeypatch, capsys):
+    """A bare GPU image has no jsonschema: record checks fall back to the schema's required fields and types,
+    said once."""
+    from shared import record
+
+    monkeypatch.setitem(sys.modules, "jsonschema", None)  # import jsonschema -> ImportError
+    monkeypatch.setattr(record, "_warned", [])
+    good = json.loads(sorted((REPO / "docs/results/2026-11-29/quick-run3").glob("mlp-*.json"))[0].read_text())
+    assert record.validate(good) == []
+    bad = {k: v for k, v in good.items() if k != "run_id"}
+    assert any("run_id" in e for e in record.validate(bad))
+    assert any("history" in e for e in record.validate({**good, "history": "x"}))
+    assert capsys.readouterr().err.count("jsonschema is not installed") == 1
