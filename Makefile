@@ -39,9 +39,14 @@ screenshots: venv browser
 
 # every GPU check in one command (<= 8 min on one GPU; docs/gpu.md); without CUDA: one line, exit 2.
 # Runs with the venv's python if there is one, else python3 (a lent GPU machine brings its own torch).
-.PHONY: gpu-check
+.PHONY: gpu-check gpu-check-prepare
+# what must travel to a borrowed GPU machine (data/ with MNIST, IMDB, Multi30k; no wheels needed): prints the
+# device tool's carry list and the one command (docs/gpu.md)
+gpu-check-prepare: venv
+	$(BIN)/python bench/gpu_prepare.py --data_dir $(DATA_DIR)
+
 gpu-check:
-	$(or $(wildcard $(BIN)/python),python3) bench/gpu_check.py --data_dir $(DATA_DIR) --out $(or $(OUT),gpu_check)
+	$(or $(wildcard $(BIN)/python),python3) bench/gpu_check.py --data_dir $(if $(wildcard data/mnist),data,$(DATA_DIR)) --out $(or $(OUT),gpu_check)
 
 # the four datasets in DATA_DIR, verified (counts, readable files); missing ones downloaded from the Hugging
 # Face hub first. ONLY="mnist imdb" for some of them.

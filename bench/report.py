@@ -295,20 +295,47 @@ def generate(root: Path, manifest: Path) -> dict[Path, str]:
     records = Records(root)
     texts: dict[Path, str] = {}
     for t in spec.get("tables") or []:
+        if t.get("kind") == "gpu-check":  # the committed `make gpu-check` tables, as they came back
+            target = root / t["file"]
+            texts.setdefault(target, target.read_text())
+            texts[target] = replace_block(
+                texts[target], t, gpu_rows(root, t.get("checks") or [], target.parent)
+            )
+            continue
         if not {"name", "file", "summaries"} <= set(t):
             raise Refused(f"{records.rel(manifest)}: a table needs name, file and summaries: {t}")
         target = root / t["file"]
         if target not in texts:
             texts[target] = target.read_text()
         batches = [Batch(root / s, records) for s in t["summaries"]]
-        body = table(t, batches, target.parent)
-        start, end = f"<!-- report:{t['name']} -->", f"<!-- /report:{t['name']} -->"
-        pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-        if not (m := pattern.search(texts[target])):
-            raise Refused(f"{t['file']}: no {start} … {end} markers for table {t['name']}")
-        texts[target] = f"{texts[target][: m.start()]}{start}\n\n{body}\n\n{end}{texts[target][m.end() :]}"
+        texts[target] = replace_block(texts[target], t, table(t, batches, target.parent))
     records.check_clean()
     return texts
+
+
+def replace_block(text: str, t: dict, body: str) -> str:
+    start, end = f"<!-- report:{t['name']} -->", f"<!-- /report:{t['name']} -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not (m := pattern.search(text)):
+        raise Refused(f"{t['file']}: no {start} … {end} markers for table {t['name']}")
+    return f"{text[: m.start()]}{start}\n\n{body}\n\n{end}{text[m.end() :]}"
+
+
+def gpu_rows(root: Path, checks: list[str], base: Path) -> str:
+    """The GPU rows: each committed gpu-check table.md (its first line names the device and the date), or what
+    to do while there is none."""
+    if not checks:
+        return ("No GPU check has run yet: every GPU figure in this project is modelled. `make gpu-check` on a GPU "
+                "machine ([docs/gpu.md](docs/gpu.md)), its `table.md` committed under `docs/results/<date>/gpu-check/` "
+                "and named in docs/results/report.yaml, and `make report` puts its rows here.")  # fmt: skip
+    parts = []
+    for c in checks:
+        path = root / c
+        if not path.is_file():
+            raise Refused(f"{c}: no such gpu-check table")
+        head, _, rows = path.read_text().partition("\n\n")
+        parts.append(f"{head.strip()} ([table]({os.path.relpath(path, base)}))\n\n{rows.strip()}")
+    return "\n\n".join(parts)
 
 
 def write_replace(path: Path, text: str) -> None:

@@ -61,6 +61,25 @@ while True: opt.step()
 """
 
 
+def size_based_units(model: torch.nn.Module, min_params: int = FSDP_MIN_PARAMS) -> list[torch.nn.Module]:
+    """The submodules Accelerate's SIZE_BASED_WRAP shards as units of their own (accelerate_configs/*_fsdp.yaml),
+    children before parents: a module whose parameters not already in a unit below it number at least
+    `min_params` (torch's size_based_auto_wrap_policy). A module called from outside its parent's forward (the
+    seq2seq decoder's output layer) must be a unit of its own, or FSDP2 meets it still sharded."""
+    units: list[torch.nn.Module] = []
+
+    def visit(m: torch.nn.Module) -> int:
+        """Parameters of `m` not in a unit below it."""
+        free = sum(visit(c) for c in m.children()) + sum(p.numel() for p in m.parameters(recurse=False))
+        if m is not model and free >= min_params:
+            units.append(m)
+            return 0
+        return free
+
+    visit(model)
+    return units
+
+
 def _surrogate_step(model, opt, args, kwargs, clock=time.perf_counter) -> tuple[float, float]:
     """One training step without the script's loss: forward, backward of the outputs' sum, optimizer step.
     Returns the seconds of forward + backward and of the optimizer step."""
@@ -190,6 +209,8 @@ class Profiler:
             self.now.setdefault("piece_s", {})
             self.now["piece_s"][i] = self.now["piece_s"].get(i, 0.0) + t - self.now.pop(("p", i), t)
             self.now.setdefault("piece_bytes", {})[i] = _bytes(out)
+            calls = self.now.setdefault("piece_calls", {})  # FSDP2 gathers a unit again at every call
+            calls[i] = calls.get(i, 0) + 1
 
     def _ready(self, j):
         self.now.setdefault("ready", {})[j] = self._clock()
@@ -271,6 +292,7 @@ class Profiler:
             "optimizer_s": o1 - o0,
             "piece_s": [n.get("piece_s", {}).get(i, 0.0) for i in range(len(self.pieces))],
             "piece_bytes": [n.get("piece_bytes", {}).get(i, 0) for i in range(len(self.pieces))],
+            "piece_calls": [n.get("piece_calls", {}).get(i, 0) for i in range(len(self.pieces))],
             "ready_s": [ready[j] - f1 if j in ready else None for j in range(len(self.params))],
         }
 
@@ -286,6 +308,9 @@ class Profiler:
         )
         out["piece_s"] = [med(s["piece_s"][i] for s in steps) for i in range(len(self.pieces))]
         out["piece_bytes"] = steps[-1]["piece_bytes"]
+        out["piece_calls"] = [
+            statistics.median(s["piece_calls"][i] for s in steps) for i in range(len(self.pieces))
+        ]
         out["ready_s"] = [
             med(r for s in steps if (r := s["ready_s"][j]) is not None) if steps[0]["ready_s"][j] is not None
             else None
@@ -331,9 +356,8 @@ class Profiler:
                 if kind == "ddp":
                     model = DistributedDataParallel(model)
                 elif kind == "fsdp":
-                    for _, piece in pieces(model):  # the copy's pieces, never the trained model's
-                        if sum(p.numel() for p in piece.parameters()) >= FSDP_MIN_PARAMS:
-                            fully_shard(piece, mesh=mesh)
+                    for unit in size_based_units(model):  # the copy's, never the trained model's
+                        fully_shard(unit, mesh=mesh)
                     fully_shard(model, mesh=mesh)
                 opt = type(self.optimizer)(model.parameters(), **self.optimizer.defaults)
                 for _ in range(2):  # warm-up: DDP builds its buckets in step 1 and rebuilds them after it

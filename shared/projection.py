@@ -443,7 +443,10 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
             parts["compute"] += _overhead(profile, "fsdp_overhead_s", assumed)
             parts["compute"] += _overhead(profile, "fsdp_optimizer_overhead_s", assumed) / n
         units = _fsdp_units(profile, min_unit_params)
-        ag = [collective_s(hw, "all_gather", u, n, nodes) for u in units]
+        # a unit is gathered again at every call of its forward (resharded after each): the decoder of a seq2seq
+        # runs once per teacher-forced segment; older profiles have no call counts (once)
+        calls = _fsdp_unit_calls(profile, min_unit_params)
+        ag = [c * collective_s(hw, "all_gather", u, n, nodes) for u, c in zip(units, calls, strict=True)]
         rs = [collective_s(hw, "reduce_scatter", u, n, nodes) for u in units]
         if hw.get("comm_overlaps_compute"):
             # torch.distributed._tools.fsdp_ilp: the next unit's all-gather hides behind this unit's forward;
@@ -596,6 +599,13 @@ def _fsdp_unit_pieces(profile: dict, min_params: int) -> tuple[list[int], list[f
 def _fsdp_units(profile: dict, min_params: int) -> list[float]:
     """Bytes per FSDP unit, root last."""
     return _fsdp_unit_pieces(profile, min_params)[1]
+
+
+def _fsdp_unit_calls(profile: dict, min_params: int) -> list[float]:
+    """Forward calls per step of each FSDP unit (units as _fsdp_units, root last: once)."""
+    own, _ = _fsdp_unit_pieces(profile, min_params)
+    per_piece = profile["sizes"][str(profile["batch_size"])].get("piece_calls")
+    return [max(1.0, per_piece[k]) if per_piece else 1.0 for k in own] + [1.0]
 
 
 def _fsdp_unit_shares(profile: dict, min_params: int, piece_s: list[float]) -> list[float]:

@@ -2,6 +2,7 @@
 each test fails on the code before its fix. The GPU itself is checked by `make gpu-check`."""
 
 import json
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -259,20 +260,87 @@ def test_gpu_check_without_cuda_is_one_line_and_exit_2(tmp_path):
     )
 
 
+BLOCKER = """import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"jsonschema", "datasets", "streamlit", "plotly"}:
+            raise ImportError(f"{name} is not on the GPU image (blocked by the rehearsal)")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def rehearsal_copy(tmp_path):
+    """A fresh copy of the checkout holding only what travels: the tracked files and `make gpu-check-prepare`'s
+    data/; a PYTHONPATH entry that makes jsonschema, datasets, streamlit and plotly unimportable."""
+    root = require_dataset("mnist").parent
+    copy = tmp_path / "checkout"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        if (REPO / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
+    prep = subprocess.run([sys.executable, str(copy / "bench/gpu_prepare.py"), "--data_dir", str(root), "--dest",
+                           str(copy / "data")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert prep.returncode == 0 and "carry: ['data/mnist', 'data/imdb', 'data/multi30k']" in prep.stdout, prep
+    assert not (copy / "data" / "cifar10").exists()  # 170 MB does not travel
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    return copy, {**child_env(), "PYTHONPATH": str(blocker)}
+
+
+def check_out(out):
+    """What comes back from the device tool: at most 8 files, at most 2 folders deep."""
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in files) == ["gpu_check.tar.gz", "table.md"], files
+    assert all(len(p.relative_to(out).parts) <= 3 for p in files)
+    rows = [
+        ln.split(" | ")
+        for ln in (out / "table.md").read_text().splitlines()
+        if ln.startswith("| ") and " | result | " not in ln
+    ]
+    return rows
+
+
 @pytest.mark.slow
-def test_gpu_check_plumbing_on_the_cpu(tmp_path):
-    """The same items on the CPU with tiny settings: every item runs, the table and the logs are written."""
-    root = require_dataset("mnist")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--plumbing", "--data_dir", str(root),
-         "--out", str(tmp_path / "gc")], capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=900,
-    )  # fmt: skip
-    table = (tmp_path / "gc" / "table.md").read_text()
-    rows = [ln for ln in table.splitlines() if ln.startswith("| ") and "check" not in ln]
-    assert len(rows) == 13 and "NOT checked here" in proc.stdout, explain(proc)
-    assert proc.returncode == 0 and all("| PASS |" in r for r in rows), table + explain(proc)
-    assert len(list((tmp_path / "gc" / "logs").glob("*.log"))) == 15
-    assert "profiled one-device step vs a real run" in table  # make project's GPU profile, checked
+def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
+    """make gpu-check's CPU rehearsal: the same entry point, from a fresh copy of only what travels, where
+    jsonschema, datasets, streamlit and plotly cannot be imported, $OUT an empty folder: table.md and one
+    tarball come back, every row has a status, the CUDA rows say SKIP: no CUDA, synthetic CIFAR says so."""
+    copy, env = rehearsal_copy(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--plumbing", "--data_dir", "data",
+                           "--deadline_s", "900"], cwd=copy, capture_output=True, text=True, timeout=1200,
+                          env={**env, "OUT": str(out)})  # fmt: skip
+    rows = check_out(out)
+    status = {r[0].lstrip("| "): r[1] for r in rows}
+    assert proc.returncode == 0 and "NOT checked here" in proc.stdout, explain(proc)
+    assert set(status.values()) <= {"PASS", "SKIP"} and "FAIL" not in status.values(), rows
+    skipped = [r for r in rows if r[1] == "SKIP"]
+    assert len(skipped) >= 18 + 6 and all(r[2] == "no CUDA" for r in skipped), skipped
+    assert "steady epoch, CUDA graphs" in " ".join(
+        status
+    ) and "profiled one-device step vs a real run" in " ".join(status)
+    assert all(
+        status[f"{m}: 3 steps (CPU plumbing)"] == "PASS" for m in ("mlp", "cnn", "vgg11", "nbow", "seq2seq")
+    )
+    assert "SYNTHETIC data" in next(
+        r[2] for r in rows if r[0].startswith("| cnn: 3 steps")
+    )  # no CIFAR carried
+    import tarfile
+
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        names = tar.getnames()
+    assert "gpu_check/table.md" in names and any(n.startswith("gpu_check/logs/") for n in names)
+    # a deadline nothing fits in: every row SKIP "not reached", and still the table and the tarball
+    out2 = tmp_path / "out2"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--plumbing", "--data_dir", "data",
+                           "--deadline_s", "1", "--out", str(out2)], cwd=copy, capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+    rows = check_out(out2)
+    assert proc.returncode == 0 and rows and all(r[1] == "SKIP" for r in rows), rows
+    assert any("not reached" in r[2] for r in rows)
 
 
 # 7. compile warm-up on one train batch: the last partial batch and the eval batch recompiled inside epoch 1

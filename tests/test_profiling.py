@@ -152,3 +152,15 @@ def test_the_profile_says_its_version(p):
     from shared.projection import PROFILE_VERSION
 
     assert p["version"] == PROFILE_VERSION and p["fsdp_optimizer_overhead_s"] is not None
+
+
+def test_fsdp_units_are_chosen_as_accelerates_size_based_wrap():
+    """Every submodule whose parameters not already in a unit below it reach the threshold is a unit, children
+    first: a layer its parent's forward does not call (seq2seq's output layer) gets its own unit."""
+    from shared.profiling import size_based_units
+
+    inner = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(400, 300))
+    m = torch.nn.Sequential(torch.nn.Linear(500, 300), inner, torch.nn.Linear(5, 5))
+    units = size_based_units(m, min_params=100_000)
+    assert units == [m[0], inner[1]]  # not `inner` itself: what is left of it is 110 parameters
+    assert size_based_units(m, min_params=10**9) == []

@@ -604,3 +604,15 @@ def test_what_is_asked_is_what_is_profiled():
     fl = bp.settings("vgg11", {"vgg11": {"batch_size": 16, "limit_train": 192, "image_size": 32}}, args)
     # the batch asked for, enough rows for the profile's steps at it, and the script's own flags
     assert fl == {"batch_size": 512, "limit_train": 6144, "image_size": "224", "freeze": "true"}
+
+
+def test_fsdp_gathers_a_unit_again_at_every_call():
+    """A unit whose forward runs k times a step (seq2seq's decoder, once per teacher-forced segment) is
+    all-gathered k times in forward and again in backward: FSDP2 reshards it after every call."""
+    prof = toy_profile(8)
+    hw = {**HW, "comm_overlaps_compute": False}
+    once = project(prof, hw, "fsdp", 2, batch=8)["parts_s"]["communication"]
+    thrice = {**prof, "sizes": {b: {**s, "piece_calls": [3, 1]} for b, s in prof["sizes"].items()}}
+    more = project(thrice, hw, "fsdp", 2, batch=8)["parts_s"]["communication"]
+    ag = collective_s(hw, "all_gather", 4_000_000, 2)
+    assert more - once == pytest.approx(2 * 2 * ag)  # 2 more calls, gathered in forward and in backward

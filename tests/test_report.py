@@ -150,3 +150,30 @@ def test_readme_is_a_front_page():
         assert must in text, must
     for script in ("mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"):
         assert f"scripts/{script}.py" in text, script
+
+
+def test_gpu_check_tables_become_the_readmes_gpu_rows(tmp_path):
+    """`make report` puts each committed gpu-check table.md between the README's gpu markers, or says there is
+    none; a named table that is not there stops the report."""
+    from bench.report import Refused, generate
+
+    (tmp_path / "README.md").write_text("x\n<!-- report:gpu -->\nold\n<!-- /report:gpu -->\ny\n")
+    manifest = tmp_path / "report.yaml"
+    manifest.write_text("tables:\n  - {name: gpu, file: README.md, kind: gpu-check, checks: []}\n")
+    (text,) = generate(tmp_path, manifest).values()
+    assert "No GPU check has run yet" in text and "old" not in text and text.startswith("x\n")
+    table = tmp_path / "docs/results/2026-12-08/gpu-check/table.md"
+    table.parent.mkdir(parents=True)
+    table.write_text(
+        "gpu-check on NVIDIA H100 80GB HBM3, 2026-12-08 10:00 UTC\n\n| check | result |\n|---|---|\n| a | PASS |\n"
+    )
+    manifest.write_text("tables:\n  - {name: gpu, file: README.md, kind: gpu-check, "
+                        "checks: [docs/results/2026-12-08/gpu-check/table.md]}\n")  # fmt: skip
+    (text,) = generate(tmp_path, manifest).values()
+    assert "gpu-check on NVIDIA H100 80GB HBM3" in text and "| a | PASS |" in text
+    assert "(docs/results/2026-12-08/gpu-check/table.md)" in text
+    manifest.write_text(
+        "tables:\n  - {name: gpu, file: README.md, kind: gpu-check, checks: [nope/table.md]}\n"
+    )
+    with pytest.raises(Refused, match="no such gpu-check table"):
+        generate(tmp_path, manifest)
