@@ -292,8 +292,12 @@ def speed(c: Check) -> None:
     cmd = [sys.executable, str(REPO / "bench" / "speed.py"), "--data_dir", c.args.data_dir, "--runs_dir",
            str(c.work / "runs" / "speed"), "--models", *models, "--steps", "200" if c.cuda else "3"]  # fmt: skip
     rc, text = c.run("bench_speed", cmd, 300)
-    mfu = [ln.strip() for ln in text.splitlines() if "MFU" in ln][-1:]
-    c.item(name, rc == 0, mfu[0][:80] if mfu else "see logs/bench_speed.log")
+    rows = [" ".join(ln.split()) for ln in text.splitlines() if ln.split() and ln.split()[0] in models]
+    c.item(
+        name,
+        rc == 0,
+        f"{rows[-1][:80]} (samples/s project, study, ratio, MFU, steps)" if rows else "see logs",
+    )
     name = "bench/speed.py: each variant's peak memory is its own (reset between variants)"
     if not c.gpu(name):
         return

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     if extra:
         print(f"note: data/ also holds {', '.join(extra)}: carry only the three folders above")
     print("wheels: none needed (the check imports nothing the GPU image lacks)")
-    print(f'carry: {["data/" + d for d in CARRIED]}')
+    print(f"carry: {['data/' + d for d in CARRIED]}")
     print(f"command (timeout_s 480): {COMMAND}")
     return 0
 

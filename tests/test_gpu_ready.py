@@ -272,7 +272,7 @@ sys.meta_path.insert(0, Block())
 def rehearsal_copy(tmp_path):
     """A fresh copy of the checkout holding only what travels: the tracked files and `make gpu-check-prepare`'s
     data/; a PYTHONPATH entry that makes jsonschema, datasets, streamlit and plotly unimportable."""
-    root = require_dataset("mnist").parent
+    root = require_dataset("mnist")
     copy = tmp_path / "checkout"
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
     for name in filter(None, files.decode().split("\0")):
