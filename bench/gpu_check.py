@@ -389,13 +389,14 @@ def main() -> int:
     (c.work / "versions.txt").write_text(f"{device}\ntorch {torch.__version__}\ncuda {torch.version.cuda}\n")
     tiny = ["--limit_eval", 200, "--eval_batch_size", 100] if not cuda else ["--limit_eval", 2000]
     try:
+        # the cheap and the unique first: the epochs (18 runs) take what time is left, then the speed bench
         scripts(c, tiny)
-        epochs(c, tiny)
         no_sync(c)
         nan_resume(c, tiny)
         review(c, tiny)
-        speed(c)
         project(c)
+        epochs(c, tiny)
+        speed(c)
     except KeyboardInterrupt:
         c.row("interrupted", "SKIP", "Ctrl-C: the rest not run")
     return c.finish(device)
