@@ -96,7 +96,7 @@ project-validate: venv
 	$(BIN)/python bench/project.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) --validate $(PROJECT_ARGS)
 
 # the modelled GPU compute against GPU figures that exist: published scaling tables and the study's T4 runs
-# (docs/projection.md#validation-on-gpu-figures-that-exist); about 15 minutes on 2 cores
+# (docs/projection.md#validation-on-gpu-figures-that-exist); 10 minutes on this 2-core machine (2026-12-07)
 .PHONY: gpu-validate
 gpu-validate: venv
 	$(BIN)/python -m bench.gpu_validation --data_dir $(DATA_DIR) --out $(RUNS_DIR)/gpu-validation
