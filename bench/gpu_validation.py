@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from bench.project import REPO, launch, load_hardware
+from bench.project import REPO, UsageError, load_hardware, profile_one
+from bench.report import write_replace
 from shared.optrace import OpTrace
 from shared.profiling import host_s_per_op
 from shared.projection import load_residuals, project, with_range
@@ -131,18 +132,12 @@ def published(residuals: dict) -> list[dict]:
 
 
 def study_profiles(args, work: Path) -> dict:
-    """Each script profiled on one CPU process at the study's settings (bench/project.py's launch)."""
+    """Each script profiled on one CPU process at the study's settings (bench/project.py's profile_one)."""
     work.mkdir(parents=True, exist_ok=True)
     out = {}
     for model, spec in STUDY.items():
         flags = {**STUDY_COMMON, **spec["flags"]}
-        f = work / f"{model}.json"
-        launch(["--config_file", str(REPO / "accelerate_configs/cpu_1proc.yaml"), "--num_cpu_threads_per_process",
-                "1", str(REPO / "scripts" / f"{model}.py"), "--data_dir", args.data_dir, "--runs_dir",
-                str(work / "runs"), "--profile_out", str(f), "--progress", "false",
-                *[x for k, v in flags.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]],
-               work / f"{model}.log", timeout=1200)  # fmt: skip
-        out[model] = {**json.loads(f.read_text()), "flags": flags}
+        out[model] = {**profile_one(model, flags, args, work), "flags": flags}
         print(f"profiled {model} at the study's settings", flush=True)
     return out
 
@@ -199,6 +194,14 @@ def error_span(rows: list[dict], key: str) -> dict:
 
 
 def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except (UsageError, OSError, ValueError, KeyError) as e:  # a missing or foreign file, a failed profile
+        print(f"error: {type(e).__name__ if isinstance(e, KeyError) else ''}{e}".strip(), file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data_dir", default="data")
     ap.add_argument("--out", default="runs/gpu-validation")
@@ -241,7 +244,7 @@ def main(argv=None) -> int:
     record = {"kind": "distbench-gpu-validation", "published": pub, "study": rows, "modelled_residuals": modelled,
               "study_host_slowdown": slowdown, "study_input": inputs, "study_profiles": profiles,
               "host_s_per_op": host_s_per_op()}  # fmt: skip
-    (out / "record.json").write_text(json.dumps(record, indent=1))
+    write_replace(out / "record.json", json.dumps(record, indent=1))
     lines = ["| id | model | GPU (system) | precision | batch/GPU | step ms measured | predicted | error | "
              "speedup at N measured | predicted | error | verdict |", "|" + "---|" * 12]  # fmt: skip
     for r in pub:
@@ -260,7 +263,7 @@ def main(argv=None) -> int:
                      f"{', '.join(f'{k} {v:g}' for k, v in r['parts_ms'].items() if v)} | "
                      f"{r['study_speedup']:.2f} | {r['predicted_speedup']:.2f} [{rng[0]:.2f}-{rng[1]:.2f}] | "
                      f"{r['verdict']} | {r['study_verdict']} |")  # fmt: skip
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    write_replace(out / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"modelled residuals (published points; step also the study's at host slowdown 1): {modelled}")
     return 0

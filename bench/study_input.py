@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from shared.config import UserError
 from shared.data import read_cifar10, read_idx
 from shared.text import basic_english, read_jsonl_gz, read_lines_gz
 
@@ -125,13 +128,23 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     data = Path(args.data_dir)
     out = {}
+    unknown = [m for m in args.models.split(",") if m not in BATCH]
+    if unknown:
+        print(f"error: --models {','.join(unknown)}: unknown; known: {', '.join(BATCH)}", file=sys.stderr)
+        return 2
     for model in args.models.split(","):
-        loader = text_loader(model, data) if model in ("nbow", "seq2seq") else image_loader(model, data)
+        try:
+            loader = text_loader(model, data) if model in ("nbow", "seq2seq") else image_loader(model, data)
+        except (OSError, UserError) as e:  # no such dataset under --data_dir, or a damaged file
+            print(f"error: {model}: {e} (--data_dir {args.data_dir}; make data)", file=sys.stderr)
+            return 2
         out[model] = {"batch": BATCH[model], **time_batches(loader, args.batches)}
         print(f"{model}: {out[model]['median_s'] * 1e3:.1f} ms per batch of {BATCH[model]} "
               f"({out[model]['min_s'] * 1e3:.1f}-{out[model]['max_s'] * 1e3:.1f})", flush=True)  # fmt: skip
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+    if args.out:  # whole or not at all
+        tmp = Path(f"{args.out}.part")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, args.out)
     return 0
 
 

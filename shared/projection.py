@@ -224,7 +224,7 @@ class Model:
     <hardware file>"."""
 
     def __init__(self, profile: dict, hw: dict):
-        self.p, self.hw = profile, hw
+        self.p, self.hw, self._times = profile, hw, {}
         self.sizes = sorted((int(b), s) for b, s in profile["sizes"].items())
         self.full = profile["batch_size"]
         gpu = str(profile.get("device", "")).startswith("cuda")
@@ -262,6 +262,14 @@ class Model:
         return mix(lo[1].get(key), hi[1].get(key))
 
     def times(self, b: float, contended: bool = False) -> dict:
+        """A copy of the step's parts at per-device batch b (cached: a prediction asks for them several times,
+        and a modelled GPU simulates the whole trace each time)."""
+        key = (b, contended)
+        if key not in self._times:
+            self._times[key] = self._parts(b, contended)
+        return dict(self._times[key])
+
+    def _parts(self, b: float, contended: bool) -> dict:
         """input, forward, backward, optimizer, other (seconds) for one step at per-device batch b. `contended`:
         other processes on this CPU step their optimizers at the same moment (they share its memory bandwidth;
         the profile measured the slowdown with a neighbour streaming memory)."""

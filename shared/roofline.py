@@ -61,7 +61,8 @@ def optimizer_calls(profile: dict, fused: bool) -> list[tuple[float, float]]:
     their bytes; filled in by gpu_step (it needs the hardware)."""
     n = len(profile["params"])
     launches = max(1, math.ceil(n / TENSORS_PER_LAUNCH))
-    traffic = 2 * profile["grad_bytes"] + profile["grad_bytes"] + 2 * profile["optimizer_state_bytes"]
+    trainable = profile["grad_bytes"]  # the trainable parameters' bytes: one gradient each
+    traffic = 2 * trainable + profile["grad_bytes"] + 2 * profile["optimizer_state_bytes"]
     if fused:
         return [(1, traffic / launches)] * launches
     return [(1, 2 * traffic / (FOREACH_OPS * launches))] * (FOREACH_OPS * launches)
@@ -93,37 +94,33 @@ def gpu_step(profile: dict, hw: dict, scale: float = 1.0, fused: bool = True) ->
             d = max(h, d) + device_s
 
     def optimizer():
+        """The GPU's optimizer step, once, where the CPU's ran (or after backward, or at the end)."""
+        nonlocal opt_done
+        if opt_done:
+            return
+        close("optimizer")
         for calls, dev_bytes in optimizer_calls(profile, fused):
             issue(calls * (host + launch), max(dev_bytes / bw, hw.get("kernel_min_s", 0.0)))
+        opt_done = True
 
     others = 0.0  # the profiling host's seconds in the calls outside forward, backward and the optimizer
     for call in trace:
         phase, kind, count = call[0], call[3], call[7]
         if phase == "optimizer":  # the CPU's optimizer calls: replaced by the GPU's
-            if not opt_done:
-                close("optimizer")
-                optimizer()
-                opt_done = True
+            optimizer()
             continue
         if phase != phase_now:
-            if phase == "other" and phase_now == "backward" and not opt_done:
-                close("optimizer")
+            if phase == "other" and phase_now == "backward":
                 optimizer()
-                opt_done = True
             close(phase)
         if phase == "other":
             others += call[8] if len(call) > 8 else count * host / slow
+        device = None if kind in ("view", "sync") else kernel_s(hw, call, scale, tf32)
         for _ in range(count):
-            if kind == "view":
-                issue(host, None)
-            elif kind == "sync":
-                issue(host, None)
+            issue(host + (launch if device is not None else 0.0), device)
+            if kind == "sync":
                 h = max(h, d)
-            else:
-                issue(host + launch, kernel_s(hw, call, scale, tf32))
-    if not opt_done:
-        close("optimizer")
-        optimizer()
+    optimizer()
     close(None)
     size = profile["sizes"][str(profile["batch_size"])]
     data = size.get("data_s") or 0.0
