@@ -342,7 +342,7 @@ def write_replace(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.chmod(tmp, path.stat().st_mode & 0o777)
+    os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # a new file: as open() makes it
     os.replace(tmp, path)
 
 
