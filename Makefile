@@ -74,6 +74,14 @@ bench-all: venv
 	$(BIN)/python bench/run.py --matrix bench/matrix.yaml --profile $(PROFILE) --data_dir $(DATA_DIR) \
 		--runs_dir $(RUNS_DIR) $(if $(RESUME),--resume $(RESUME))
 
+# K quick benches back to back (default 3, ~12 min each here): per cell, how often two benches' speedup
+# intervals overlap and their verdicts agree (bench/coverage.py); COVERAGE_OUT=<folder> for its record
+K ?= 3
+.PHONY: bench-coverage
+bench-coverage: venv
+	$(BIN)/python bench/coverage.py --k $(K) --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) \
+		$(if $(COVERAGE_OUT),--out $(COVERAGE_OUT))
+
 bench-quality: venv
 	$(BIN)/python bench/run.py --matrix bench/quality.yaml --profile full --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
 

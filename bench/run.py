@@ -5,16 +5,16 @@ Every cell is exactly what a user would launch by hand (this runner imports no s
     accelerate launch --config_file accelerate_configs/<config>.yaml [--num_cpu_threads_per_process T] \
         scripts/<model>.py --data_dir ... [profile overrides] [setup flags]
 Each run times its own steady state (shared/meter.py): warm-up apart, then the step times of up to 10
-windows of consecutive steps. A repetition is such a window; with `repeats: K` in the profile each cell is
-also launched K times, the launches interleaved round-robin (every cell once, then every cell again), and the
-windows of all its launches pooled. One launch costs 4-7 s of start-up on 2 cores (every process imports
-torch), so the quick profile times windows inside one launch to stay under 10 minutes; a full GPU profile
-can afford separate launches.
+windows of consecutive steps. Each cell is launched `repeats` times (the profile's; 2 in the quick profile),
+interleaved per model (its setups in order, then reversed: the baseline beside what it is compared with), and a
+setup whose launches differ by more than 10% in median step is launched again, up to `max_repeats`. Launches
+differ more than windows do (placement, allocator state, clock, neighbours), so the intervals resample both.
 
 Speedup = median step time of the baseline (one device, same model, profile, hardware, global batch, data
-and step budget) / this cell's, with a 95% bootstrap interval over the repetitions; efficiency = speedup /
-devices. Flags per cell (shared/stats.FLAGS): noisy, contended (other load during the run, or before or
-after it), superlinear, warmup-dominated, oversubscribed. Ctrl-C ends the matrix: the running cell is
+and step budget) / this cell's, with a 95% hierarchical bootstrap interval (launches, then windows);
+efficiency = speedup / devices; verdict per model: `pays off`, `does not pay off` or `cannot tell`. Flags per
+cell (shared/stats.FLAGS): noisy, contended (other load during the run, or before or after it), superlinear,
+warmup-dominated, oversubscribed, single-launch, launches-disagree. Ctrl-C ends the matrix: the running cell is
 interrupted and recorded, the summary is written with what finished, and `--resume <batch>` continues.
 
     python bench/run.py --matrix bench/matrix.yaml --profile quick --data_dir ../shared/data
@@ -40,7 +40,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from cells import cell_result, print_summary, summarize_cell  # noqa: E402
+from cells import cell_result, model_verdicts, print_summary, summarize_cell  # noqa: E402
 
 from shared import stats  # noqa: E402
 from shared.datasets import MODEL_DATA, hub_unreachable, missing_files  # noqa: E402
@@ -226,6 +226,13 @@ def main():
     ap.add_argument(
         "--repeats", type=int, default=0, help="launches per cell (default: the profile's repeats)"
     )
+    ap.add_argument(
+        "--max_repeats",
+        type=int,
+        default=0,
+        help="launches per cell at most, where its launches disagree (default: the profile's max_repeats, else "
+        "repeats + 2 when repeats > 1)",
+    )
     ap.add_argument("--resume", default="", help="a stopped batch id: run only its cells that did not finish")
     args = ap.parse_args()
     stop = Stop()
@@ -246,8 +253,9 @@ def main():
             setups_all = parse_setups(matrix)
         except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
             sys.exit(f"error: cannot read the matrix {args.matrix}: {e}")
-        if args.repeats < 0:
-            sys.exit(f"error: --repeats {args.repeats}: give 1 or more (0: the profile's)")
+        for flag, v in (("--repeats", args.repeats), ("--max_repeats", args.max_repeats)):
+            if v < 0:
+                sys.exit(f"error: {flag} {v}: give 1 or more (0: the profile's)")
         profile = args.profile if args.profile != "auto" else ("full" if n_cuda else "quick")
         if profile not in matrix["profiles"]:
             sys.exit(f"error: profile {profile!r} not in {args.matrix} (has {', '.join(matrix['profiles'])})")
@@ -267,6 +275,7 @@ def main():
             "threads": prof.get("threads_per_process", matrix.get("threads_per_process")),
             "timeout": args.timeout,
             "repeats": args.repeats or int(prof.get("repeats", 1)),
+            "max_repeats": args.max_repeats,
             "n_cuda": n_cuda,
             "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -284,29 +293,37 @@ def main():
         for s in ex["setups"]
     }
     seeds, repeats = prof.get("seeds", [0]), int(plan.get("repeats") or prof.get("repeats", 1))
+    # launches that disagree get more, up to this many per cell (with one launch there is nothing to compare)
+    most = max(
+        repeats, int(plan.get("max_repeats") or prof.get("max_repeats", repeats + 2 if repeats > 1 else 1))
+    )
     skipped = plan["skipped"] = {s: r for s in plan["setups"] if (r := skip_reason(setups[s], n_cuda))}
-    # round-robin: every cell once per round, so a drift of the machine spreads over all setups
-    cells = []
-    for rep in range(repeats):
-        for seed in seeds:
-            for model in plan["models"]:
-                for name in plan["setups"]:
-                    if name in skipped or (model, name) in excluded:
-                        continue
-                    flags = {
-                        **prof.get("common", {}),
-                        **(prof["models"][model] or {}),
-                        **setups[name]["flags"],
-                    }
-                    script = flags.pop("script", model)
-                    cid = f"{model}/{name}/seed{seed}/r{rep}"
-                    tag = f"bench:{plan['batch']}:{plan['profile']}:{model}:{name}:seed{seed}" + (
-                        f":r{rep}" if repeats > 1 else ""
-                    )
-                    cells.append(
-                        {"id": cid, "model": model, "setup": name, "seed": seed, "repeat": rep, "tag": tag}
-                        | {"script": script, "flags": flags}
-                    )
+
+    def make_cell(model: str, name: str, seed: int, rep: int) -> dict:
+        flags = {**prof.get("common", {}), **(prof["models"][model] or {}), **setups[name]["flags"]}
+        script = flags.pop("script", model)
+        tag = f"bench:{plan['batch']}:{plan['profile']}:{model}:{name}:seed{seed}" + (
+            f":r{rep}" if most > 1 else ""
+        )
+        return {"id": f"{model}/{name}/seed{seed}/r{rep}", "model": model, "setup": name, "seed": seed} | {
+            "repeat": rep,
+            "tag": tag,
+            "script": script,
+            "flags": flags,
+        }
+
+    # Interleaved per model: its setups in order, then in reverse (A B C .. C B A ..), so the baseline runs
+    # beside the setups it is compared with and a drift of the machine falls on both sides alike.
+    groups = {}
+    for seed in seeds:
+        for model in plan["models"]:
+            names = [n for n in plan["setups"] if n not in skipped and (model, n) not in excluded]
+            groups[(seed, model)] = [
+                make_cell(model, n, seed, rep)
+                for rep in range(repeats)
+                for n in (names if rep % 2 == 0 else names[::-1])
+            ]
+    cells = [c for g in groups.values() for c in g]
     todo = [c for c in cells if done.get(c["id"], {}).get("status") != "finished"]
     if not preflight(todo, plan["data_dir"]):
         if not args.resume:  # nothing ran: leave no empty batch behind
@@ -325,13 +342,13 @@ def main():
         write_replace(log_dir / "state.json", {"plan": plan, "results": list(done.values())})
 
     save_state()
-    t_start = time.perf_counter()
-    for i, cell in enumerate(todo):
-        if stop.signal:
-            break
-        eta = (time.perf_counter() - t_start) / i * (len(todo) - i) if i else None
+    t_start, n_run = time.perf_counter(), [0]
+
+    def run_cell(cell: dict, total: int):
+        i = n_run[0]
+        eta = (time.perf_counter() - t_start) / i * (total - i) if i else None
         print(
-            f"[{bar(i, len(todo))}] {i + 1}/{len(todo)} ETA {fmt_s(eta) if eta else '?'} | "
+            f"[{bar(i, total)}] {i + 1}/{total} ETA {fmt_s(eta) if eta else '?'} | "
             f"{cell['model']} {cell['setup']} seed {cell['seed']} r{cell['repeat']} ...",
             end="",
             flush=True,
@@ -346,6 +363,7 @@ def main():
         if stop.signal and res["status"] != "finished":
             res["status"] = "interrupted"
         done[cell["id"]] = res
+        n_run[0] += 1
         save_state()
         steady = res["steady"]
         shown = (
@@ -360,6 +378,41 @@ def main():
             + ("" if res["status"] == "finished" else f" (log {log})"),
             flush=True,
         )
+
+    spread = float(prof.get("launch_spread", stats.LAUNCH_SPREAD))
+
+    def disagreeing(seed: int, model: str) -> list[str]:
+        """The model's setups whose finished launches differ by more than `spread` in median step."""
+        out = []
+        for name in dict.fromkeys(c["setup"] for c in groups[(seed, model)]):
+            ws = [
+                r["windows_step_s"]
+                for r in done.values()
+                if (r["model"], r["setup"], r["seed"]) == (model, name, seed)
+                and r["status"] == "finished"
+                and r["windows_step_s"]
+            ]
+            if len(ws) > 1 and stats.launch_spread(ws) > spread:
+                out.append(name)
+        return out
+
+    total = len(todo)
+    for (seed, model), group in groups.items():
+        for cell in group:
+            if stop.signal:
+                break
+            if done.get(cell["id"], {}).get("status") != "finished":
+                run_cell(cell, total)
+        # launches of a setup that disagree: one more launch of it (a resumed batch redoes the same)
+        for rep in range(repeats, most):
+            extra = [make_cell(model, n, seed, rep) for n in disagreeing(seed, model)]
+            if stop.signal or not extra:
+                break
+            total += sum(done.get(c["id"], {}).get("status") != "finished" for c in extra)
+            for cell in extra:
+                cells.append(cell)
+                if not stop.signal and done.get(cell["id"], {}).get("status") != "finished":
+                    run_cell(cell, total)
 
     # ---- per cell: pool the launches, compare with the baseline
     cells_out = {}
@@ -395,6 +448,7 @@ def main():
                 **out,
             }
     missed = print_summary(plan, cells_out, prof)
+    verdicts = model_verdicts(plan, cells_out)
     failed = [r for r in done.values() if r["status"] != "finished"]
     summary = {
         "batch": plan["batch"],
@@ -402,10 +456,12 @@ def main():
         "plan": plan,
         "cuda_devices": n_cuda,
         "cpu_cores": os.cpu_count(),
-        "repetition": "a timed window of consecutive steady steps (up to 10 per launch); launches per cell: "
-        f"{repeats}, interleaved round-robin, windows pooled",
+        "repetition": "a launch, and inside it a timed window of consecutive steady steps (up to 10 per "
+        f"launch); launches per cell: {repeats} (up to {most} where they disagree), interleaved per model "
+        "(setups in order, then reversed); intervals by a hierarchical bootstrap over launches, then windows",
         "flag_definitions": stats.FLAGS,
         "cells": list(cells_out.values()),
+        "verdicts": verdicts,
         "results": list(done.values()),
         "missed_targets": missed,
         "complete": not stop.signal and len(done) >= len(cells),

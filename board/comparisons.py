@@ -119,6 +119,18 @@ def step_samples(rec: dict) -> tuple[list[float], bool]:
     return out, True
 
 
+def pooled_warm(members: list[dict]) -> bool:
+    """Warm-up-dominated over a cell's launches together (as bench/cells.py judges it): each launch of a
+    repeated cell may be short on its own. Records without the figures: any of them flagged."""
+    steadies = [((m["rec"].get("timing") or {}).get("steady") or {}) for m in members]
+    if not all("steps" in st for st in steadies):
+        return any(m["warm"] for m in members)
+    steps = sum(st["steps"] for st in steadies)
+    warm = sum(_num(st.get("warmup_s")) or 0.0 for st in steadies)
+    steady = sum(_num(st.get("steady_s")) or 0.0 for st in steadies)
+    return steps < stats.MIN_STEADY_STEPS or warm > steady
+
+
 def contended(rec: dict) -> bool:
     return bool(((rec.get("timing") or {}).get("steady") or {}).get("contended"))
 
@@ -150,7 +162,10 @@ def cells(runs: list[dict]) -> list[dict]:
         first = members[0]["rec"]
         s = first.get("setup") or {}
         samples = [x for m in members for x in m["samples"]]
-        step, ci = stats.median_ci(samples)
+        launches = [
+            m["samples"] for m in members
+        ]  # one list of windows per launch: the hierarchical bootstrap
+        step, ci = stats.launches_median_ci(launches)
         out.append(
             {
                 "group": group,
@@ -169,6 +184,7 @@ def cells(runs: list[dict]) -> list[dict]:
                 "runs": len(members),
                 "run_ids": [m["rec"]["run_id"] for m in members],
                 "samples": samples,
+                "launches": launches,
                 "pair_key": [
                     (
                         (m["rec"].get("config") or {}).get("seed"),
@@ -179,7 +195,7 @@ def cells(runs: list[dict]) -> list[dict]:
                 ],
                 "step_s": step,
                 "step_s_ci95": ci,
-                "warm": any(m["warm"] for m in members),
+                "warm": pooled_warm(members),
                 "contended": any(contended(m["rec"]) for m in members),
                 "oversubscribed": not any(str(d).startswith("cuda") for d in s.get("devices") or [])
                 and first.get("kind") != "study"
@@ -203,8 +219,8 @@ def cells(runs: list[dict]) -> list[dict]:
         c["baseline_setup"] = b["setup"]
         c.update(
             stats.comparison(
-                b["samples"],
-                c["samples"],
+                b["launches"],
+                c["launches"],
                 c["devices"],
                 contended=c["contended"] or b["contended"],
                 warmup_dominated=c["warm"] or b["warm"],

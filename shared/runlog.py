@@ -183,11 +183,12 @@ class RunLog:
         if self.record is None or self.record.data["status"] != "running":
             return
         try:
-            if isinstance(exc, (Interrupted, KeyboardInterrupt)):
-                why = f"interrupted: {exc or 'KeyboardInterrupt'}"
-                self.record.end("interrupted", self.elapsed(), error=why)
-            elif not isinstance(exc, RecordWriteError):
-                self.record.end("failed", self.elapsed(), error=describe_failure(exc, self.acc, self.pids))
+            with STOP.shielded():
+                if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+                    why = f"interrupted: {exc or 'KeyboardInterrupt'}"
+                    self.record.end("interrupted", self.elapsed(), error=why)
+                elif not isinstance(exc, RecordWriteError):
+                    self.record.end("failed", self.elapsed(), error=describe_failure(exc, self.acc, self.pids))
         except OSError:
             pass  # the record cannot be written (disk full): the original error is what the user sees
 

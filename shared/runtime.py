@@ -293,6 +293,9 @@ def shutdown(acc: Accelerator, par):
 
 def entry(main):
     """Run `main()`; bad input -> one line on stderr and exit 2; interruption -> 130/143; crash -> traceback, 1."""
+    from shared.malloc import steady_malloc
+
+    steady_malloc()  # before the first batch: the same allocator behaviour in every launch
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
     try:

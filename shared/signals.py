@@ -4,6 +4,7 @@ once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -22,9 +23,13 @@ class _Stop:
     def __init__(self):
         self.signal: str | None = None
         self.on_stuck = None  # called by the watchdog (record the run) before a forced exit
+        self.shield = False
 
     def handler(self, signum, frame):
         name = signal.Signals(signum).name
+        if self.shield:  # the record's last write is under way: it completes, then the process ends
+            self.signal = self.signal or name
+            return
         if self.signal is not None:
             raise Interrupted(f"second signal {name}")
         self.signal = name
@@ -40,6 +45,17 @@ class _Stop:
                 )
         finally:
             os._exit(143)
+
+
+    @contextlib.contextmanager
+    def shielded(self):
+        """No Interrupted raised inside: the final write of a record is not cut in half by a second signal
+        (a launcher passes Ctrl-C on as SIGINT, then SIGTERM)."""
+        self.shield = True
+        try:
+            yield
+        finally:
+            self.shield = False
 
 
 STOP = _Stop()

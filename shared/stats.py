@@ -3,10 +3,13 @@ when a comparison should not be trusted. Pure Python (no numpy, torch or pandas)
 step timer, the bench runner and the dashboard, so every figure is computed one way.
 
 A speedup is a ratio of two medians of step times measured at the same global batch. Its 95% interval is a
-percentile bootstrap: the repetitions of each side (timed windows of consecutive steps, or separate launches)
-are resampled independently, and the ratio of the resampled medians taken 2,000 times. A window is a block
-of consecutive steps, so resampling windows rather than single steps keeps the slow drifts of a shared
-machine (another job for a few seconds) inside the interval instead of averaging them away.
+hierarchical percentile bootstrap over the two levels a timing varies on: each side's launches are resampled
+(what changes between launches: placement, allocator state, clock, neighbours), then the timed windows inside
+each drawn launch (what changes within one), and the ratio of the pooled medians taken 2,000 times. A window
+is a block of consecutive steps, so resampling windows rather than single steps keeps the slow drifts of a
+shared machine inside the interval instead of averaging them away. With one launch per side only the second
+level exists: the interval is then the noise inside that launch, flagged `single-launch`, not a 95% interval
+of what a second launch would show.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ CONTENDED_SHARE = 0.10
 # A run is warm-up-dominated when it has too few steady steps to time (below 8 samples a bootstrap interval
 # of the median says little), or when its warm-up took longer than all its steady steps together.
 MIN_STEADY_STEPS = 8
+# Two launches of one cell whose median steps differ by more than this are a different machine state, not
+# noise: the runner launches the cell again (bench/run.py) and the cell is flagged.
+LAUNCH_SPREAD = 0.10
 WINDOW_S = 0.25  # steps at least this long are timed one per window
 FLAGS = {
     "noisy": f"95% interval wider than ±{NOISY_HALF_WIDTH:.0%} of the value",
@@ -35,7 +41,12 @@ FLAGS = {
     "(slow baseline, warm-up, contention), rarely real",
     "warmup-dominated": f"fewer than {MIN_STEADY_STEPS} steady steps, or the warm-up took longer than them",
     "oversubscribed": "more processes than CPU cores: processes share cores, so this is not N devices",
+    "single-launch": "one launch per side: the interval is the noise inside that launch, not a 95% interval "
+    "of what another launch would read",
+    "launches-disagree": f"this cell's or its baseline's launches differ by more than {LAUNCH_SPREAD:.0%} in "
+    "median step (a machine state that changes between launches); the interval spans them",
 }
+VERDICTS = ("pays off", "does not pay off", "cannot tell")
 
 
 def quantile(values, q: float) -> float:
@@ -112,6 +123,84 @@ def ratio_ci(
     return point, [quantile(boots, a), quantile(boots, 1 - a)]
 
 
+def _launches(launches) -> list[list[float]]:
+    out = [[float(x) for x in ws] for ws in launches if len(ws)]
+    if not out:
+        raise ValueError("no timed windows in any launch")
+    return out
+
+
+def _draw(launches: list[list[float]], idx) -> list[float]:
+    return [launches[i][j] for i, js in idx for j in js]
+
+
+def _indices(launches: list[list[float]], rng: random.Random):
+    """One hierarchical resample's indices: launches with replacement, then windows within each drawn launch
+    (reused for a paired other side)."""
+    picked = [rng.randrange(len(launches)) for _ in launches]
+    return [(i, [rng.randrange(len(launches[i])) for _ in launches[i]]) for i in picked]
+
+
+def launch_medians(launches) -> list[float]:
+    return [median(ws) for ws in _launches(launches)]
+
+
+def launch_spread(launches) -> float:
+    """max / min of the launches' median steps, less 1 (0 with one launch)."""
+    meds = launch_medians(launches)
+    return max(meds) / min(meds) - 1 if min(meds) > 0 else math.inf
+
+
+def launches_median_ci(launches, level: float = 0.95, n_boot: int = BOOTSTRAP, seed: int = 0):
+    """(median of the pooled windows, [low, high]) by the hierarchical bootstrap (launches, then windows).
+    One launch: the windows-only bootstrap of median_ci."""
+    ls = _launches(launches)
+    pooled = [w for ws in ls for w in ws]
+    if len(ls) == 1:
+        return median_ci(pooled, level, n_boot, seed)
+    rng = random.Random(seed)
+    boots = [median(_draw(ls, _indices(ls, rng))) for _ in range(n_boot)]
+    a = (1 - level) / 2
+    return median(pooled), [quantile(boots, a), quantile(boots, 1 - a)]
+
+
+def launches_ratio_ci(
+    numerator,
+    denominator,
+    level: float = 0.95,
+    n_boot: int = BOOTSTRAP,
+    seed: int = 0,
+    paired: bool = False,
+):
+    """ratio_ci over launches: each side a list of launches, each launch its list of timed windows. The
+    speedup is median(pooled baseline windows) / median(pooled windows); the interval resamples launches,
+    then windows within each drawn launch, independently per side, or with one set of indices for both when
+    paired (launch r and window k timed the same steps on both sides)."""
+    num, den = _launches(numerator), _launches(denominator)
+    if len(num) == 1 and len(den) == 1:
+        return ratio_ci(num[0], den[0], level, n_boot, seed, paired)
+    point = median([w for ws in num for w in ws]) / median([w for ws in den for w in ws])
+    same_shape = [len(ws) for ws in num] == [len(ws) for ws in den]
+    rng = random.Random(seed)
+    boots = []
+    for _ in range(n_boot):
+        i_num = _indices(num, rng)
+        i_den = i_num if paired and same_shape else _indices(den, rng)
+        boots.append(median(_draw(num, i_num)) / median(_draw(den, i_den)))
+    a = (1 - level) / 2
+    return point, [quantile(boots, a), quantile(boots, 1 - a)]
+
+
+def verdict(ci) -> str:
+    """`pays off` when the whole speedup interval is above 1, `does not pay off` when below, else
+    `cannot tell`."""
+    if ci[0] > 1:
+        return VERDICTS[0]
+    if ci[1] < 1:
+        return VERDICTS[1]
+    return VERDICTS[2]
+
+
 def half_width(value: float, ci: list[float]) -> float:
     """The larger distance from the value to an end of its interval, relative to the value."""
     return max(value - ci[0], ci[1] - value) / value if value else math.inf
@@ -144,8 +233,8 @@ def summarize_steps(step_s: list[float], samples_per_step: float, warmup_s: floa
 
 
 def comparison(
-    base_windows: list[float],
-    windows_: list[float],
+    base_windows,
+    windows_,
     devices: int,
     *,
     contended: bool = False,
@@ -153,10 +242,14 @@ def comparison(
     oversubscribed: bool = False,
     paired: bool = False,
 ) -> dict:
-    """Speedup of a run over its baseline (both as step-time samples), efficiency, intervals and flags."""
-    speedup, ci = ratio_ci(base_windows, windows_, paired=paired)
+    """Speedup of a run over its baseline, efficiency, intervals, verdict and flags. Each side is either a
+    list of step-time samples (one launch) or a list of launches, each its list of samples."""
+    base_l = base_windows if base_windows and isinstance(base_windows[0], list) else [base_windows]
+    runs_l = windows_ if windows_ and isinstance(windows_[0], list) else [windows_]
+    speedup, ci = launches_ratio_ci(base_l, runs_l, paired=paired)
+    n_base, n_runs = sum(map(len, base_l)), sum(map(len, runs_l))
     flags = []
-    if len(base_windows) < 2 or len(windows_) < 2 or half_width(speedup, ci) > NOISY_HALF_WIDTH:
+    if n_base < 2 or n_runs < 2 or half_width(speedup, ci) > NOISY_HALF_WIDTH:
         flags.append("noisy")
     if contended:
         flags.append("contended")
@@ -166,13 +259,21 @@ def comparison(
         flags.append("warmup-dominated")
     if oversubscribed:
         flags.append("oversubscribed")
+    if len(base_l) < 2 or len(runs_l) < 2:
+        flags.append("single-launch")
+    spreads = [launch_spread(x) for x in (base_l, runs_l) if len(x) > 1]
+    if spreads and max(spreads) > LAUNCH_SPREAD:
+        flags.append("launches-disagree")
     return {
         "speedup": speedup,
         "speedup_ci95": ci,
         "efficiency": speedup / devices,
         "efficiency_ci95": [ci[0] / devices, ci[1] / devices],
+        "verdict": verdict(ci),
         "flags": flags,
-        "paired": paired and len(base_windows) == len(windows_),
+        "launches_compared": [len(base_l), len(runs_l)],
+        "launch_medians": [launch_medians(base_l), launch_medians(runs_l)],
+        "paired": paired and [len(x) for x in base_l] == [len(x) for x in runs_l],
     }
 
 

@@ -166,19 +166,36 @@ def test_a_short_run_is_flagged_warmup_dominated(tmp_path):
     assert "WARM-UP-DOMINATED" in short.stdout
 
 
-def test_repeats_on_the_command_line_set_the_launches_per_cell(tmp_path):
-    """--repeats K overrides the profile's repeats (make project-validate runs one round at a time); a
-    negative count is one line and exit 1, with nothing started."""
+def test_launches_interleave_and_disagreeing_launches_get_one_more(tmp_path):
+    """--repeats K overrides the profile's repeats; the launches of a model run its setups in order, then
+    reversed (the baseline beside what it is compared with); a setup whose launches differ by more than the
+    profile's launch_spread (0 here: any difference) is launched again, up to --max_repeats; the summary's
+    intervals pool the launches. A negative count is one line and exit 1, with nothing started."""
     data = require_dataset("mnist")
-    m = matrix(tmp_path, ["cpu_1proc"], {"batch_size": 64, "limit_train": 640})
+    split = {"split": {"config": "cpu_1proc_model_split", "strategy": "model_split"}}
+    m = matrix(tmp_path, ["cpu_1proc", split], {"batch_size": 64, "limit_train": 640})
     spec = yaml.safe_load(m.read_text())
-    spec["profiles"]["t"]["repeats"] = 3
+    spec["profiles"]["t"] |= {"repeats": 3, "launch_spread": 0.0}
     m.write_text(yaml.safe_dump(spec))
     bad = subprocess.run([sys.executable, str(REPO / "bench/run.py"), "--matrix", str(m), "--profile", "t",
                           "--repeats", "-1", "--runs_dir", str(tmp_path / "runs")],
                          capture_output=True, text=True, cwd=REPO, env=child_env())  # fmt: skip
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error: --repeats -1"), bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
-    proc = start(tmp_path, "--matrix", str(m), "--profile", "t", "--data_dir", str(data), "--repeats", "1")
-    assert proc.wait(timeout=300) == 0, (tmp_path / "bench.log").read_text()[-2000:]
-    assert len(state(tmp_path)["results"]) == 1 and len(records(tmp_path / "runs")) == 1
+    proc = start(tmp_path, "--matrix", str(m), "--profile", "t", "--data_dir", str(data),
+                 "--repeats", "2", "--max_repeats", "3")  # fmt: skip
+    assert proc.wait(timeout=400) == 0, (tmp_path / "bench.log").read_text()[-2000:]
+    order = [(r["setup"], r["repeat"]) for r in state(tmp_path)["results"]]
+    assert order == [("cpu_1proc", 0), ("split", 0), ("split", 1), ("cpu_1proc", 1),
+                     ("cpu_1proc", 2), ("split", 2)], order  # fmt: skip
+    assert len(records(tmp_path / "runs")) == 6
+    summary = json.loads(next((tmp_path / "runs").glob("bench/*/summary.json")).read_text())
+    cell = next(c for c in summary["cells"] if c["setup"] == "split")
+    assert cell["finished"] == 3 and len(cell["launch_step_s"]) == 3 and cell["launches_compared"] == [3, 3]
+    assert cell["speedup_ci95"][0] <= cell["speedup"] <= cell["speedup_ci95"][1]
+    assert "single-launch" not in cell["flags"] and cell["verdict"] in (
+        "pays off",
+        "does not pay off",
+        "cannot tell",
+    )
+    assert "verdict per model" in (tmp_path / "bench.log").read_text()

@@ -67,7 +67,11 @@ def test_pairing_cancels_shared_batch_costs():
 def test_flags():
     same = [1.0, 1.01, 0.99, 1.0, 1.02, 0.98, 1.0, 1.0]
     c = stats.comparison(same, [x / 1.9 for x in same], devices=2)
-    assert c["flags"] == [] and c["speedup"] == pytest.approx(1.9) and c["efficiency"] == pytest.approx(0.95)
+    assert (
+        c["flags"] == ["single-launch"]
+        and c["speedup"] == pytest.approx(1.9)
+        and c["efficiency"] == pytest.approx(0.95)
+    )
     assert c["speedup_ci95"][0] <= c["speedup"] <= c["speedup_ci95"][1]
     assert "superlinear" in stats.comparison(same, [x / 2.2 for x in same], devices=2)["flags"]
     # a one-process model split is one device: 1.2x over its baseline is superlinear
@@ -78,8 +82,40 @@ def test_flags():
     flags = stats.comparison(same, same, 1, contended=True, warmup_dominated=True, oversubscribed=True)[
         "flags"
     ]
-    assert flags == ["contended", "warmup-dominated", "oversubscribed"]
+    assert flags == ["contended", "warmup-dominated", "oversubscribed", "single-launch"]
     assert set(flags) <= set(stats.FLAGS)
+    two = stats.comparison([same, same], [[x / 1.9 for x in same]] * 2, devices=2)
+    assert two["flags"] == [] and two["verdict"] == "pays off" and two["launches_compared"] == [2, 2]
+
+
+def test_the_interval_covers_what_another_launch_reads():
+    """Three launches of the baseline, one in another machine state (1.0, 1.0 and 1.45 s per step, each
+    tight inside): pooling their windows as one launch gives an interval that excludes what the odd launch
+    reads; the hierarchical bootstrap (launches, then windows) reaches it and flags the disagreement."""
+    fast = [1.0 + 0.005 * (i % 3) for i in range(10)]
+    slow = [1.45 + 0.005 * (i % 3) for i in range(10)]
+    run = [[0.6 + 0.003 * (i % 3) for i in range(10)] for _ in range(3)]
+    flat, flat_ci = stats.ratio_ci(fast + fast + slow, [w for ws in run for w in ws])
+    hier, ci = stats.launches_ratio_ci([fast, fast, slow], run)
+    assert hier == pytest.approx(flat)
+    odd = stats.median(slow) / stats.median(run[0])
+    assert flat_ci[1] < odd * 0.9 and ci[1] >= odd * 0.98  # only the hierarchical interval reaches it
+    assert ci[0] <= flat <= ci[1]
+    c = stats.comparison([fast, fast, slow], run, devices=2)
+    assert "launches-disagree" in c["flags"] and "single-launch" not in c["flags"]
+    assert c["launch_medians"][0] == pytest.approx([stats.median(fast)] * 2 + [stats.median(slow)])
+    m, mci = stats.launches_median_ci([fast, fast, slow])
+    assert mci[0] <= 1.01 and mci[1] >= 1.44
+    # paired launches (same shapes): one set of indices for both sides
+    p, pci = stats.launches_ratio_ci([fast, slow], [fast, slow], paired=True)
+    assert p == pytest.approx(1.0) and pci == pytest.approx([1.0, 1.0])
+
+
+def test_verdicts():
+    assert stats.verdict([1.05, 1.3]) == "pays off"
+    assert stats.verdict([0.6, 0.95]) == "does not pay off"
+    assert stats.verdict([0.9, 1.1]) == "cannot tell"
+    assert stats.verdict([1.0, 1.2]) == "cannot tell"  # touching 1: not above it
 
 
 def test_summarize_steps_flags_short_runs_as_warmup_dominated():
@@ -97,3 +133,54 @@ def test_sig_figures():
     assert stats.sig(0.0031778) == "0.00318"
     assert stats.sig(19520.4) == "19,520"
     assert stats.sig(None) == "—" and stats.sig(float("nan")) == "—" and stats.sig(0) == "0"
+
+
+def test_bench_coverage_counts_overlaps_differences_and_verdict_flips(tmp_path):
+    """bench/coverage.py on three summaries: per cell the overlapping pairs and the largest difference, per
+    model whether its verdict flips; oversubscribed cells and baselines are left out; bad input is one line."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def cell(setup, sp, ci, verdict, flags=()):
+        return {"model": "m", "setup": setup, "baseline": "one", "speedup": sp, "speedup_ci95": ci,
+                "verdict": verdict, "flags": list(flags)}  # fmt: skip
+
+    batches = {
+        "20260101-000001": ([cell("ddp", 1.5, [1.3, 1.7], "pays off"), cell("one", 1.0, [1.0, 1.0], "cannot tell")],
+                            {"m": {"verdict": "pays off", "strategy": "ddp", "speedup": 1.5}}),
+        "20260101-000002": ([cell("ddp", 1.6, [1.5, 1.8], "pays off"), cell("hyb", 0.5, [0.4, 0.6], "does not pay off",
+                                                                           ["oversubscribed"])],
+                            {"m": {"verdict": "pays off", "strategy": "ddp", "speedup": 1.6}}),
+        "20260101-000003": ([cell("ddp", 0.8, [0.7, 0.9], "does not pay off")],
+                            {"m": {"verdict": "does not pay off", "strategy": "ddp", "speedup": 0.8}}),
+    }  # fmt: skip
+    for b, (cells, verdicts) in batches.items():
+        (tmp_path / "bench" / b).mkdir(parents=True)
+        (tmp_path / "bench" / b / "summary.json").write_text(
+            json.dumps({"cells": cells, "verdicts": verdicts})
+        )
+    cmd = [
+        sys.executable,
+        str(REPO / "bench/coverage.py"),
+        "--runs_dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    out = subprocess.run([*cmd, "--batches", ",".join(batches)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    rec = json.loads((tmp_path / "o" / "coverage.json").read_text())
+    (row,) = rec["cells"]  # the baseline and the oversubscribed cell are not compared
+    assert row["cell"] == "m/ddp" and row["pairs"] == 3 and row["overlap"] == 1 and row["verdict_agree"] == 1
+    assert row["max_difference"] == pytest.approx(0.8 / 0.8)
+    assert rec["verdict_flips"] == ["m"] and rec["pairs_overlapping"] == 1
+    assert "| m/ddp |" in (tmp_path / "o" / "table.md").read_text()
+    bad = subprocess.run(
+        [*cmd, "--batches", "20260101-000001,nope"], capture_output=True, text=True, cwd=REPO
+    )
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "nope" in bad.stderr
+    one = subprocess.run([*cmd, "--k", "1"], capture_output=True, text=True, cwd=REPO)
+    assert one.returncode == 1 and "at least 2" in one.stderr
