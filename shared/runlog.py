@@ -188,7 +188,9 @@ class RunLog:
                     why = f"interrupted: {exc or 'KeyboardInterrupt'}"
                     self.record.end("interrupted", self.elapsed(), error=why)
                 elif not isinstance(exc, RecordWriteError):
-                    self.record.end("failed", self.elapsed(), error=describe_failure(exc, self.acc, self.pids))
+                    self.record.end(
+                        "failed", self.elapsed(), error=describe_failure(exc, self.acc, self.pids)
+                    )
         except OSError:
             pass  # the record cannot be written (disk full): the original error is what the user sees
 

@@ -46,7 +46,6 @@ class _Stop:
         finally:
             os._exit(143)
 
-
     @contextlib.contextmanager
     def shielded(self):
         """No Interrupted raised inside: the final write of a record is not cut in half by a second signal
