@@ -263,6 +263,19 @@ if len(running):
     with badges:
         watch()
 
+# ----------------------------------------------------------------------------- the answer
+answer = tables.verdicts(df)
+if len(answer):
+    st.subheader("The answer per model")
+    st.dataframe(answer, hide_index=True, width="stretch", height=tables.table_height(len(answer)))
+    st.caption(
+        "Per model and hardware, from its newest bench batch: the best strategy on more than one device "
+        "(oversubscribed cells aside) and its speedup over one device [interval]. `pays off`: the whole "
+        "interval is above 1; `does not pay off`: below 1; `cannot tell`: it spans 1. A 95% interval "
+        "resamples launches, then timed windows within each; with one launch per side it is the noise inside "
+        "that launch only. On a CPU each process has one core (one 'device')."
+    )
+
 # ----------------------------------------------------------------------------- charts
 FLAG_HELP = " ".join(f"**{k}**: {v}." for k, v in stats.FLAGS.items())
 tabs = st.tabs(

@@ -12,8 +12,10 @@ script's `environment.script_sha256` ("—" in records older than that field).
     python bench/report.py --check              # exit 1, with a one-line summary, if a file is out of date
     python bench/report.py --print SUMMARY.json [SUMMARY.json ...]   # one table to stdout, nothing checked
 
-Kinds: `headline` (per model: the 1-device step time and the speedup of `setup` over it) and `cells`
-(every cell of one bench; with several summaries, the speedups side by side and whether they agree).
+Kinds: `answer` (the front page: per model the best strategy on more than one device, its speedup and
+verdict, and whether the other summaries' verdicts agree, with a generated sentence), `headline` (per model:
+the 1-device step time and the speedup of `setup` over it) and `cells` (every cell of one bench; with several
+summaries, the speedups side by side and whether they agree).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shared.stats import sig  # noqa: E402
+from bench.cells import model_verdicts  # noqa: E402
+from shared.stats import sig, verdict  # noqa: E402
 
 AGREE_WITHIN = 0.15  # two speedups agree when their intervals overlap or they are within 15%
 
@@ -154,7 +157,8 @@ class Batch:
             f"{env.get('torch')}, accelerate {env.get('accelerate')}. Repetition: {s['repetition']}. "
             f"Step time: median over the pooled windows; "
             f"speedup: the baseline's median step time / the setup's, at the same global batch, with a 95% "
-            f"percentile-bootstrap interval. {link('summary.json', self.path, base)}."
+            f"{'interval' if 'hierarchical' in s['repetition'] else 'percentile-bootstrap interval'}. "
+            f"{link('summary.json', self.path, base)}."
         )
         return "\n".join(textwrap.wrap(text, 112, break_long_words=False, break_on_hyphens=False))
 
@@ -197,6 +201,80 @@ def headline(batches: list[Batch], spec: dict, base: Path | None) -> str:
             f"{short_commit(r0)} · {script_sha(brecs + recs)} | {records} |"
         )
     return "\n".join(rows) + "\n\n" + b.caption(base)
+
+
+NAMES = {
+    "ddp": "DDP",
+    "fsdp": "FSDP",
+    "model_split": "model split",
+    "pipeline": "pipeline",
+    "hybrid": "hybrid",
+}
+
+
+def verdicts_of(b: Batch) -> dict[str, dict]:
+    """The summary's per-model verdicts (bench/run.py writes them), or the same computed from its cells."""
+    if "verdicts" in b.summary:
+        return b.summary["verdicts"]
+    cells = {f"{m}/{s}": c for (m, s), c in b.cells.items()}
+    for c in cells.values():
+        if "speedup" in c and "verdict" not in c:
+            c["verdict"] = verdict(c["speedup_ci95"])
+    return model_verdicts(b.summary["plan"], cells)
+
+
+def answer(batches: list[Batch], spec: dict, base: Path | None) -> str:
+    """The front page's table: per model, from the first summary, the 1-device step, the best strategy on
+    more than one device, its speedup [interval] and verdict, the other summaries' verdicts, the records;
+    above it one generated sentence of which models gain."""
+    b, others = batches[0], batches[1:]
+    mine, theirs = verdicts_of(b), [verdicts_of(o) for o in others]
+    head = "verdict" + (f" (the other {len(others)} run{'s' * (len(others) > 1)})" if others else "")
+    rows = [
+        f"| model | step, 1 device [95% CI] | best strategy | its speedup [95% CI] | {head} | records |",
+        "|---|---|---|---|---|---|",
+    ]
+    gain, lose, unsure = [], [], []
+    for model in b.summary["plan"]["models"]:
+        v = mine.get(model) or {}
+        if "speedup" not in v:
+            continue
+        cell = b.cells[(model, v["setup"])]
+        base_cell = b.cells.get((model, cell.get("baseline")), {})
+        name = f"{NAMES.get(v['strategy'], v['strategy'])} on {v['devices']}"
+        interval = ci(v["speedup"], v["speedup_ci95"]) + (
+            " (one launch)" if v.get("interval") != "95%" else ""
+        )
+        agree_ = ", ".join((t.get(model) or {}).get("verdict", "—") for t in theirs)
+        shown = f"**{v['verdict']}**" + (f" ({agree_})" if others else "")
+        flags = f"; {', '.join(v['flags'])}" if v.get("flags") else ""
+        records = f"{b.links(base_cell, '1 device', base)} · {b.links(cell, name, base)}"
+        rows.append(
+            f"| {model} | {ci(base_cell.get('step_s'), base_cell.get('step_s_ci95'))} | {name} | {interval}{flags} "
+            f"| {shown} | {records} |"
+        )
+        same = all((t.get(model) or {}).get("verdict") == v["verdict"] for t in theirs)
+        item = f"{model} ({name}, x{sig(v['speedup'])})"
+        (gain if v["verdict"] == "pays off" and same else lose if v["verdict"] == "does not pay off" and same
+         else unsure).append(item)  # fmt: skip
+    recs = [r for c in b.cells.values() for _, r in b.recs(c)]
+    cores = b.summary["cpu_cores"]
+    where = f"{hardware(recs[0])}, {cores} cores, one process per core" if recs else "this machine"
+    runs = f"in all {len(batches)} runs" if others else "in this run"
+    sentence = (
+        f"On {where}, a second device pays off {runs} for "
+        f"{', '.join(gain) or 'no model'}; it does not for {', '.join(lose) or 'no model'}"
+        + (f"; the runs cannot tell for {', '.join(unsure)}" if unsure else "")
+        + "."
+    )
+    caption = "\n".join(f"{i + 1}. {x.caption(base)}" for i, x in enumerate(batches))
+    return (
+        "\n".join(textwrap.wrap(sentence, 112, break_on_hyphens=False))
+        + "\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + caption
+    )
 
 
 def agree(a: dict, b: dict) -> str:
@@ -283,6 +361,8 @@ def cells_many(batches: list[Batch], base: Path | None) -> str:
 def table(spec: dict, batches: list[Batch], base: Path | None) -> str:
     if spec.get("kind", "cells") == "headline":
         return headline(batches, spec, base)
+    if spec.get("kind") == "answer":
+        return answer(batches, spec, base)
     return cells_one(batches[0], base) if len(batches) == 1 else cells_many(batches, base)
 
 

@@ -233,6 +233,7 @@ def runs_frame(runs: list[dict], now: dt.datetime, stale_s: float = STALE_S) -> 
                 "speedup_hi": (c.get("speedup_ci95") or [None, None])[1],
                 "efficiency": c.get("efficiency"),
                 "flags": ", ".join(c.get("flags") or []),
+                "verdict": c.get("verdict"),
                 "cell_runs": c.get("runs"),
                 "baseline_setup": c.get("baseline_setup"),
                 "bench_batch": comparisons.bench_tag(r).get("batch"),

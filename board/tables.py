@@ -24,6 +24,53 @@ def ci_text(v, lo, hi) -> str:
     )
 
 
+STRATEGY_NAMES = {
+    "single": "one device",
+    "ddp": "DDP",
+    "fsdp": "FSDP",
+    "model_split": "model split",
+    "pipeline": "pipeline",
+    "pipeline_1f1b": "pipeline (1F1B)",
+    "hybrid": "hybrid (DDP x pipeline)",
+}
+
+
+def strategy_name(strategy) -> str:
+    return STRATEGY_NAMES.get(strategy, str(strategy))
+
+
+def verdicts(df: pd.DataFrame) -> pd.DataFrame:
+    """The answer per model and hardware: in the newest bench batch (or the ad-hoc runs) of ours, the best
+    strategy on more than one device (oversubscribed cells aside), its speedup [interval] and verdict: `pays
+    off` (interval above 1), `does not pay off` (below), `cannot tell` (spans 1); the flags that make it
+    doubtful. One launch per side: the interval is the noise inside that launch, said in the column."""
+    d = df[(df["kind"] == "ours") & df["speedup"].notna() & (df["workers"] > 1)]
+    d = d[~d["flags"].fillna("").str.contains("oversubscribed")]
+    rows = []
+    for (model, hw), g in d.groupby(["model", "hardware"], sort=True):
+        newest = g.sort_values("started_at", na_position="first").iloc[-1]["bench_batch"]
+        g = g[g["bench_batch"] == newest] if pd.notna(newest) else g[g["bench_batch"].isna()]
+        best = g.loc[g["speedup"].idxmax()]
+        lo, hi = best["speedup_lo"], best["speedup_hi"]
+        verdict = stats.verdict([lo, hi]) if pd.notna(lo) and pd.notna(hi) else "cannot tell"
+        flags = best["flags"] or ""
+        rows.append(
+            {
+                "model": model,
+                "hardware": hw,
+                "best strategy": f"{strategy_name(best['strategy'])} on {int(best['workers'])}",
+                "speedup [interval]": ci_text(best["speedup"], lo, hi),
+                "interval": "within one launch" if "single-launch" in flags else "95%, over launches",
+                "verdict": verdict
+                if verdict != "does not pay off"
+                else "does not pay off: stay on one device",
+                "doubtful because": flags,
+                "from": f"bench {newest}" if pd.notna(newest) else "ad-hoc runs",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def overview(df: pd.DataFrame) -> pd.DataFrame:
     """Per model and comparison cell (setup, hardware, batch, data, profile): runs, steady step time and the
     speedup with their 95% intervals, flags, final metric (mean ± std), statuses."""

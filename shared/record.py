@@ -345,7 +345,7 @@ def environment(script: str | os.PathLike | None = None) -> dict:
     import torch
     from accelerate import __version__ as accelerate_version
 
-    from shared.malloc import STATE as MALLOC
+    from shared.host import STATE as HOST
 
     return {
         "python": platform.python_version(),
@@ -357,7 +357,7 @@ def environment(script: str | os.PathLike | None = None) -> dict:
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
-        "malloc": MALLOC["allocator"],
+        "malloc": HOST["allocator"],
         # PyTorch's defaults, kept: fp32 matmuls stay fp32, cuDNN convolutions may use TF32 (on Ampere+)
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
     }

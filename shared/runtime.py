@@ -19,6 +19,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from shared.config import RunConfig, UserError
+from shared.host import steady_malloc
 from shared.plan import (
     SetupError,
     adopt_named_strategy,
@@ -293,8 +294,6 @@ def shutdown(acc: Accelerator, par):
 
 def entry(main):
     """Run `main()`; bad input -> one line on stderr and exit 2; interruption -> 130/143; crash -> traceback, 1."""
-    from shared.malloc import steady_malloc
-
     steady_malloc()  # before the first batch: the same allocator behaviour in every launch
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""

@@ -267,6 +267,21 @@ def test_overview_table_per_model(page, fixture_dirs):
     assert set(study["hardware"]) == {"Colab T4", "Kaggle T4 x2"}
 
 
+@pytest.mark.slow
+def test_the_answer_per_model_comes_first_with_a_verdict(page, fixture_dirs):
+    """Above the tabs: per model and hardware the best multi-device strategy by its name (DDP, not the setup
+    file), its speedup [interval] and a verdict that follows from the interval; one launch per side says so."""
+    t = table(page, "verdict")
+    (row,) = t[t["model"] == "mlp"].to_dict("records")  # the only model with a multi-device run of ours
+    assert row["best strategy"] == "DDP on 2"
+    v, rest = row["speedup [interval]"].split(" [")
+    lo, hi = (float(x) for x in rest.rstrip("]").split("-"))
+    expect = stats.verdict([lo, hi])
+    assert row["verdict"].startswith(expect) and row["interval"] == "within one launch"
+    assert "single-launch" in row["doubtful because"]
+    assert page.subheader[0].value == "The answer per model"
+
+
 def steady_windows(rec: dict) -> list[float]:
     return rec["timing"]["steady"]["windows_step_s"]
 

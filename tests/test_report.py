@@ -73,6 +73,30 @@ def test_report_writes_tables_that_link_their_records(site: Path):
     assert len(r.stderr.strip().splitlines()) == 1 and "PAGE.md (2 lines)" in r.stderr
 
 
+def test_the_answer_table_names_the_best_strategy_and_its_verdict(site: Path):
+    """kind: answer (the README's front table): per model the best multi-device strategy by name, its speedup
+    and a verdict that follows from the interval, the other runs' verdicts, and one generated sentence."""
+    s = (site / "results" / "batch" / "summary.json").as_posix()
+    (site / "report.yaml").write_text(
+        f"tables:\n  - {{name: headline, file: PAGE.md, kind: answer, summaries: [{s}, {s}]}}\n"
+    )
+    assert run_site(site).returncode == 0
+    page = (site / "PAGE.md").read_text()
+    summary = json.loads((site / "results" / "batch" / "summary.json").read_text())
+    multi = [
+        c
+        for c in summary["cells"]
+        if "speedup" in c and c["devices"] > 1 and "oversubscribed" not in c["flags"]
+    ]
+    best = max((c for c in multi if c["model"] == "cnn"), key=lambda c: c["speedup"])
+    lo, hi = best["speedup_ci95"]
+    expect = "pays off" if lo > 1 else "does not pay off" if hi < 1 else "cannot tell"
+    row = next(line for line in page.splitlines() if line.startswith("| cnn |"))
+    assert f"{best['speedup']:.3g}"[:4] in row and f"**{expect}** ({expect})" in row, row
+    assert page.count("|---|---|---|---|---|---|\n") == 1  # six columns
+    assert "a second device pays off in all 2 runs for" in " ".join(page.split())
+
+
 def test_script_sha_is_shown_when_the_record_has_it(site: Path):
     rec_path = site / "results" / "batch" / "mlp-20261129-085406-dca596.json"
     rec = json.loads(rec_path.read_text())

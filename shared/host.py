@@ -1,4 +1,4 @@
-"""Steady host memory: the same allocator behaviour in every launch.
+"""The host a run trains on, made the same in every launch: glibc's allocator thresholds fixed.
 
 glibc's malloc serves a large block (a batch's activations, a gradient) from mmap when it is above its mmap
 threshold, and raises that threshold as such blocks are freed. Which way it settles depends on the order of
@@ -8,6 +8,13 @@ thread), launches of one config read 3,650-4,000 or 6,050-6,500 samples/s, the s
 kernel (page fault) time. Fixing both thresholds (as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ would)
 keeps blocks up to 32 MiB on the heap and the heap from being trimmed: five launches read 6,400-6,860.
 Called first by every script (shared.runtime.entry), whatever launched it; the record keeps what was set.
+
+What remains between launches here (about +-10-15% with the thresholds fixed, each launch steady within
+itself) has no cause found in the process: not page faults (the same kernel time and minor faults in slow
+and fast launches), not core placement (pinning each process to a core of its own was tried: twelve
+alternating launches, pinned or not, spread alike, 4,590-7,000 samples/s). The VM shows no steal time; the
+host's other tenants are the likely cause. The bench's intervals must cover it: 2-3 launches per cell and a
+bootstrap over launches (bench/run.py, shared/stats.py).
 """
 
 from __future__ import annotations
