@@ -5,7 +5,7 @@ BIN        := $(VENV)/bin
 # torch + torchvision pair: on the project's CPU machines this is the only pair that imports together
 # (a CUDA build that also runs on the CPU); users with CUDA get the same normal wheels from PyPI.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-# Where the datasets live (mnist/, cifar10/, imdb/, multi30k/). On the project machines: ../shared/data.
+# Where the datasets live (mnist/, cifar10/, imdb/, multi30k/): data/, filled by `make data`.
 DATA_DIR   ?= $(or $(DISTBENCH_DATA_DIR),data)
 RUNS_DIR   ?= runs
 PROFILE    ?= auto

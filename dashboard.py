@@ -15,7 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from board import figures, frames, projection, tables
+from board import comparisons, figures, frames, projection, tables
 from board.load import folder_signature, load_folder
 from shared import stats
 
@@ -40,6 +40,14 @@ def load(runs_dir: str, reference_dir: str, signature: tuple):
     """Keyed on every file's name, mtime and size: a new epoch in any record reloads, nothing else does."""
     runs, problems = load_folder(runs_dir, reference_dir)
     return runs, problems, frames.history_frame(runs)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)  # read only: shared, not copied per rerun
+def cell_comparisons(runs_dir: str, reference_dir: str, signature: tuple) -> dict:
+    """Every cell's speedup, intervals and flags (the bootstraps: the page's costliest step), cached on the
+    folder's signature like the records themselves; statuses are recomputed on every rerun."""
+    runs, _, _ = load(runs_dir, reference_dir, signature)
+    return comparisons.run_comparisons(runs)
 
 
 def url_state(key: str, options: list, default, multi: bool = False):
@@ -196,7 +204,8 @@ with st.sidebar:
         key="stale_s",
         help="A `running` record not updated for this long is shown as crashed.",
     )
-    df_all = frames.runs_frame(runs, dt.datetime.now(dt.timezone.utc), stale_s)
+    comp = cell_comparisons(RUNS_DIR, REFERENCE_DIR, signature)
+    df_all = frames.runs_frame(runs, dt.datetime.now(dt.timezone.utc), stale_s, comp)
     chosen = {}
     for col, label in FILTERS.items():
         options = sorted(df_all[col].fillna("?").astype(str).unique())

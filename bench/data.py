@@ -1,7 +1,7 @@
 """`make data`: the four datasets in DATA_DIR, each verified with the loaders' own readers; a missing one is
 downloaded from the Hugging Face hub first (the loaders' fetch functions, written in the same local layout).
 
-    python bench/data.py --data_dir ../shared/data            # all four
+    python bench/data.py --data_dir data                      # all four
     python bench/data.py --data_dir data --only mnist imdb
 
 One line per dataset: `mnist: present in DIR/mnist (4 files, 60,000 train / 10,000 test) OK`. A file that
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError(
                     f"missing in {directory}/ and cannot be downloaded: the Hugging Face hub ({hub}) cannot be "
                     f"used ({why}); copy the files there (docs/data.md) or point DATA_DIR / --data_dir at a "
-                    f"folder that holds {name}/, e.g. ../shared/data"
+                    f"folder that holds {name}/"
                 )
             if files:
                 print(f"{name}: downloading {hub} into {directory}/ ...", flush=True)

@@ -267,14 +267,24 @@ def answer(batches: list[Batch], spec: dict, base: Path | None) -> str:
         + (f"; the runs cannot tell for {', '.join(unsure)}" if unsure else "")
         + "."
     )
-    caption = "\n".join(f"{i + 1}. {x.caption(base)}" for i, x in enumerate(batches))
-    return (
-        "\n".join(textwrap.wrap(sentence, 112, break_on_hyphens=False))
-        + "\n\n"
-        + "\n".join(rows)
-        + "\n\n"
-        + caption
+    env = recs[0]["environment"] if recs else {}
+    commits = ", ".join(
+        sorted({short_commit(r) for x in batches for c in x.cells.values() for _, r in x.recs(c)})
     )
+    started = [x.summary["plan"].get("started_at", "")[:16].replace("T", " ") for x in batches]
+    caption = (
+        f"Profile `{b.summary['profile']}`: {b.summary.get('repetition', '')}. {b.summary['cuda_devices']} CUDA "
+        f"devices, {env.get('torch_threads')} torch thread per process, torch {env.get('torch')}, commit {commits}. "
+        "Verdict: `pays off` when the whole interval is above 1, `does not pay off` below, `cannot tell` when it "
+        "spans 1. Runs: "
+        + ", ".join(
+            f"{link(x.summary['batch'], x.path, base)} ({t} UTC)"
+            for x, t in zip(batches, started, strict=True)
+        )
+        + "."
+    )
+    wrap = lambda t: "\n".join(textwrap.wrap(t, 112, break_long_words=False, break_on_hyphens=False))  # noqa: E731
+    return wrap(sentence) + "\n\n" + "\n".join(rows) + "\n\n" + wrap(caption)
 
 
 def agree(a: dict, b: dict) -> str:

@@ -7,7 +7,7 @@ Every cell is exactly what a user would launch by hand (this runner imports no s
 Each run times its own steady state (shared/meter.py): warm-up apart, then the step times of up to 10
 windows of consecutive steps. Each cell is launched `repeats` times (the profile's; 2 in the quick profile),
 interleaved per model (its setups in order, then reversed: the baseline beside what it is compared with), and a
-setup whose launches differ by more than 10% in median step is launched again, up to `max_repeats`. Launches
+setup whose launches differ by more than 15% in median step is launched again, up to `max_repeats`. Launches
 differ more than windows do (placement, allocator state, clock, neighbours), so the intervals resample both.
 
 Speedup = median step time of the baseline (one device, same model, profile, hardware, global batch, data
@@ -17,7 +17,7 @@ cell (shared/stats.FLAGS): noisy, contended (other load during the run, or befor
 warmup-dominated, oversubscribed, single-launch, launches-disagree. Ctrl-C ends the matrix: the running cell is
 interrupted and recorded, the summary is written with what finished, and `--resume <batch>` continues.
 
-    python bench/run.py --matrix bench/matrix.yaml --profile quick --data_dir ../shared/data
+    python bench/run.py --matrix bench/matrix.yaml --profile quick --data_dir data
     python bench/run.py --resume 20261129-091500 --runs_dir runs       # continue a stopped matrix
 """
 
@@ -208,7 +208,7 @@ def preflight(todo: list[dict], data_dir: str) -> bool:
         for name, files in lacking.items():
             print(
                 f"bench: {name}: not in {Path(data_dir) / name}/ (missing {', '.join(files)}) and the Hugging Face "
-                f"hub cannot be used ({why}); pass DATA_DIR=<folder holding {name}/>, e.g. ../shared/data",
+                f"hub cannot be used ({why}); pass DATA_DIR=<folder holding {name}/>",
                 file=sys.stderr,
             )
     return not why

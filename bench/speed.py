@@ -13,8 +13,8 @@ and prints samples/s of each and the ratio, measured in this one process. Each m
 <runs_dir> as a run record (tag bench:<batch>:speed:<model>:<variant>:seed0), which the dashboard shows as
 setups `speed-project` and `speed-study` (throughput, samples/s).
 
-    python bench/speed.py --data_dir ../shared/data                       # CPU: 10 steps per variant
-    python bench/speed.py --data_dir ../shared/data --epoch --compile     # GPU: a full training epoch
+    python bench/speed.py --data_dir data                       # CPU: 10 steps per variant
+    python bench/speed.py --data_dir data --epoch --compile     # GPU: a full training epoch
 """
 
 from __future__ import annotations

@@ -162,10 +162,14 @@ def final_metric(rec: dict) -> tuple[str | None, float | None]:
     return key, None
 
 
-def runs_frame(runs: list[dict], now: dt.datetime, stale_s: float = STALE_S) -> pd.DataFrame:
-    """One row per run with everything the filters, tables and summary figures use."""
+def runs_frame(
+    runs: list[dict], now: dt.datetime, stale_s: float = STALE_S, comp: dict | None = None
+) -> pd.DataFrame:
+    """One row per run with everything the filters, tables and summary figures use. `comp`: the runs'
+    comparisons.run_comparisons, when the caller has them cached."""
     rows = []
-    comp = comparisons.run_comparisons(runs)  # on every run: a filter never removes a shown run's baseline
+    if comp is None:  # on every run: a filter never removes a shown run's baseline
+        comp = comparisons.run_comparisons(runs)
     for r in runs:
         s, hist = r["setup"], r.get("history") or []
         c = comp.get(r["run_id"], {})

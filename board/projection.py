@@ -4,13 +4,14 @@ against N per strategy, with the validation's measured points over the curves. N
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
 import plotly.graph_objects as go
 
 from board.figures import STRATEGY_COLORS
-from board.load import PROJECTION_PREFIX
+from board.load import MAX_DEPTH, MAX_FILE_BYTES, PROJECTION_PREFIX, SKIP_DIRS
 
 COLORS = {**STRATEGY_COLORS, "pipeline_1f1b": "#e377c2"}
 SYMBOLS = {
@@ -22,17 +23,40 @@ SYMBOLS = {
 }
 
 
+def projection_files(runs_dir: str | Path) -> list[Path]:
+    """`make project`'s records in `runs_dir` and its subfolders (as deep as the run records are searched)."""
+    d = Path(runs_dir)
+    if not d.is_dir():
+        return []
+    out = []
+    for root, dirs, files in os.walk(d):
+        depth = len(Path(root).relative_to(d).parts)
+        dirs[:] = sorted(
+            x for x in dirs if x not in SKIP_DIRS and not x.startswith(".") and depth < MAX_DEPTH
+        )
+        out += [Path(root) / f for f in files if f.startswith(PROJECTION_PREFIX) and f.endswith(".json")]
+    return out
+
+
 def load_projections(runs_dir: str | Path) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Every projection record directly in `runs_dir`, newest first; unreadable ones as (file, reason)."""
+    """Every projection record in `runs_dir` or below, newest first; unreadable ones as (file, reason)."""
     recs, problems = [], []
-    for path in sorted(Path(runs_dir).glob(f"{PROJECTION_PREFIX}*.json"), reverse=True):
+    for path in projection_files(runs_dir):
+        name = path.relative_to(runs_dir).as_posix()
         try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                raise ValueError(f"too large for a projection record (> {MAX_FILE_BYTES // 2**20} MiB)")
             rec = json.loads(path.read_text(encoding="utf-8"))
-            if rec.get("kind") != "distbench-projection" or not isinstance(rec.get("predictions"), list):
+            ok = isinstance(rec, dict) and rec.get("kind") == "distbench-projection"
+            preds = rec.get("predictions") if ok else None
+            if not (isinstance(preds, list) and all(isinstance(x, dict) and "model" in x for x in preds)):
                 raise ValueError("not a projection record")
-            recs.append({**rec, "file": path.name})
-        except (OSError, ValueError) as e:
-            problems.append((path.name, str(e)[:200]))
+            if not isinstance(rec.get("hardware"), dict) or not isinstance(rec.get("profile"), dict):
+                raise ValueError("a projection record without its hardware or profile")
+            recs.append({**rec, "file": name})
+        except (OSError, ValueError, RecursionError, UnicodeDecodeError) as e:
+            problems.append((name, str(e).splitlines()[0][:200] if str(e) else type(e).__name__))
+    recs.sort(key=lambda r: str(r.get("created_at", "")), reverse=True)
     return recs, problems
 
 

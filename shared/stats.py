@@ -30,9 +30,9 @@ CONTENDED_SHARE = 0.10
 # A run is warm-up-dominated when it has too few steady steps to time (below 8 samples a bootstrap interval
 # of the median says little), or when its warm-up took longer than all its steady steps together.
 MIN_STEADY_STEPS = 8
-# Two launches of one cell whose median steps differ by more than this are a different machine state, not
-# noise: the runner launches the cell again (bench/run.py) and the cell is flagged.
-LAUNCH_SPREAD = 0.10
+# Launches of one cell whose median steps differ by more than this (this machine's launches spread about
+# +-10%): the runner launches the cell again (bench/run.py) and the cell is flagged.
+LAUNCH_SPREAD = 0.15
 WINDOW_S = 0.25  # steps at least this long are timed one per window
 FLAGS = {
     "noisy": f"95% interval wider than ±{NOISY_HALF_WIDTH:.0%} of the value",
