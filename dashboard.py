@@ -274,9 +274,12 @@ if len(running):
 
 # ----------------------------------------------------------------------------- the answer
 answer = tables.verdicts(df)
-if len(answer):
+with st.container():  # always this one slot, so the tabs below keep their place (and the open tab)
     st.subheader("The answer per model")
-    st.dataframe(answer, hide_index=True, width="stretch", height=tables.table_height(len(answer)))
+    if len(answer):
+        st.dataframe(answer, hide_index=True, width="stretch", height=tables.table_height(len(answer)))
+    else:
+        st.caption("No comparison of ours on more than one device among the runs shown.")
     st.caption(
         "Per model and hardware, from its newest bench batch: the best strategy on more than one device "
         "(oversubscribed cells aside) and its speedup over one device [interval]. `pays off`: the whole "

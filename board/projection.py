@@ -39,7 +39,8 @@ def projection_files(runs_dir: str | Path) -> list[Path]:
 
 
 def load_projections(runs_dir: str | Path) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Every projection record in `runs_dir` or below, newest first; unreadable ones as (file, reason)."""
+    """Every projection record in `runs_dir` or below (by path, last first: dated folders newest first);
+    unreadable ones as (file, reason)."""
     recs, problems = [], []
     for path in projection_files(runs_dir):
         name = path.relative_to(runs_dir).as_posix()
@@ -56,7 +57,7 @@ def load_projections(runs_dir: str | Path) -> tuple[list[dict], list[tuple[str, 
             recs.append({**rec, "file": name})
         except (OSError, ValueError, RecursionError, UnicodeDecodeError) as e:
             problems.append((name, str(e).splitlines()[0][:200] if str(e) else type(e).__name__))
-    recs.sort(key=lambda r: str(r.get("created_at", "")), reverse=True)
+    recs.sort(key=lambda r: r["file"], reverse=True)  # dated folders: the newest first
     return recs, problems
 
 

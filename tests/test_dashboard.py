@@ -308,8 +308,8 @@ def test_speedup_bars_with_intervals_and_break_even(page, fixture_dirs):
     recs = records(fixture_dirs)
     ids = fixture_dirs["ids"]
     ddp = recs[ids["ddp"]]
-    base = steady_windows(recs[ids["seed0"]]) + steady_windows(recs[ids["seed1"]])
-    expected, ci = stats.ratio_ci(base, steady_windows(ddp))
+    base = [steady_windows(recs[ids["seed0"]]), steady_windows(recs[ids["seed1"]])]  # two launches
+    expected, ci = stats.launches_ratio_ci(base, [steady_windows(ddp)])  # resampling launches, then windows
     fig = figure(page, "Speedup over 1 device by setup")
     bars = {
         (tr["name"].split(" · ")[0], x): (y, tr)
