@@ -23,8 +23,9 @@ PROJECTION_PREFIX = "projection-"  # `make project`'s records: the Projection ta
 SKIP_NAMES = {"progress.json", "summary.json", "state.json"}
 
 
-def json_files(folder: str | Path | None) -> list[Path]:
-    """Every *.json below `folder` (subfolders too, MAX_DEPTH deep), without checkpoint and bench files."""
+def walk(folder: str | Path | None, keep) -> list[Path]:
+    """Every file below `folder` (subfolders too, MAX_DEPTH deep, without checkpoint and bench folders) whose
+    name `keep(name)` accepts."""
     d = Path(folder) if folder else None
     if not d or not d.is_dir():
         return []
@@ -34,12 +35,18 @@ def json_files(folder: str | Path | None) -> list[Path]:
         dirs[:] = sorted(
             x for x in dirs if x not in SKIP_DIRS and not x.startswith(".") and depth < MAX_DEPTH
         )
-        out += [
-            Path(root) / f
-            for f in sorted(files)
-            if f.endswith(".json") and not f.startswith((".tmp-", PROJECTION_PREFIX)) and f not in SKIP_NAMES
-        ]
+        out += [Path(root) / f for f in sorted(files) if keep(f)]
     return out
+
+
+def json_files(folder: str | Path | None) -> list[Path]:
+    """Every run-record candidate below `folder`: *.json, without projection records and bench files."""
+    return walk(
+        folder,
+        lambda f: (
+            f.endswith(".json") and not f.startswith((".tmp-", PROJECTION_PREFIX)) and f not in SKIP_NAMES
+        ),
+    )
 
 
 def _read_one(path: Path) -> list[dict]:

@@ -4,14 +4,13 @@ against N per strategy, with the validation's measured points over the curves. N
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 
 import plotly.graph_objects as go
 
 from board.figures import STRATEGY_COLORS
-from board.load import MAX_DEPTH, MAX_FILE_BYTES, PROJECTION_PREFIX, SKIP_DIRS
+from board.load import MAX_FILE_BYTES, PROJECTION_PREFIX, walk
 
 COLORS = {**STRATEGY_COLORS, "pipeline_1f1b": "#e377c2"}
 SYMBOLS = {
@@ -25,17 +24,7 @@ SYMBOLS = {
 
 def projection_files(runs_dir: str | Path) -> list[Path]:
     """`make project`'s records in `runs_dir` and its subfolders (as deep as the run records are searched)."""
-    d = Path(runs_dir)
-    if not d.is_dir():
-        return []
-    out = []
-    for root, dirs, files in os.walk(d):
-        depth = len(Path(root).relative_to(d).parts)
-        dirs[:] = sorted(
-            x for x in dirs if x not in SKIP_DIRS and not x.startswith(".") and depth < MAX_DEPTH
-        )
-        out += [Path(root) / f for f in files if f.startswith(PROJECTION_PREFIX) and f.endswith(".json")]
-    return out
+    return walk(runs_dir, lambda f: f.startswith(PROJECTION_PREFIX) and f.endswith(".json"))
 
 
 def load_projections(runs_dir: str | Path) -> tuple[list[dict], list[tuple[str, str]]]:

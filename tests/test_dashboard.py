@@ -615,3 +615,29 @@ def test_the_page_imports_no_torch():
         n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
     }
     assert not {m for m in imported if m and m.split(".")[0] in ("torch", "accelerate")}
+
+
+def test_projection_records_are_found_in_subfolders_and_bad_shapes_are_one_line_each(tmp_path):
+    """A runs folder like docs/results: projection records one or two folders down are found; every file of
+    the wrong shape (a list, predictions that are not records, no hardware, bad encoding, not JSON) is one
+    (file, reason) line, never an exception."""
+    from board import projection
+
+    good = next((REPO / "docs/results/2026-12-07/projection").glob("projection-*.json"))
+    (tmp_path / "2026-12-07" / "p").mkdir(parents=True)
+    (tmp_path / "2026-12-07" / "p" / good.name).write_bytes(good.read_bytes())
+    bad = {
+        "projection-list.json": b"[1, 2]",
+        "projection-ints.json": json.dumps({"kind": "distbench-projection", "predictions": [1, 2]}).encode(),
+        "projection-nohw.json": json.dumps(
+            {"kind": "distbench-projection", "predictions": [{"model": "m"}]}
+        ).encode(),
+        "projection-latin1.json": '{"kind": "caf\xe9"}'.encode("latin-1"),
+        "projection-text.json": b"not json",
+    }
+    for name, data in bad.items():
+        (tmp_path / "2026-12-07" / name).write_bytes(data)
+    recs, problems = projection.load_projections(tmp_path)
+    assert [r["file"] for r in recs] == [f"2026-12-07/p/{good.name}"]
+    assert sorted(n for n, _ in problems) == sorted(f"2026-12-07/{n}" for n in bad)
+    assert all(reason and "\n" not in reason for _, reason in problems)
