@@ -308,9 +308,11 @@ with tabs[0]:
     show(figures.fig_speedup(df), "speedup_bars")
     st.caption(
         "Speedup = median steady-state step time of the 1-device run / this setup's, at the same global "
-        "batch, data, step budget, profile and hardware (warm-up excluded); bars = 95% bootstrap intervals "
-        "over timed windows (and launches); dashed line = break-even. Ours and the study's are compared "
-        "within their own conditions (hover: hardware, batch, profile). On a CPU each process has one core "
+        "batch, data, step budget, profile and hardware (warm-up excluded); bars = intervals by a bootstrap "
+        "over launches, then timed windows (95%; within one launch where flagged single-launch); dashed line = "
+        "break-even. The study's published speedups are in a panel of their own: its 2-GPU runs were on "
+        "another machine with a doubled global batch, so they are not comparable with ours. On a CPU each "
+        "process has one core "
         "(one 'device'); a model split in one CPU process is one device. Flags on the bars: " + FLAG_HELP
     )
 with tabs[1]:

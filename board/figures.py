@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from board.frames import BUILTIN, finite, metric_label
+from board.frames import BUILTIN, finite, metric_label, strategy_name
 from shared import stats
 
 X_AXES = {"epoch": "epoch", "wall-clock seconds": "time/elapsed_s", "samples seen": "samples_seen"}
@@ -92,6 +92,9 @@ def cells_frame(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+STUDY_PANEL = "the study (published: 2 T4 machines, global batch doubled)"
+
+
 def fig_speedup(df: pd.DataFrame) -> go.Figure:
     """Per model: measured speedup by setup as bars with 95% intervals, ours beside the study's, a 1.0
     break-even line; flags written on the bars."""
@@ -102,25 +105,37 @@ def fig_speedup(df: pd.DataFrame) -> go.Figure:
     if c.empty:
         return go.Figure(layout={"title": {"text": "Speedup over 1 device: no comparable runs shown"}})
     c = c.sort_values(["model", "kind", "devices", "cell"])
+    # bars named by strategy (DDP x2), not by setup file; the study's (2 machines, batch doubled: not
+    # comparable with ours) in a panel of their own, never among ours
+    study = c["kind"] == "study"
+    c["bar"] = [f"{strategy_name(r.strategy)} x{int(r.devices)}" for r in c.itertuples()]
+    c.loc[study, "bar"] = [
+        f"{m}: {b}" for m, b in zip(c.loc[study, "model"], c.loc[study, "bar"], strict=True)
+    ]
+    dup = c.duplicated(["model", "source_label", "bar"], keep=False) & ~study
+    c.loc[dup, "bar"] = [f"{b} ({s})" for b, s in zip(c.loc[dup, "bar"], c.loc[dup, "cell"], strict=True)]
+    c["panel"] = c["model"].where(~study, STUDY_PANEL)
     groups = sorted(set(c["source_label"]), key=lambda g: (g.startswith("the study"), g))
-    models = list(dict.fromkeys(c["model"]))
+    models = [m for m in dict.fromkeys(c["panel"]) if m != STUDY_PANEL] + (
+        [STUDY_PANEL] if study.any() else []
+    )
     rows = math.ceil(len(models) / 2)
     fig = px.bar(
         c,
-        x="cell",
+        x="bar",
         y="speedup",
         color="source_label",
         error_y="err_plus",
         error_y_minus="err_minus",
         text="flags",
-        facet_col="model",
+        facet_col="panel",
         facet_col_wrap=2,
         facet_row_spacing=0.5 / rows if rows > 1 else 0.0,
         facet_col_spacing=0.06,
         barmode="group",
-        category_orders={"model": models, "source_label": groups},
+        category_orders={"panel": models, "source_label": groups},
         color_discrete_map={g: "#b0b0b0" if g.startswith("the study") else stable_color(g) for g in groups},
-        hover_name="cell",
+        hover_name="bar",
         hover_data={
             "speedup_text": True,
             "conditions": True,
@@ -131,12 +146,14 @@ def fig_speedup(df: pd.DataFrame) -> go.Figure:
             "err_minus": False,
             "flags": False,
             "source_label": False,
-            "cell": False,
+            "cell": True,
             "model": False,
+            "bar": False,
+            "panel": False,
         },
-        labels={"speedup_text": "speedup [95% CI]", "cell": "", "source_label": ""},
+        labels={"speedup_text": "speedup [95% CI]", "cell": "setup", "bar": "", "source_label": ""},
         height=200 + 330 * rows,
-        title="Speedup over 1 device by setup, with 95% intervals (break-even = 1)",
+        title="Speedup over 1 device by strategy, with 95% intervals (break-even = 1; the study apart)",
     )
     fig.add_hline(
         y=1.0,

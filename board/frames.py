@@ -39,6 +39,21 @@ NOT_CURVES = {"epoch", "step", "samples_seen", "time/elapsed_s"}
 NOT_EXPERIMENT = {"seed", "tag", "runs_dir", "data_dir", "save_model", "source_file", "entry"}
 
 
+STRATEGY_NAMES = {
+    "single": "one device",
+    "ddp": "DDP",
+    "fsdp": "FSDP",
+    "model_split": "model split",
+    "pipeline": "pipeline",
+    "pipeline_1f1b": "pipeline (1F1B)",
+    "hybrid": "hybrid (DDP x pipeline)",
+}
+
+
+def strategy_name(strategy) -> str:
+    return STRATEGY_NAMES.get(strategy, str(strategy))
+
+
 def number(v) -> float | None:
     """JSON value -> float; "nan"/"inf" strings (diverged runs) become floats; anything else None."""
     if isinstance(v, bool):

@@ -11,7 +11,7 @@ import math
 
 import pandas as pd
 
-from board.frames import NOT_CURVES, number
+from board.frames import NOT_CURVES, number, strategy_name
 from shared import stats
 
 
@@ -22,21 +22,6 @@ def ci_text(v, lo, hi) -> str:
     return (
         f"{stats.sig(v)} [{stats.sig(lo)}-{stats.sig(hi)}]" if pd.notna(lo) and pd.notna(hi) else stats.sig(v)
     )
-
-
-STRATEGY_NAMES = {
-    "single": "one device",
-    "ddp": "DDP",
-    "fsdp": "FSDP",
-    "model_split": "model split",
-    "pipeline": "pipeline",
-    "pipeline_1f1b": "pipeline (1F1B)",
-    "hybrid": "hybrid (DDP x pipeline)",
-}
-
-
-def strategy_name(strategy) -> str:
-    return STRATEGY_NAMES.get(strategy, str(strategy))
 
 
 def verdicts(df: pd.DataFrame) -> pd.DataFrame:

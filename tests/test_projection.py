@@ -467,7 +467,10 @@ def test_ctrl_c_stops_make_project_and_every_process_it_started(tmp_path):
     runs = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, str(REPO / "bench/project.py"), "--runs_dir", str(runs), "--model", "mlp",
                              "--data_dir", str(require_dataset("mnist")), "--out", str(tmp_path / "p.json")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=child_env())  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=child_env(),
+                            # as from a terminal: a runner started in the background (`cmd &`) hands its
+                            # children SIGINT ignored, and Python then never raises KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
     def ours(pattern):
         found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
