@@ -82,6 +82,12 @@ bench-coverage: venv
 	$(BIN)/python bench/coverage.py --k $(K) --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) \
 		$(if $(COVERAGE_OUT),--out $(COVERAGE_OUT))
 
+# how fast the dashboard answers: its script run cold and a warm rerun, per runs folder (bench/dashboard_speed.py)
+DASHBOARD_DIRS ?= $(RUNS_DIR) docs/results
+.PHONY: bench-dashboard
+bench-dashboard: venv
+	$(BIN)/python bench/dashboard_speed.py $(DASHBOARD_DIRS)
+
 bench-quality: venv
 	$(BIN)/python bench/run.py --matrix bench/quality.yaml --profile full --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
 

@@ -50,6 +50,14 @@ def cell_comparisons(runs_dir: str, reference_dir: str, signature: tuple) -> dic
     return comparisons.run_comparisons(runs)
 
 
+@st.cache_resource(show_spinner=False, max_entries=64)  # figures are read, never changed: shared
+def figure(name: str, key: str, _make):
+    """A figure built once per (name, key): `key` holds everything it depends on (the folder's signature, the
+    filters, the view's settings), so a rerun with nothing changed (a widget elsewhere, a live refresh with no
+    new epoch) reuses it instead of drawing all the views again."""
+    return _make()
+
+
 def url_state(key: str, options: list, default, multi: bool = False):
     """Seed widget `key` from the URL the first time the session sees it; drop values that are no longer options."""
     if key not in st.session_state:
@@ -218,6 +226,15 @@ if df.empty:
     st.info("No run matches the filters.")
     st.stop()
 hist = hist_all[hist_all["run_id"].isin(df["run_id"])]
+# what every figure depends on besides its own settings; statuses only matter while something runs
+VIEW = repr(
+    (
+        signature,
+        sorted(chosen.items()),
+        stale_s,
+        len(df_all[df_all["status"] == "running"]) and dt.datetime.now().minute,
+    )
+)
 info = frames.metric_info([by_id[r] for r in df["run_id"]])
 
 # ----------------------------------------------------------------------------- headline numbers
@@ -305,7 +322,7 @@ tabs = st.tabs(
     ]
 )
 with tabs[0]:
-    show(figures.fig_speedup(df), "speedup_bars")
+    show(figure("speedup", VIEW, lambda: figures.fig_speedup(df)), "speedup_bars")
     st.caption(
         "Speedup = median steady-state step time of the 1-device run / this setup's, at the same global "
         "batch, data, step budget, profile and hardware (warm-up excluded); bars = intervals by a bootstrap "
@@ -344,7 +361,7 @@ with tabs[2]:
         key="log_time",
         help="Step times differ by orders of magnitude between models and hardware.",
     )
-    show(figures.fig_epoch_time(df, log_y), "epoch_time")
+    show(figure("epoch_time", VIEW + repr(log_y), lambda: figures.fig_epoch_time(df, log_y)), "epoch_time")
     st.caption(
         "Median steady-state seconds per training step (shared/meter.py: warm-up, each epoch's first and "
         "last step and checkpoint writes left out); error bars = 95% bootstrap interval over timed windows "
@@ -354,9 +371,9 @@ with tabs[2]:
 with tabs[3]:
     left, right = st.columns(2)
     with left:
-        show(figures.fig_scaling(df, "speedup"), "speedup")
+        show(figure("scaling_s", VIEW, lambda: figures.fig_scaling(df, "speedup")), "speedup")
     with right:
-        show(figures.fig_scaling(df, "efficiency"), "efficiency")
+        show(figure("scaling_e", VIEW, lambda: figures.fig_scaling(df, "efficiency")), "efficiency")
     st.caption(
         "One point per setup (its runs pooled), colour = strategy, symbol = model, error bars = 95% "
         "intervals; efficiency = speedup / devices. Setups without a comparable 1-device run are not drawn. "
@@ -375,7 +392,14 @@ with tabs[4]:
         url_state("ema", steps, "0.6")
         weight = float(c3.select_slider("EMA smoothing", steps, key="ema"))
         to_url("ema", f"{weight:g}", "0.6")
-        show(figures.fig_curves(hist, df, y, x, weight, info), "curves")
+        show(
+            figure(
+                "curves",
+                VIEW + repr((y, x, weight)),
+                lambda: figures.fig_curves(hist, df, y, x, weight, info),
+            ),
+            "curves",
+        )
         drawn = set(hist.dropna(subset=[figures.X_AXES[x]])["run_id"]) if figures.X_AXES[x] in hist else set()
         missing = sorted(set(df["run_id"]) - drawn)
         st.caption(
@@ -387,11 +411,12 @@ with tabs[4]:
             )
         )
 with tabs[5]:
-    show(figures.fig_per_run(df, "throughput", "Throughput (median over epochs)", "samples/s"), "throughput")
-    show(
-        figures.fig_per_run(df, "peak_gib", "Peak memory (max over epochs and ranks)", "GiB", log_x=False),
-        "memory",
+    throughput = lambda: figures.fig_per_run(df, "throughput", "Throughput (median over epochs)", "samples/s")  # noqa: E731
+    show(figure("throughput", VIEW, throughput), "throughput")
+    memory = lambda: figures.fig_per_run(  # noqa: E731
+        df, "peak_gib", "Peak memory (max over epochs and ranks)", "GiB", log_x=False
     )
+    show(figure("memory", VIEW, memory), "memory")
     st.caption(
         "Memory: peak CUDA allocation on GPUs, peak process RSS on the CPU. The study's files record "
         "neither throughput nor memory."
@@ -438,7 +463,10 @@ with tabs[8]:
         )
     else:
         band = select(st, "Metric", "band", keys, y, format_func=lambda k: frames.metric_choice(k, info))
-        show(figures.fig_seed_bands(hist, groups, band, info), "seeds")
+        show(
+            figure("seeds", VIEW + repr(band), lambda: figures.fig_seed_bands(hist, groups, band, info)),
+            "seeds",
+        )
         st.caption(
             "A group = runs whose configuration differs only in the seed (same setup, hardware and "
             "data); line = mean per epoch, band = ± one standard deviation over the group's runs."
