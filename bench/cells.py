@@ -229,7 +229,7 @@ def print_summary(plan: dict, cells_out: dict, prof: dict) -> list[str]:
     disagree = [
         f"{k} {', '.join(stats.sig(x) for x in c['launch_step_s'])} s"
         for k, c in cells_out.items()
-        if len(ls := c.get("launch_step_s") or []) > 1 and max(ls) / min(ls) - 1 > stats.LAUNCH_SPREAD
+        if len(ls := c.get("launch_step_s") or []) > 1 and stats.spread(ls) > stats.LAUNCH_SPREAD
     ]
     if disagree:
         print("launches that disagree (median step per launch): " + "; ".join(disagree))

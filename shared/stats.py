@@ -145,10 +145,14 @@ def launch_medians(launches) -> list[float]:
     return [median(ws) for ws in _launches(launches)]
 
 
+def spread(medians: list[float]) -> float:
+    """max / min of some medians, less 1 (0 with one)."""
+    return max(medians) / min(medians) - 1 if min(medians) > 0 else math.inf
+
+
 def launch_spread(launches) -> float:
-    """max / min of the launches' median steps, less 1 (0 with one launch)."""
-    meds = launch_medians(launches)
-    return max(meds) / min(meds) - 1 if min(meds) > 0 else math.inf
+    """spread of the launches' median steps (0 with one launch)."""
+    return spread(launch_medians(launches))
 
 
 def launches_median_ci(launches, level: float = 0.95, n_boot: int = BOOTSTRAP, seed: int = 0):
