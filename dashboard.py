@@ -16,7 +16,7 @@ from pathlib import Path
 import streamlit as st
 
 from board import comparisons, figures, frames, projection, tables
-from board.load import folder_signature, load_folder
+from board.load import folder_signature, load_folder, unmeasured_cells
 from shared import stats
 
 RUNS_DIR = os.environ.get("RUNS_DIR", "runs")
@@ -39,14 +39,15 @@ st.set_page_config(page_title="distbench runs", layout="wide")
 def load(runs_dir: str, reference_dir: str, signature: tuple):
     """Keyed on every file's name, mtime and size: a new epoch in any record reloads, nothing else does."""
     runs, problems = load_folder(runs_dir, reference_dir)
-    return runs, problems, frames.history_frame(runs)
+    unmeasured, bad = unmeasured_cells(runs_dir)
+    return runs, problems + bad, frames.history_frame(runs), unmeasured
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)  # read only: shared, not copied per rerun
 def cell_comparisons(runs_dir: str, reference_dir: str, signature: tuple) -> dict:
     """Every cell's speedup, intervals and flags (the bootstraps: the page's costliest step), cached on the
     folder's signature like the records themselves; statuses are recomputed on every rerun."""
-    runs, _, _ = load(runs_dir, reference_dir, signature)
+    runs = load(runs_dir, reference_dir, signature)[0]
     return comparisons.run_comparisons(runs)
 
 
@@ -175,22 +176,26 @@ def projection_view():
 
 # ----------------------------------------------------------------------------- data
 signature = folder_signature(RUNS_DIR, REFERENCE_DIR)
-runs, problems, hist_all = load(RUNS_DIR, REFERENCE_DIR, signature)
+runs, problems, hist_all, unmeasured = load(RUNS_DIR, REFERENCE_DIR, signature)
 by_id = {r["run_id"]: r for r in runs}
 
 st.title("distbench: when does distributed training pay off?")
 st.caption(
     f"Run records from `{RUNS_DIR}`; the study's published results from `{REFERENCE_DIR or '(none)'}`."
 )
+answer_slot = st.container()  # the answer first; filled once the filters are known
 notices = st.container()  # fixed slots, so the tabs below keep their place (and the open tab) across reruns
 with notices:
     if problems:
         shown = problems[:50]
-        st.warning(
-            f"{len(problems)} file(s) could not be read and are not shown:\n"
-            + "\n".join(f"- `{name}`: {reason}" for name, reason in shown)
-            + (f"\n- ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else "")
-        )
+        with st.expander(
+            f":warning: {len(problems)} file(s) in the folder could not be read and are not shown"
+        ):
+            st.warning(
+                f"{len(problems)} file(s) could not be read and are not shown:\n"
+                + "\n".join(f"- `{name}`: {reason}" for name, reason in shown)
+                + (f"\n- ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else "")
+            )
     if not runs:
         st.info(
             f"No run records in `{RUNS_DIR}` yet. Run `make bench-all` or one script (README), then reload."
@@ -220,17 +225,31 @@ with st.sidebar:
         url_state(col, options, [], multi=True)
         chosen[col] = st.multiselect(label, options, key=col, placeholder="all")
         to_url(col, chosen[col])
+    every_batch = select(
+        st, "Bench batches", "batches", ["newest", "all"], "newest",
+        format_func={"newest": "newest per model", "all": "every batch"}.get,
+        help="Speedup, Overview, Step time, Scaling and Throughput show each model's newest bench batch "
+        "(per hardware and profile) unless every batch is asked for; curves, seeds and runs show all.",
+    ) == "all"  # fmt: skip
     st.caption("Filters and view settings are kept in the page address: copy it to share this view.")
 df = frames.apply_filters(df_all, chosen)
 if df.empty:
     st.info("No run matches the filters.")
     st.stop()
 hist = hist_all[hist_all["run_id"].isin(df["run_id"])]
+summary_df = df if every_batch else frames.newest_batches(df)
+hidden = len(df) - len(summary_df)
+batches_note = (
+    f" Each model's newest bench batch is shown ({hidden} runs of older batches are not: sidebar, Bench batches)."
+    if hidden
+    else ""
+)
 # what every figure depends on besides its own settings; statuses only matter while something runs
 VIEW = repr(
     (
         signature,
         sorted(chosen.items()),
+        every_batch,
         stale_s,
         len(df_all[df_all["status"] == "running"]) and dt.datetime.now().minute,
     )
@@ -291,10 +310,12 @@ if len(running):
 
 # ----------------------------------------------------------------------------- the answer
 answer = tables.verdicts(df)
-with st.container():  # always this one slot, so the tabs below keep their place (and the open tab)
+with answer_slot:  # always this one slot, at the top, so the tabs below keep their place (and the open tab)
     st.subheader("The answer per model")
     if len(answer):
-        st.dataframe(answer, hide_index=True, width="stretch", height=tables.table_height(len(answer)))
+        st.markdown("\n".join(f"- {line}" for line in tables.verdict_lines(answer)))
+        with st.expander("as a table"):
+            st.dataframe(answer, hide_index=True, width="stretch", height=tables.table_height(len(answer)))
     else:
         st.caption("No comparison of ours on more than one device among the runs shown.")
     st.caption(
@@ -306,85 +327,96 @@ with st.container():  # always this one slot, so the tabs below keep their place
     )
 
 # ----------------------------------------------------------------------------- charts
+# Tabs are built only when opened (st.tabs with state: `.open`), and the open one is in the page address.
 FLAG_HELP = " ".join(f"**{k}**: {v}." for k, v in stats.FLAGS.items())
-tabs = st.tabs(
-    [
-        "Speedup",
-        "Overview",
-        "Step time",
-        "Scaling",
-        "Curves",
-        "Throughput & memory",
-        "Baseline",
-        "Config diff",
-        "Seeds",
-        "Projection",
-    ]
-)
-with tabs[0]:
-    show(figure("speedup", VIEW, lambda: figures.fig_speedup(df)), "speedup_bars")
-    st.caption(
-        "Speedup = median steady-state step time of the 1-device run / this setup's, at the same global "
-        "batch, data, step budget, profile and hardware (warm-up excluded); bars = intervals by a bootstrap "
-        "over launches, then timed windows (95%; within one launch where flagged single-launch); dashed line = "
-        "break-even. The study's published speedups are in a panel of their own: its 2-GPU runs were on "
-        "another machine with a doubled global batch, so they are not comparable with ours. On a CPU each "
-        "process has one core "
-        "(one 'device'); a model split in one CPU process is one device. Flags on the bars: " + FLAG_HELP
-    )
-with tabs[1]:
-    summary = tables.overview(df)
-    st.dataframe(
-        summary,
-        hide_index=True,
-        width="stretch",
-        height=tables.table_height(len(summary)),
-        column_config={
-            **{
-                c: st.column_config.NumberColumn(format="%.3g")
-                for c in ("best epoch s", "speedup", "metric mean", "metric std")
+VIEWS = ["Speedup", "Overview", "Step time", "Scaling", "Curves", "Throughput & memory", "Compare runs",
+         "Seeds", "Projection"]  # fmt: skip
+tabs = dict(zip(VIEWS, st.tabs(VIEWS, key="view", bind="query-params"), strict=True))
+with tabs["Speedup"]:
+    if tabs["Speedup"].open:
+        show(figure("speedup", VIEW, lambda: figures.fig_speedup(summary_df)), "speedup_bars")
+        st.caption(
+            "Speedup = median steady-state step time of the 1-device run / this setup's, at the same global "
+            "batch, data, step budget, profile and hardware (warm-up excluded); bars = intervals by a "
+            "bootstrap over launches, then timed windows (95%; within one launch where flagged single-launch); "
+            "dashed line = break-even; ⚑ = flagged (which flags: in the hover and the Overview). The study's "
+            "published speedups are in a panel of their own: its 2-GPU runs were on another machine with a "
+            "doubled global batch, so they are not comparable with ours. On a CPU each process has one core "
+            "(one 'device'); a model split in one CPU process is one device." + batches_note
+        )
+        missing = tables.unmeasured(unmeasured, summary_df)
+        if len(missing):
+            st.markdown("**Cells not measured** in the bench batches shown: skipped, refused or failed")
+            st.dataframe(
+                missing, hide_index=True, width="stretch", height=tables.table_height(len(missing), 12)
+            )
+with tabs["Overview"]:
+    if tabs["Overview"].open:
+        summary = tables.overview(summary_df)
+        st.dataframe(
+            summary,
+            hide_index=True,
+            width="stretch",
+            height=tables.table_height(len(summary), 25),
+            column_order=[c for c in summary.columns if not c.startswith("_")],
+            column_config={
+                "model": st.column_config.TextColumn(width="medium", pinned=True),
+                "strategy": st.column_config.TextColumn(width="medium", pinned=True),
+                "flags": st.column_config.TextColumn(width="large"),
+                "value (mean ± std)": st.column_config.TextColumn(width="medium"),
+                "status": st.column_config.TextColumn(width="medium"),
+                **{
+                    c: st.column_config.TextColumn(width="medium")
+                    for c in ("speedup [95% CI]", "step ms [95% CI]")
+                },
             },
-            **{
-                c: st.column_config.TextColumn(width="medium")
-                for c in ("speedup [95% CI]", "step s [95% CI]", "flags")
-            },
-        },
-    )
-    st.caption(
-        "One row per model, setup, hardware, global batch, data source and profile (runs pooled). Step s = "
-        "median steady-state step time; speedup and efficiency as in Speedup, with 95% intervals. "
-        "Best epoch s = the lowest median training seconds per epoch over its runs. " + FLAG_HELP
-    )
-with tabs[2]:
-    log_y = st.toggle(
-        "log scale",
-        key="log_time",
-        help="Step times differ by orders of magnitude between models and hardware.",
-    )
-    show(figure("epoch_time", VIEW + repr(log_y), lambda: figures.fig_epoch_time(df, log_y)), "epoch_time")
-    st.caption(
-        "Median steady-state seconds per training step (shared/meter.py: warm-up, each epoch's first and "
-        "last step and checkpoint writes left out); error bars = 95% bootstrap interval over timed windows "
-        "of all the setup's runs. Older records without steady timing: seconds per step of each epoch but "
-        "the first."
-    )
-with tabs[3]:
-    left, right = st.columns(2)
-    with left:
-        show(figure("scaling_s", VIEW, lambda: figures.fig_scaling(df, "speedup")), "speedup")
-    with right:
-        show(figure("scaling_e", VIEW, lambda: figures.fig_scaling(df, "efficiency")), "efficiency")
-    st.caption(
-        "One point per setup (its runs pooled), colour = strategy, symbol = model, error bars = 95% "
-        "intervals; efficiency = speedup / devices. Setups without a comparable 1-device run are not drawn. "
-        "The study's runs are compared as it did: with its Colab 1-GPU run (two machines, global batch doubled)."
-    )
+        )
+        st.caption(
+            "One row per model, setup, hardware, global batch, data source and profile (runs pooled); per model "
+            "and profile the baseline first, then the best speedup first; the study's rows last. Step = median steady-state "
+            "step time in milliseconds (the study recorded epochs, not steps: its step column is empty); speedup "
+            "and efficiency (speedup / devices) as in Speedup, 95% intervals. Best epoch s = the lowest median "
+            "training seconds per epoch. Value: the primary test metric, mean ± std over runs; `near chance` "
+            "when it is within a tenth of the way from guessing to perfect (quick-profile runs are too short "
+            "to learn: docs/quality.md has the full-length numbers). " + FLAG_HELP + batches_note
+        )
+with tabs["Step time"]:
+    if tabs["Step time"].open:
+        log_y = st.toggle(
+            "log scale",
+            key="log_time",
+            help="Step times differ by orders of magnitude between models and hardware.",
+        )
+        show(
+            figure("epoch_time", VIEW + repr(log_y), lambda: figures.fig_epoch_time(summary_df, log_y)),
+            "epoch_time",
+        )
+        st.caption(
+            "Median steady-state seconds per training step (shared/meter.py: warm-up, each epoch's first and "
+            "last step and checkpoint writes left out); error bars = 95% bootstrap interval over timed windows "
+            "of all the setup's runs. Ours only: the study's files record seconds per epoch, not per step "
+            "(Overview, best epoch s)." + batches_note
+        )
+with tabs["Scaling"]:
+    if tabs["Scaling"].open:
+        left, right = st.columns(2)
+        with left:
+            show(figure("scaling_s", VIEW, lambda: figures.fig_scaling(summary_df, "speedup")), "speedup")
+        with right:
+            show(
+                figure("scaling_e", VIEW, lambda: figures.fig_scaling(summary_df, "efficiency")), "efficiency"
+            )
+        st.caption(
+            "One point per setup of ours (its runs pooled), colour = strategy, symbol = model, points of one N "
+            "set apart by strategy, error bars = 95% intervals; efficiency = speedup / devices. Setups without "
+            "a comparable 1-device run are not drawn; the study's are in Speedup's own panel." + batches_note
+        )
 keys = frames.curve_keys(hist, info)  # the history metrics the runs shown carry (none before a first epoch)
 y = "train/loss" if "train/loss" in keys else next(iter(keys), None)
-with tabs[4]:
-    if not keys:
+with tabs["Curves"]:
+    if tabs["Curves"].open and not keys:
         st.info("No run shown has finished an epoch yet.")
-    else:
+    elif tabs["Curves"].open:
         c1, c2, c3 = st.columns(3)
         y = select(c1, "Metric", "metric", keys, y, format_func=lambda k: frames.metric_choice(k, info))
         x = select(c2, "x axis", "x", list(figures.X_AXES), "epoch")
@@ -392,6 +424,10 @@ with tabs[4]:
         url_state("ema", steps, "0.6")
         weight = float(c3.select_slider("EMA smoothing", steps, key="ema"))
         to_url("ema", f"{weight:g}", "0.6")
+        if stuck := frames.not_learning(hist, df, y, info):
+            st.warning(
+                f"Not learning ({y} within 2% of its first epoch after 3+ epochs): " + "; ".join(stuck)
+            )
         show(
             figure(
                 "curves",
@@ -402,78 +438,119 @@ with tabs[4]:
         )
         drawn = set(hist.dropna(subset=[figures.X_AXES[x]])["run_id"]) if figures.X_AXES[x] in hist else set()
         missing = sorted(set(df["run_id"]) - drawn)
+        single = sorted(set(hist.groupby("run_id").size().loc[lambda n: n == 1].index) & set(df["run_id"]))
         st.caption(
-            "Faint points: raw values; lines: debiased EMA. Non-finite losses (diverged) are not drawn."
+            "Faint points: raw values; lines: debiased EMA; one colour and legend entry per setup, its seeds "
+            "and launches together (the hover names the run). Non-finite losses (diverged) are not drawn."
+            + (f" {len(single)} run(s) have one epoch: a single point each." if single else "")
             + (
                 f" Not on this axis ({len(missing)} runs without `{figures.X_AXES[x]}`): {', '.join(missing)}."
                 if missing
                 else ""
             )
         )
-with tabs[5]:
-    throughput = lambda: figures.fig_per_run(df, "throughput", "Throughput (median over epochs)", "samples/s")  # noqa: E731
-    show(figure("throughput", VIEW, throughput), "throughput")
-    memory = lambda: figures.fig_per_run(  # noqa: E731
-        df, "peak_gib", "Peak memory (max over epochs and ranks)", "GiB", log_x=False
-    )
-    show(figure("memory", VIEW, memory), "memory")
-    st.caption(
-        "Memory: peak CUDA allocation on GPUs, peak process RSS on the CPU. The study's files record "
-        "neither throughput nor memory."
-    )
-with tabs[6]:
-    ids = list(
-        df.assign(study=df["kind"] != "ours").sort_values(["study", "workers", "model", "run_id"])["run_id"]
-    )
-    labels = dict(zip(df["run_id"], df["label"], strict=True))
-    base_id = select(st, "Baseline run", "baseline", ids, tables.default_baseline(df), format_func=labels.get)
-    same_model = [r for r in ids if r != base_id and by_id[r]["model"] == by_id[base_id]["model"]]
-    table = tables.baseline_table(by_id, df_all, base_id, same_model, info)
-    st.dataframe(
-        table,
-        hide_index=True,
-        width="stretch",
-        height=tables.table_height(len(table), 25),
-        column_config={
-            c: st.column_config.NumberColumn(format="%.4g") for c in ("value", "baseline", "delta", "ratio")
-        },
-    )
-    st.caption(
-        "Every run of the baseline's model against it: delta = run - baseline, ratio = run / baseline, "
-        "for every number both carry; better/worse follows each metric's declared goal."
-    )
-with tabs[7]:
-    kept = [r for r in st.session_state.get("diff_runs", []) if r in ids]
-    st.session_state["diff_runs"] = kept or [base_id, *same_model][:6]  # until the user picks
-    picked = st.multiselect("Runs to compare", ids, key="diff_runs", format_func=labels.get)
-    diff = tables.config_diff([by_id[r] for r in picked])
-    if len(picked) < 2:
-        st.info("Pick two or more runs.")
-    elif diff.empty:
-        st.success("These runs have identical configurations.")
-    else:
-        st.dataframe(diff, width="stretch", height=tables.table_height(len(diff)))
-        st.caption(f"Only the {len(diff)} keys whose values differ (— = key absent).")
-with tabs[8]:
-    groups = frames.seed_groups(df) if keys else {}
-    if not groups:
-        st.info(
-            "No experiment shown has more than one run. `make bench-all` with the full profile runs three "
-            "seeds of each."
+with tabs["Throughput & memory"]:
+    if tabs["Throughput & memory"].open:
+        throughput = lambda: figures.fig_per_run(  # noqa: E731
+            summary_df, {"throughput": "throughput"}, "Throughput per run (median over epochs)", "samples/s"
         )
-    else:
-        band = select(st, "Metric", "band", keys, y, format_func=lambda k: frames.metric_choice(k, info))
-        show(
-            figure("seeds", VIEW + repr(band), lambda: figures.fig_seed_bands(hist, groups, band, info)),
-            "seeds",
+        show(figure("throughput", VIEW, throughput), "throughput")
+        memory = lambda: figures.fig_per_run(  # noqa: E731
+            summary_df,
+            {"peak_gib": "one process (max over processes)", "all_ranks_gib": "all processes (sum)"},
+            "Peak memory per run",
+            "GiB",
+            log_x=False,
         )
+        show(figure("memory", VIEW, memory), "memory")
         st.caption(
-            "A group = runs whose configuration differs only in the seed (same setup, hardware and "
-            "data); line = mean per epoch, band = ± one standard deviation over the group's runs."
+            "Bars named model · setup · seed · the run id's last characters, coloured by strategy. Memory: "
+            "peak CUDA allocation on GPUs, peak process RSS on the CPU; solid = the largest one process (what "
+            "one device must hold), hatched = all processes together (records since 2026-12-07). The study's "
+            "files record neither throughput nor memory." + batches_note
         )
-
-with tabs[9]:
-    projection_view()
+ids = list(
+    df.assign(study=df["kind"] != "ours").sort_values(["study", "workers", "model", "run_id"])["run_id"]
+)
+labels = dict(zip(df["run_id"], [figures.run_label(r) for r in df.itertuples()], strict=True))
+with tabs["Compare runs"]:
+    if tabs["Compare runs"].open:
+        base_id = select(
+            st, "Baseline run", "baseline", ids, tables.default_baseline(df), format_func=labels.get
+        )
+        same, why = tables.comparable(df_all, base_id)
+        table = tables.baseline_table(by_id, df_all, base_id, [r for r in same if r in labels], info)
+        st.markdown("**Against the baseline**: the runs that did the same work")
+        if table.empty:
+            st.info(
+                "No other run shown did the same work as this one (see below why the others are not compared)."
+            )
+        else:
+            st.dataframe(
+                table,
+                hide_index=True,
+                width="stretch",
+                height=tables.table_height(len(table), 25),
+                column_config={
+                    "run": st.column_config.TextColumn(width="medium"),
+                    "metric": st.column_config.TextColumn(width="medium"),
+                    **{
+                        c: st.column_config.NumberColumn(format="%.4g")
+                        for c in ("value", "baseline", "delta", "ratio")
+                    },
+                },
+            )
+        st.caption(
+            "Runs of the baseline's model with the same hardware, global batch, data and step budget: delta = "
+            "run - baseline, ratio = run / baseline, for every number both carry; better/worse follows each "
+            "metric's declared goal, `same` within 1% of the baseline."
+            + (
+                f" Not compared ({len(why)}): "
+                + "; ".join(f"{labels.get(r, r)}: {w}" for r, w in list(why.items())[:12])
+                + (" ..." if len(why) > 12 else "")
+                if why
+                else ""
+            )
+        )
+        st.markdown("**Configuration differences**")
+        kept = [r for r in st.session_state.get("diff_runs", []) if r in ids]
+        st.session_state["diff_runs"] = (
+            kept or [base_id, *[r for r in same if r in labels]][:4]
+        )  # until the user picks
+        picked = st.multiselect("Runs to compare", ids, key="diff_runs", format_func=labels.get)
+        diff = tables.config_diff([by_id[r] for r in picked])
+        if len(picked) < 2:
+            st.info("Pick two or more runs.")
+        elif diff.empty:
+            st.success("These runs have identical configurations.")
+        else:
+            diff.columns = [labels.get(c, c) for c in diff.columns]
+            st.dataframe(diff, width="stretch", height=tables.table_height(len(diff)))
+            st.caption(
+                f"Only the {len(diff)} keys whose values differ (— = absent or empty); columns = runs."
+            )
+with tabs["Seeds"]:
+    if tabs["Seeds"].open:
+        groups = frames.seed_groups(df) if keys else {}
+        if not groups:
+            st.info(
+                "No experiment shown has runs with two or more different seeds (launches of one seed are "
+                "repeats, in Speedup's intervals). `make bench-all PROFILE=full` runs three seeds of each."
+            )
+        else:
+            band = select(st, "Metric", "band", keys, y, format_func=lambda k: frames.metric_choice(k, info))
+            show(
+                figure("seeds", VIEW + repr(band), lambda: figures.fig_seed_bands(hist, groups, band, info)),
+                "seeds",
+            )
+            st.caption(
+                "A group = runs whose configuration differs only in the seed (same setup, hardware and data), "
+                "with at least two different seeds; line = mean per epoch, band = ± one standard deviation over "
+                "the group's runs."
+            )
+with tabs["Projection"]:
+    if tabs["Projection"].open:
+        projection_view()
 
 # ----------------------------------------------------------------------------- raw table
 st.subheader("Runs")

@@ -57,6 +57,34 @@ def colors_for(ids) -> dict[str, str]:
     return color_map(ids)
 
 
+LEGEND_MAX = 8  # more entries than this and the legend goes; the hover names each trace
+
+
+def top_legend(fig: go.Figure, height: int, title: str | None = None, most: int = LEGEND_MAX) -> go.Figure:
+    """Title on top, a horizontal legend under it, the plot under both (container coordinates: nothing
+    overlaps whatever the width); no legend at all past LEGEND_MAX entries."""
+    n = len({tr.legendgroup or tr.name for tr in fig.data if tr.showlegend is not False and tr.name})
+    shown = 0 < n <= most
+    rows = math.ceil(n / 4) if shown else 0  # ~4 entries per line at 1280 px
+    top = 50 + 24 * rows
+    fig.update_layout(
+        height=height + top,
+        margin={"t": top + 10},
+        title={"yref": "container", "y": 1 - 12 / (height + top), "yanchor": "top"},
+        showlegend=shown,
+        legend={
+            "orientation": "h",
+            "yref": "container",
+            "y": 1 - 44 / (height + top),
+            "yanchor": "top",
+            "x": 0,
+            "xanchor": "left",
+            "title": title,
+        },
+    )
+    return fig
+
+
 def cells_frame(df: pd.DataFrame) -> pd.DataFrame:
     """One row per comparison cell shown (its runs pooled), with the speedup interval as error bars."""
     d = df.dropna(subset=["step_s"])
@@ -115,6 +143,7 @@ def fig_speedup(df: pd.DataFrame) -> go.Figure:
     dup = c.duplicated(["model", "source_label", "bar"], keep=False) & ~study
     c.loc[dup, "bar"] = [f"{b} ({s})" for b, s in zip(c.loc[dup, "bar"], c.loc[dup, "cell"], strict=True)]
     c["panel"] = c["model"].where(~study, STUDY_PANEL)
+    c["flag_mark"] = ["⚑" if f else "" for f in c["flags"]]  # which flags: in the hover and the Overview
     groups = sorted(set(c["source_label"]), key=lambda g: (g.startswith("the study"), g))
     models = [m for m in dict.fromkeys(c["panel"]) if m != STUDY_PANEL] + (
         [STUDY_PANEL] if study.any() else []
@@ -127,14 +156,19 @@ def fig_speedup(df: pd.DataFrame) -> go.Figure:
         color="source_label",
         error_y="err_plus",
         error_y_minus="err_minus",
-        text="flags",
+        text="flag_mark",
         facet_col="panel",
         facet_col_wrap=2,
         facet_row_spacing=0.5 / rows if rows > 1 else 0.0,
         facet_col_spacing=0.06,
         barmode="group",
         category_orders={"panel": models, "source_label": groups},
-        color_discrete_map={g: "#b0b0b0" if g.startswith("the study") else stable_color(g) for g in groups},
+        color_discrete_map={
+            g: "#b0b0b0"
+            if g.startswith("the study")
+            else stable_color(g.split(" ")[2] if len(groups) > LEGEND_MAX else g)
+            for g in groups
+        },
         hover_name="bar",
         hover_data={
             "speedup_text": True,
@@ -144,7 +178,8 @@ def fig_speedup(df: pd.DataFrame) -> go.Figure:
             "speedup": False,
             "err_plus": False,
             "err_minus": False,
-            "flags": False,
+            "flags": True,
+            "flag_mark": False,
             "source_label": False,
             "cell": True,
             "model": False,
@@ -152,27 +187,26 @@ def fig_speedup(df: pd.DataFrame) -> go.Figure:
             "panel": False,
         },
         labels={"speedup_text": "speedup [95% CI]", "cell": "setup", "bar": "", "source_label": ""},
-        height=200 + 330 * rows,
         title="Speedup over 1 device by strategy, with 95% intervals (break-even = 1; the study apart)",
     )
-    fig.add_hline(
-        y=1.0,
-        line_dash="dash",
-        line_color="black",
-        annotation_text="break-even",
-        annotation_position="top left",
+    fig.add_hline(y=1.0, line_dash="dash", line_color="black")
+    fig.add_trace(  # the break-even line named in the legend, not written over the first bar
+        go.Scatter(
+            x=[None], y=[None], mode="lines", name="break-even (1.0)", line={"dash": "dash", "color": "black"}
+        )
     )
-    fig.update_traces(textposition="outside", textfont_size=10, cliponaxis=False)
+    fig.update_traces(textposition="outside", textfont_size=14, cliponaxis=False, selector={"type": "bar"})
     fig.update_yaxes(matches=None, showticklabels=True, rangemode="tozero")
     fig.update_xaxes(matches=None, showticklabels=True, tickangle=-30)
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
-    fig.update_layout(legend={"orientation": "h", "y": 1.02 + 0.02 * rows, "x": 0.5, "xanchor": "center"})
-    return fig
+    fig.update_layout(uniformtext={"minsize": 12, "mode": "show"})
+    return top_legend(fig, 150 + 330 * rows)
 
 
 def fig_epoch_time(df: pd.DataFrame, log_y: bool = False) -> go.Figure:
-    """Median steady-state step time per setup and hardware with its 95% interval (runs pooled)."""
-    c = cells_frame(df)
+    """Median steady-state step time per setup and hardware with its 95% interval (runs pooled); ours only:
+    the study's files hold seconds per epoch, not per step."""
+    c = cells_frame(df[df["kind"] == "ours"])
     if c.empty:
         return go.Figure(layout={"title": {"text": "Steady-state step time by setup: none shown"}})
     c = c.sort_values(["model", "kind", "devices", "cell"])
@@ -191,7 +225,6 @@ def fig_epoch_time(df: pd.DataFrame, log_y: bool = False) -> go.Figure:
         barmode="group",
         color_discrete_map=color_map(c["hardware"].unique()),
         hover_data={"runs": True, "conditions": True, "flags": True, "step_minus": False, "step_plus": False},
-        height=160 + 300 * rows,
         labels={"step_s": "s / step", "cell": ""},
         title="Steady-state step time by setup (median, 95% interval)",
     )
@@ -199,14 +232,17 @@ def fig_epoch_time(df: pd.DataFrame, log_y: bool = False) -> go.Figure:
     fig.update_yaxes(matches=None, showticklabels=True, type="log" if log_y else None, tickformat=".3~g")
     fig.update_xaxes(matches=None, showticklabels=True)
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
-    fig.update_layout(legend={"orientation": "h", "y": -0.15 / rows, "title": "hardware"})
-    return fig
+    return top_legend(fig, 120 + 300 * rows, "hardware")
+
+
+SYMBOLS = ["circle", "square", "diamond", "triangle-up", "x", "star", "cross", "pentagon", "hexagon"]
 
 
 def fig_scaling(df: pd.DataFrame, y: str) -> go.Figure:
-    """Speedup or efficiency vs devices per cell: colour = strategy, symbol = model, 95% intervals, the
-    ideal and the break-even lines."""
-    c = cells_frame(df)
+    """Speedup or efficiency vs devices per cell of ours: colour = strategy, symbol = model (one legend entry
+    each, not one per pair), points of one N spread sideways by strategy, 95% intervals, the ideal and the
+    break-even lines. The study's points are in the Speedup view's own panel (two machines)."""
+    c = cells_frame(df[df["kind"] == "ours"])
     c = c.dropna(subset=[y]) if len(c) else c
     title = (
         "Speedup vs devices (ideal = devices, break-even = 1)"
@@ -216,37 +252,42 @@ def fig_scaling(df: pd.DataFrame, y: str) -> go.Figure:
     if c.empty:
         return go.Figure(layout={"title": {"text": title}})
     div = 1 if y == "speedup" else c["devices"]
-    c = c.assign(
-        plus=(c["speedup_hi"] - c["speedup"]) / div,
-        minus=(c["speedup"] - c["speedup_lo"]) / div,
-        value_text=[stats.sig(v) for v in c[y]],
-        label=c["model"] + " · " + c["cell"],
-    )
-    fig = px.scatter(
-        c,
-        x="devices",
-        y=y,
-        color="strategy",
-        symbol="model",
-        error_y="plus",
-        error_y_minus="minus",
-        hover_name="label",
-        color_discrete_map=color_map(c["strategy"].unique()),
-        hover_data={
-            "value_text": True,
-            "conditions": True,
-            "flags": True,
-            "plus": False,
-            "minus": False,
-            y: False,
-        },
-        labels={
-            "devices": "devices (GPUs, or CPU processes of one core each)",
-            y: BUILTIN[y]["label"],
-            "value_text": y,
-        },
-        title=title,
-    )
+    c = c.assign(plus=(c["speedup_hi"] - c["speedup"]) / div, minus=(c["speedup"] - c["speedup_lo"]) / div)
+    strategies, models = sorted(c["strategy"].unique()), sorted(c["model"].unique())
+    fig = go.Figure()
+    for (strategy, model), g in c.groupby(["strategy", "model"], sort=True):
+        shift = 0.08 * (strategies.index(strategy) - (len(strategies) - 1) / 2)
+        fig.add_trace(
+            go.Scatter(
+                x=g["devices"] + shift,
+                y=g[y],
+                mode="markers",
+                marker={
+                    "color": stable_color(strategy),
+                    "symbol": SYMBOLS[models.index(model) % len(SYMBOLS)],
+                    "size": 11,
+                },
+                error_y={
+                    "type": "data",
+                    "array": g["plus"],
+                    "arrayminus": g["minus"],
+                    "color": stable_color(strategy),
+                },
+                name=f"{strategy_name(strategy)} · {model}",
+                showlegend=False,
+                customdata=list(
+                    zip(g["cell"], [stats.sig(v) for v in g[y]], g["conditions"], g["flags"], strict=True)
+                ),
+                hovertemplate=f"<b>{model} · %{{customdata[0]}}</b><br>{y} %{{customdata[1]}}<br>%{{customdata[2]}}"
+                "<br>%{customdata[3]}<extra></extra>",
+            )
+        )
+    for strategy in strategies:  # the legend: colours, then symbols
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=strategy_name(strategy),
+                                 marker={"color": stable_color(strategy), "size": 11}))  # fmt: skip
+    for i, model in enumerate(models):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=model,
+                                 marker={"color": "#555", "symbol": SYMBOLS[i % len(SYMBOLS)], "size": 11}))  # fmt: skip
     top = max([2, *c["devices"].tolist()])
     ideal = [1, top] if y == "speedup" else [1, 1]
     fig.add_trace(
@@ -258,9 +299,10 @@ def fig_scaling(df: pd.DataFrame, y: str) -> go.Figure:
                 x=[1, top], y=[1, 1], mode="lines", name="break-even", line={"dash": "dot", "color": "black"}
             )
         )
-    fig.update_traces(marker={"size": 11}, selector={"mode": "markers"})
-    fig.update_xaxes(dtick=1)
-    return fig
+    fig.update_xaxes(dtick=1, title="devices (GPUs, or CPU processes of one core each)")
+    fig.update_yaxes(title=BUILTIN[y]["label"], rangemode="tozero")
+    fig.update_layout(title=title)
+    return top_legend(fig, 420, most=24)  # strategies and models: a bounded list, the only key to the marks
 
 
 def ema(values: list[float], weight: float) -> list[float]:
@@ -286,6 +328,7 @@ def fig_curves(hist: pd.DataFrame, df: pd.DataFrame, y: str, x: str, weight: flo
     models = sorted(df["model"].unique()) if len(df) else []
     rows = max(1, len(models))
     fig = make_subplots(rows=rows, cols=1, subplot_titles=models or [""], vertical_spacing=0.25 / rows)
+    named: set[str] = set()
     if y in hist and xcol in hist:
         shown = hist.dropna(subset=[xcol])
         for rid, g in shown.groupby("run_id", sort=True):
@@ -293,14 +336,15 @@ def fig_curves(hist: pd.DataFrame, df: pd.DataFrame, y: str, x: str, weight: flo
                 continue
             m = meta.loc[rid]
             row = models.index(m["model"]) + 1
+            # one colour and one legend entry per setup (its seeds and launches share them; the hover names
+            # the run), the same setup the same colour in every model's panel
+            group = f"study {m['setup']}" if m["kind"] == "study" else str(m["setup"])
+            group += " [SYNTHETIC]" if m["synthetic"] else ""
             seed = f" · seed {int(m['seed'])}" if pd.notna(m["seed"]) else ""
-            name = f"{m['model']} · {m['setup']}{seed}" + (" [SYNTHETIC]" if m["synthetic"] else "")
-            if m["kind"] == "study":
-                name = f"{m['model']} · study {m['setup']}"
             g = g.sort_values(xcol)
             vals = [float(v) for v in g[y]]
             ok = [finite(v) for v in vals]
-            c = stable_color(f"{m['setup']}-{m['seed']}-{rid}")
+            c = stable_color(group)
             fig.add_trace(
                 go.Scatter(
                     x=g[xcol][ok],
@@ -308,9 +352,9 @@ def fig_curves(hist: pd.DataFrame, df: pd.DataFrame, y: str, x: str, weight: flo
                     mode="markers",
                     marker={"color": c, "size": 7},
                     opacity=0.3,
-                    legendgroup=rid,
+                    legendgroup=group,
                     showlegend=False,
-                    name=f"{name} (raw)",
+                    name=f"{group} (raw)",
                     hovertext=rid,
                 ),
                 row=row,
@@ -320,52 +364,91 @@ def fig_curves(hist: pd.DataFrame, df: pd.DataFrame, y: str, x: str, weight: flo
                 go.Scatter(
                     x=g[xcol],
                     y=ema(vals, weight),
-                    mode="lines",
+                    mode="lines+markers",
+                    marker={"size": 4},
                     line={"color": c},
-                    legendgroup=rid,
-                    name=name,
+                    legendgroup=group,
+                    showlegend=group not in named,
+                    name=group,
                     hovertext=rid,
                     connectgaps=False,
-                    hovertemplate="%{hovertext}<br>%{x}: %{y:.3~g}<extra>" + name + "</extra>",
+                    hovertemplate="%{hovertext}<br>%{x}: %{y:.3~g}<extra>"
+                    + f"{m['model']} · {group}{seed}"
+                    + "</extra>",
                 ),
                 row=row,
                 col=1,
             )
+            named.add(group)
     if x == "epoch" and len(hist) and hist["epoch"].max() <= 20:
         fig.update_xaxes(dtick=1)
     fig.update_yaxes(title_text=metric_label(y, info), tickformat=".3~g")
     fig.update_xaxes(title_text=x, row=rows, col=1)
-    n = sum(1 for tr in fig.data if tr.showlegend is not False)
     fig.update_layout(
         title=f"{metric_label(y, info)} vs {x}"
         + (f" (EMA {weight:g})" if weight else "")
         + ", one panel per model",
-        legend_title="model · setup · seed",
-        height=max(360 * rows, 200 + 22 * n),
+        legend={"title": "setup (its seeds and launches)"},
+        height=max(360 * rows, 200 + 22 * len(named)),
     )
     return fig
 
 
-def fig_per_run(df: pd.DataFrame, col: str, title: str, unit: str, log_x: bool = True) -> go.Figure:
-    """One horizontal bar per run (long run ids stay readable), coloured by setup; a log axis, since models
-    differ by orders of magnitude."""
-    d = df.dropna(subset=[col]).sort_values(["model", "workers", "label"], ascending=False)
-    d = d.assign(value_text=[stats.sig(v) for v in d[col]])
-    fig = px.bar(
-        d,
-        y="label",
-        x=col,
-        color="setup",
-        orientation="h",
-        log_x=log_x,
-        color_discrete_map=color_map(d["setup"].unique()),
-        hover_data={"model": True, "hardware": True, "global_batch": True, "value_text": True, col: False},
-        labels={col: unit + (" (log scale)" if log_x else ""), "label": "", "value_text": unit},
-        title=title,
-        height=160 + 26 * max(len(d), 4),
+def run_label(r) -> str:
+    """A run as a bar label: model · setup · seed · the id's last 6 characters (unique, short)."""
+    seed = f" · seed {int(r.seed)}" if pd.notna(r.seed) else ""
+    return f"{r.model} · {r.setup}{seed} · {str(r.run_id)[-6:]}" + (" [SYNTHETIC]" if r.synthetic else "")
+
+
+def fig_per_run(
+    df: pd.DataFrame, cols: dict[str, str], title: str, unit: str, log_x: bool = True
+) -> go.Figure:
+    """One horizontal bar per run and value column ({column: name}), coloured by strategy; a log axis, since
+    models differ by orders of magnitude."""
+    d = df.dropna(subset=[next(iter(cols))]).sort_values(
+        ["model", "workers", "setup", "run_id"], ascending=False
     )
-    fig.update_yaxes(categoryorder="array", categoryarray=list(d["label"]))
-    return fig
+    d = d.assign(bar=[run_label(r) for r in d.itertuples()])
+    fig = go.Figure()
+    for i, (col, name) in enumerate(cols.items()):
+        if col not in d or d[col].isna().all():
+            continue
+        for strategy, g in d.groupby("strategy", sort=True):
+            fig.add_trace(
+                go.Bar(
+                    y=g["bar"],
+                    x=g[col],
+                    orientation="h",
+                    name=f"{strategy_name(strategy)}" + (f" · {name}" if len(cols) > 1 else ""),
+                    marker={"color": stable_color(strategy), "pattern": {"shape": "" if i == 0 else "/"}},
+                    opacity=1.0 if i == 0 else 0.55,
+                    customdata=list(
+                        zip(
+                            g["run_id"],
+                            g["hardware"],
+                            g["global_batch"],
+                            [stats.sig(v) for v in g[col]],
+                            strict=True,
+                        )
+                    ),
+                    hovertemplate=f"%{{customdata[0]}}<br>%{{customdata[1]}} · batch %{{customdata[2]}}<br>{name}: "
+                    f"%{{customdata[3]}} {unit}<extra></extra>",
+                )
+            )
+    values = pd.concat([d[c] for c in cols if c in d]).dropna()
+    log_x = log_x and len(values) > 0 and values.min() > 0 and values.max() / values.min() >= 10
+    # a log axis only across orders of magnitude, labelled per decade (Plotly's in-between digits are tiny)
+    fig.update_xaxes(
+        type="log" if log_x else None,
+        dtick=1 if log_x else None,
+        tickformat="~s" if log_x else ".3~g",
+        title=unit + (" (log scale)" if log_x else ""),
+    )
+    fig.update_yaxes(categoryorder="array", categoryarray=list(d["bar"]), title=None)
+    fig.update_layout(title=title, barmode="group")
+    return top_legend(
+        fig, 120 + 26 * max(len(d), 4) * max(1, sum(c in d and d[c].notna().any() for c in cols))
+    )
 
 
 def fig_seed_bands(hist: pd.DataFrame, groups: dict[str, list[str]], y: str, info: dict) -> go.Figure:

@@ -17,6 +17,7 @@ import math
 import pandas as pd
 
 from board import comparisons
+from shared import stats
 from shared.record import HEARTBEAT_S
 
 # A `running` record whose heartbeat (updated_at) is older than this is shown as crashed. Scripts rewrite a
@@ -177,6 +178,38 @@ def final_metric(rec: dict) -> tuple[str | None, float | None]:
     return key, None
 
 
+def chance_level(rec: dict, key: str | None) -> float | None:
+    """What guessing scores on metric `key`: the record's own `metrics[key].chance` when the script declares
+    it, else 1 / classes for an accuracy reported per class (`<key>_per_class`); None when unknown."""
+    if not key:
+        return None
+    base = key.split(" (")[0]
+    declared = number(((rec.get("metrics") or {}).get(base) or {}).get("chance"))
+    if declared is not None:
+        return declared
+    per_class = (rec.get("test") or {}).get(base.replace("val/", "test/", 1) + "_per_class")
+    return 1.0 / len(per_class) if isinstance(per_class, dict) and per_class else None
+
+
+def near_chance(value, chance, goal) -> bool:
+    """Within a tenth of the way from guessing to perfect (accuracy 0.19 on ten classes, 0.55 on two)."""
+    if value is None or chance is None or goal != "max" or not finite(float(value)):
+        return False
+    return float(value) < chance + 0.1 * (1.0 - chance)
+
+
+def newest_batches(df: pd.DataFrame) -> pd.DataFrame:
+    """Of our bench runs, only each model's newest batch per hardware and profile (ad-hoc runs and the
+    study's kept): what the summary views show unless every batch is asked for."""
+    bench = (df["kind"] == "ours") & df["bench_batch"].notna()
+    if not bench.any():
+        return df
+    newest = df[bench].groupby(["model", "hardware", "profile"])["bench_batch"].transform("max")
+    keep = ~bench
+    keep[bench] = df.loc[bench, "bench_batch"] == newest
+    return df[keep]
+
+
 def runs_frame(
     runs: list[dict], now: dt.datetime, stale_s: float = STALE_S, comp: dict | None = None
 ) -> pd.DataFrame:
@@ -232,8 +265,12 @@ def runs_frame(
                 "peak_gib": max(
                     (v for h in hist if finite(v := number(h.get("memory/peak_gib")))), default=None
                 ),
+                "all_ranks_gib": max(
+                    (v for h in hist if finite(v := number(h.get("memory/all_ranks_gib")))), default=None
+                ),
                 "metric": key,
                 "value": value,
+                "chance": chance_level(r, key),
                 "goal": (r.get("metrics") or {}).get(r.get("primary_metric") or "", {}).get("goal"),
                 "total_s": number((r.get("timing") or {}).get("total_s")),
                 "started_at": r.get("started_at"),
@@ -288,15 +325,17 @@ def apply_filters(df: pd.DataFrame, chosen: dict[str, list]) -> pd.DataFrame:
 
 
 def seed_groups(df: pd.DataFrame, min_runs: int = 2) -> dict[str, list[str]]:
-    """Runs of one experiment (same config but the seed, same setup, hardware and data) -> group label."""
+    """Runs of one experiment (same config but the seed, same setup, hardware and data) with at least
+    `min_runs` different seeds -> group label."""
     out = {}
     for key, g in df.groupby("experiment", sort=False):
-        if len(g) >= min_runs:
+        if g["seed"].nunique() >= min_runs:  # launches of one seed are repeats, not a spread over seeds
             r = g.iloc[0]
             size = f" · {int(r['train_samples'])} train" if pd.notna(r["train_samples"]) else ""
             entry = comparisons.bench_tag({"tag": r["tag"]}).get("entry") or r["model"]
             out[
-                f"{entry} · {r['setup']} · {r['hardware']} · batch {r['global_batch']}{size} · config {key[:6]} (n={len(g)})"
+                f"{entry} · {r['setup']} · {r['hardware']} · batch {r['global_batch']}{size} · config {key[:6]} "
+                f"({len(g)} runs, {g['seed'].nunique()} seeds)"
             ] = list(g["run_id"])
     return dict(sorted(out.items()))
 
@@ -322,6 +361,21 @@ def curve_keys(hist: pd.DataFrame, info: dict) -> list[str]:
         )
 
     return sorted(keys, key=order)
+
+
+def not_learning(hist: pd.DataFrame, df: pd.DataFrame, y: str, info: dict) -> list[str]:
+    """Runs shown whose `y` (a metric to minimise) ends within 2% of its first epoch's value after three or
+    more epochs: a model that does not learn (the study's CNN stuck at ln 10 = 2.30)."""
+    if y not in hist or (info.get(y) or {}).get("goal", "min" if "loss" in y else None) != "min":
+        return []
+    out = []
+    names = df.set_index("run_id")
+    for rid, g in hist[hist["run_id"].isin(df["run_id"])].dropna(subset=[y]).groupby("run_id"):
+        v = [float(x) for x in g.sort_values("epoch")[y] if finite(float(x))]
+        if len(v) >= 3 and v[0] > 0 and v[-1] >= 0.98 * v[0]:
+            r = names.loc[rid]
+            out.append(f"{r['model']} · {r['setup']} ({stats.sig(v[0])} -> {stats.sig(v[-1])})")
+    return sorted(out)
 
 
 def synthetic_note(df: pd.DataFrame) -> str | None:

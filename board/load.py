@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 from board.reference import convert, is_study_format, load_reference
@@ -49,12 +50,21 @@ def json_files(folder: str | Path | None) -> list[Path]:
     )
 
 
-def _read_one(path: Path) -> list[dict]:
-    """One file as runs (ours, or the study's format); ValueError with a one-line reason, never a path."""
+def file_size(path: Path) -> int:
+    """The size of a regular file (a link is followed); ValueError for anything a read could hang on or
+    never finish (a named pipe, a device such as /dev/zero, a socket) or cannot stat."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as e:
         raise ValueError(f"unreadable ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("not a regular file (a pipe, device or socket): not read")
+    return st.st_size
+
+
+def _read_one(path: Path) -> list[dict]:
+    """One file as runs (ours, or the study's format); ValueError with a one-line reason, never a path."""
+    size = file_size(path)
     if size > MAX_FILE_BYTES:
         raise ValueError(
             f"too large for a run record ({size / 2**20:.0f} MiB > {MAX_FILE_BYTES // 2**20} MiB)"
@@ -110,11 +120,75 @@ def load_folder(
     return unique, problems
 
 
+def summary_files(folder: str | Path | None) -> list[Path]:
+    """`make bench-*`'s batch summaries below `folder`: <runs>/bench/<batch>/summary.json."""
+    d = Path(folder) if folder else None
+    if not d or not d.is_dir():
+        return []
+    out = []
+    for root, dirs, files in os.walk(d):
+        depth = len(Path(root).relative_to(d).parts)
+        dirs[:] = sorted(
+            x for x in dirs if x not in SKIP_DIRS - {"bench"} and not x.startswith(".") and depth < MAX_DEPTH
+        )
+        if "summary.json" in files and Path(root).parent.name == "bench":
+            out.append(Path(root) / "summary.json")
+    return out
+
+
+def unmeasured_cells(folder: str | Path | None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The cells each bench batch planned but did not measure, from its summary.json: `skipped` (the plan
+    left it out, with the bench's reason; `refused` where the script refuses that strategy for the model) or
+    `failed` (launched, no finished run). Returns (cells, [(file, reason)]) like load_folder."""
+    cells, problems = [], []
+    d = Path(folder) if folder else None
+    for path in summary_files(d):
+        name = path.relative_to(d).as_posix()
+        try:
+            if file_size(path) > MAX_FILE_BYTES:
+                raise ValueError("too large for a bench summary")
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            batch, profile = summary.get("batch"), summary.get("profile")
+            for c in summary.get("cells") or []:
+                finished = c.get("finished")
+                if "skipped" in c:
+                    reason = str(c["skipped"])
+                    what = "refused" if "refuse" in reason else "skipped"
+                elif finished == 0:
+                    what, reason = (
+                        "failed",
+                        "no finished launch (" + ", ".join(map(str, c.get("statuses") or [])) + ")",
+                    )
+                else:
+                    continue
+                cells.append(
+                    {
+                        "bench_batch": str(batch),
+                        "profile": str(profile),
+                        "model": str(c["model"]),
+                        "setup": str(c["setup"]),
+                        "strategy": str(c.get("strategy")),
+                        "devices": int(c.get("devices") or c.get("procs") or 1),
+                        "global_batch": c.get("global_batch"),
+                        "what": what,
+                        "reason": reason[:300],
+                    }
+                )
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
+            why = (
+                str(err)
+                if str(err).startswith(("not a regular", "unreadable", "too large"))
+                else type(err).__name__
+            )
+            problems.append((name, f"not a bench summary ({why})"))
+    return cells, problems
+
+
 def folder_signature(*folders) -> tuple:
     """(name, mtime, size) of every JSON file: the cache key of the loader and the live-refresh trigger."""
     sig = []
     for folder in folders:
-        for e in json_files(folder):
+        for e in json_files(folder) + summary_files(folder):
             try:
                 st = e.stat()
             except OSError:  # removed between listing and stat (a temp file being renamed)

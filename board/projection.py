@@ -10,7 +10,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from board.figures import STRATEGY_COLORS
-from board.load import MAX_FILE_BYTES, PROJECTION_PREFIX, walk
+from board.load import MAX_FILE_BYTES, PROJECTION_PREFIX, file_size, walk
 
 COLORS = {**STRATEGY_COLORS, "pipeline_1f1b": "#e377c2"}
 SYMBOLS = {
@@ -34,7 +34,7 @@ def load_projections(runs_dir: str | Path) -> tuple[list[dict], list[tuple[str, 
     for path in projection_files(runs_dir):
         name = path.relative_to(runs_dir).as_posix()
         try:
-            if path.stat().st_size > MAX_FILE_BYTES:
+            if file_size(path) > MAX_FILE_BYTES:
                 raise ValueError(f"too large for a projection record (> {MAX_FILE_BYTES // 2**20} MiB)")
             rec = json.loads(path.read_text(encoding="utf-8"))
             ok = isinstance(rec, dict) and rec.get("kind") == "distbench-projection"

@@ -11,7 +11,7 @@ import math
 
 import pandas as pd
 
-from board.frames import NOT_CURVES, number, strategy_name
+from board.frames import NOT_CURVES, near_chance, number, strategy_name
 from shared import stats
 
 
@@ -56,37 +56,91 @@ def verdicts(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def verdict_lines(answer: pd.DataFrame) -> list[str]:
+    """The answer table as one Markdown line per model and hardware, verdict first."""
+    return [
+        f"**{r['model']}** on {r['hardware']}: **{r['verdict']}**. Best: {r['best strategy']}, "
+        f"speedup {r['speedup [interval]']} ({r['interval']})"
+        + (f"; doubtful: {r['doubtful because']}" if r["doubtful because"] else "")
+        for r in answer.to_dict("records")
+    ]
+
+
+def unmeasured(cells: list[dict], df: pd.DataFrame) -> pd.DataFrame:
+    """The bench cells of the batches and models shown that have no measurement: skipped (with the bench's
+    reason), refused by the script, or failed (launched, nothing finished)."""
+    shown = set(zip(df["model"], df["bench_batch"].astype(str), strict=True))
+    rows = [
+        {
+            "model": c["model"],
+            "strategy": f"{strategy_name(c['strategy'])} x{c['devices']}",
+            "setup": c["setup"],
+            "": c["what"],
+            "why": c["reason"],
+            "bench batch": c["bench_batch"],
+        }
+        for c in cells
+        if (c["model"], c["bench_batch"]) in shown
+    ]
+    return pd.DataFrame(rows, columns=["model", "strategy", "setup", "", "why", "bench batch"])
+
+
 def overview(df: pd.DataFrame) -> pd.DataFrame:
     """Per model and comparison cell (setup, hardware, batch, data, profile): runs, steady step time and the
-    speedup with their 95% intervals, flags, final metric (mean ± std), statuses."""
+    speedup with their 95% intervals, flags, final metric (mean ± std, flagged near chance), statuses. Rows
+    per model: the baseline, then by speedup, best first; the study's after ours."""
     keys = ["model", "setup", "hardware", "global_batch", "source", "profile"]
     d = df.assign(profile=df["profile"].fillna("-"))
     out = []
     for k, g in d.groupby(keys, dropna=False, sort=True):
         vals = g["value"].dropna()
         first = g.iloc[0]
+        study = (g["kind"] == "study").all()
+        baseline = pd.notna(first["cell"]) and first["cell"] == first["baseline_setup"]
+        mean = vals.mean() if len(vals) else None
+        chance = g["chance"].dropna().iloc[0] if g["chance"].notna().any() else None
+        metric = g["metric"].dropna().iloc[0] if g["metric"].notna().any() else None
+        value = "—"
+        if mean is not None:
+            value = stats.sig(mean) + (f" ± {stats.sig(vals.std())}" if len(vals) > 1 else "")
+            if near_chance(mean, chance, first["goal"]):
+                value += f" (near chance, {stats.sig(chance, 2)})"
         out.append(
             {
                 **dict(zip(keys, k, strict=True)),
+                "strategy": f"{strategy_name(first['strategy'])} x{int(g['workers'].max())}",
                 "devices": int(g["workers"].max()),
                 "runs": len(g),
-                "step s [95% CI]": ci_text(first["step_s"], first["step_lo"], first["step_hi"]),
-                "speedup [95% CI]": ci_text(first["speedup"], first["speedup_lo"], first["speedup_hi"]),
-                "efficiency": stats.sig(first["efficiency"], 2) if pd.notna(first["efficiency"]) else "—",
+                # the study's files hold seconds per epoch, not per step: its step column stays empty
+                "step ms [95% CI]": "—"
+                if study
+                else ci_text(*(first[c] * 1e3 for c in ("step_s", "step_lo", "step_hi"))),
+                "speedup [95% CI]": "baseline (1 device)"
+                if baseline
+                else ci_text(first["speedup"], first["speedup_lo"], first["speedup_hi"]),
+                "efficiency": "—"
+                if baseline or pd.isna(first["efficiency"])
+                else stats.sig(first["efficiency"]),
                 "flags": first["flags"] or "",
-                "best epoch s": g["epoch_s"].min(),
-                "speedup": first["speedup"],
-                "metric": g["metric"].dropna().iloc[0] if g["metric"].notna().any() else None,
-                "metric mean": vals.mean() if len(vals) else None,
-                "metric std": vals.std() if len(vals) > 1 else None,
+                "best epoch s": stats.sig(g["epoch_s"].min()),
+                "metric": metric or "—",
+                "value (mean ± std)": value,
                 "status": ", ".join(f"{n} {s}" for s, n in g["status"].value_counts().sort_index().items()),
-                "study": (g["kind"] == "study").all(),
+                "_study": study,
+                "_order": -1e9 if baseline else -(first["speedup"] if pd.notna(first["speedup"]) else -1e6),
+                "_speedup": first["speedup"],
             }
         )
     table = pd.DataFrame(out)
-    if len(table):  # per model: ours first, fewest devices first
-        table = table.sort_values(["model", "study", "devices", "setup"]).drop(columns="study")
+    if len(table):
+        table = table.sort_values(
+            ["model", "_study", "profile", "hardware", "global_batch", "_order", "setup"]
+        )
         table = table.rename(columns={"global_batch": "batch"}).reset_index(drop=True)
+        # the answer's columns first (what a reader compares), the conditions after
+        table = table[["model", "strategy", "speedup [95% CI]", "efficiency", "step ms [95% CI]", "flags",
+                       "value (mean ± std)", "metric", "setup", "profile", "hardware", "batch", "source", "runs",
+                       "best epoch s", "status", "_speedup"]]  # fmt: skip
     return table
 
 
@@ -101,6 +155,33 @@ def default_baseline(df: pd.DataFrame) -> str:
 def table_height(rows: int, most: int = 10_000) -> int:
     """Pixels for a dataframe showing every row (up to `most`) without inner scrolling."""
     return 38 + 35 * max(1, min(rows, most))
+
+
+SAME = (
+    0.01  # a difference under 1% of the baseline is no difference (timings alone vary more between launches)
+)
+
+
+def comparable(df: pd.DataFrame, base_id: str) -> tuple[list[str], dict[str, str]]:
+    """The runs that did the same work as `base_id` (same model, hardware, global batch, data and step budget:
+    its `baseline_group`), and for every other run of its model why it is not compared."""
+    rows = df.set_index("run_id")
+    base = rows.loc[base_id]
+    same, why = [], {}
+    for rid, r in rows[rows["model"] == base["model"]].iterrows():
+        if rid == base_id:
+            continue
+        if r["baseline_group"] == base["baseline_group"]:
+            same.append(rid)
+            continue
+        diffs = [
+            f"{name} {r[col]} vs {base[col]}"
+            for col, name in (("hardware", "hardware"), ("global_batch", "global batch"),
+                              ("train_samples", "train samples"), ("synthetic", "synthetic"), ("kind", "source"))
+            if str(r[col]) != str(base[col])
+        ]  # fmt: skip
+        why[rid] = ", ".join(diffs) or "another step budget"
+    return same, why
 
 
 def run_metrics(rec: dict, row: pd.Series) -> dict[str, float]:
@@ -145,7 +226,13 @@ def baseline_table(
             ratio = v / b if b != 0 and math.isfinite(b) else None
             goal = goal_of(k, info)
             better = (
-                ("=" if delta == 0 else "better" if (delta < 0) == (goal == "min") else "worse")
+                (
+                    "same (within 1%)"
+                    if abs(delta) <= SAME * abs(b)
+                    else "better"
+                    if (delta < 0) == (goal == "min")
+                    else "worse"
+                )
                 if goal and math.isfinite(delta)
                 else ""
             )
@@ -197,8 +284,8 @@ def config_diff(runs: list[dict]) -> pd.DataFrame:
         f.update({"data.name": r.get("data", {}).get("name"), "data.source": r.get("data", {}).get("source")})
         flat[r["run_id"]] = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in f.items()}
     keys = sorted({k for f in flat.values() for k in f})
-    missing = "—"
-    diff = {k: [flat[rid].get(k, missing) for rid in flat] for k in keys}
+    missing = "—"  # a key the run does not have, or holds no value for
+    diff = {k: [missing if (v := flat[rid].get(k)) is None else v for rid in flat] for k in keys}
     diff = {k: v for k, v in diff.items() if len({str(x) for x in v}) > 1}
     return (
         pd.DataFrame.from_dict(diff, orient="index", columns=list(flat)).astype(str)

@@ -44,9 +44,9 @@ class Config(RunConfig):
 METRICS = {
     "train/loss": {"label": "train loss (cross-entropy)", "goal": "min"},
     "val/loss": {"label": "validation loss (cross-entropy)", "goal": "min"},
-    "val/acc": {"label": "validation accuracy", "unit": "fraction", "goal": "max"},
+    "val/acc": {"label": "validation accuracy", "unit": "fraction", "goal": "max", "chance": 0.1},
     "test/loss": {"label": "test loss (cross-entropy)", "goal": "min"},
-    "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max", "primary": True},
+    "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max", "chance": 0.1, "primary": True},
 }
 # model_split / pipeline stages start at these layers, best first: 2 stages cut before Linear(250, 100)
 SPLIT_POINTS = ["3", "5"]

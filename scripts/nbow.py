@@ -58,9 +58,9 @@ class Config(RunConfig):
 METRICS = {
     "train/loss": {"label": "train loss (cross-entropy)", "goal": "min"},
     "val/loss": {"label": "validation loss (cross-entropy)", "goal": "min"},
-    "val/acc": {"label": "validation accuracy", "unit": "fraction", "goal": "max"},
+    "val/acc": {"label": "validation accuracy", "unit": "fraction", "goal": "max", "chance": 0.5},
     "test/loss": {"label": "test loss (cross-entropy)", "goal": "min"},
-    "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max", "primary": True},
+    "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max", "chance": 0.5, "primary": True},
 }
 # model_split: the embedding (and the mean) on the first device, the classifier on the second
 SPLIT_POINTS = ["fc"]

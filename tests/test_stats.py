@@ -184,3 +184,11 @@ def test_bench_coverage_counts_overlaps_differences_and_verdict_flips(tmp_path):
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "nope" in bad.stderr
     one = subprocess.run([*cmd, "--k", "1"], capture_output=True, text=True, cwd=REPO)
     assert one.returncode == 1 and "at least 2" in one.stderr
+
+
+def test_long_sample_lists_are_bootstrapped_in_chunks_with_the_same_interval():
+    rng = random.Random(3)
+    xs = [rng.gauss(10, 1) for _ in range(5000)]  # 2000 x 5000 draws: drawn 400 resamples at a time
+    m, (lo, hi) = stats.median_ci(xs)
+    assert lo < m < hi and hi - lo < 0.2  # the median of 5000 N(10, 1) draws: +-0.04 or so
+    assert stats.median_ci(xs) == (m, [lo, hi])  # deterministic
