@@ -16,6 +16,7 @@ import random
 import statistics
 from pathlib import Path
 
+from shared import roofline
 from shared.roofline import gpu_step
 
 GIB = 2**30
@@ -426,6 +427,8 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
         parts["compute"] = sum(t.values())
         if n > 1 and m.local:  # DDP's bucket copies and averaging, measured on a one-rank group
             parts["compute"] += _overhead(profile, "ddp_overhead_s", assumed)
+        elif n > 1:  # a GPU modelled: its copies at memory bandwidth and its kernels (shared/roofline.py)
+            parts["compute"] += roofline.ddp_wrapper_s(profile, hw, len(profile["ddp_buckets"]))
         if n > 1:
             ready = m.ready(per_dev)
             comm, end = 0.0, 0.0
@@ -454,6 +457,8 @@ def project(profile: dict, hw: dict, strategy: str, devices: int, *, nodes: int 
         # a unit is gathered again at every call of its forward (resharded after each): the decoder of a seq2seq
         # runs once per teacher-forced segment; older profiles have no call counts (once)
         calls = _fsdp_unit_calls(profile, min_unit_params)
+        if not m.local:  # a GPU modelled: FSDP2's copies at memory bandwidth and its kernels
+            parts["compute"] += roofline.fsdp_wrapper_s(profile, hw, units, calls, n)
         ag = [c * collective_s(hw, "all_gather", u, n, nodes) for u, c in zip(units, calls, strict=True)]
         rs = [collective_s(hw, "reduce_scatter", u, n, nodes) for u in units]
         if hw.get("comm_overlaps_compute"):

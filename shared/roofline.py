@@ -135,3 +135,46 @@ def gpu_step(profile: dict, hw: dict, scale: float = 1.0, fused: bool = True) ->
     parts["input"] = data * scale_data * slow
     parts["input"] += profile.get("input_bytes", 0) * scale / (hw.get("host_link_GBps", 12.0) * 1e9)
     return parts
+
+
+# DDP's and FSDP2's own work on a GPU (not the CPU's figures, which are a one-rank group's Python and copies on
+# this machine's cores): the copies they make of parameters and gradients at memory bandwidth, and the kernels
+# they launch. torch/csrc/distributed/c10d/reducer.cpp (gradient_as_bucket_view=False, DDP's default): each
+# gradient is copied into its bucket, the bucket averaged (divided by the world size) and copied back: three
+# passes reading and writing the gradient bytes, three kernels per bucket. torch/distributed/fsdp/_fully_shard/
+# _fsdp_collectives.py: an all-gather copies each rank's shard in (1/N of the unit) and the gathered unit out
+# into its parameters; a reduce-scatter copies the unit's gradients in and divides them: about four kernels per
+# all-gather and three per reduce-scatter.
+DDP_PASSES, DDP_KERNELS_PER_BUCKET = 3, 3
+FSDP_KERNELS_PER_GATHER, FSDP_KERNELS_PER_SCATTER = 4, 3
+
+
+def _copy_s(nbytes: float, hw: dict) -> float:
+    """Reading and writing `nbytes` once on the device."""
+    return 2 * nbytes / (hw["memory_bandwidth_GBps"] * 1e9 * hw.get("memory_efficiency", 1.0))
+
+
+def _launch_s(profile: dict, hw: dict) -> float:
+    """One kernel issued from the host: the profiling host's dispatch cost (x the GPU host's slowdown) plus a
+    CUDA launch, or the shortest kernel if that is longer."""
+    host = (profile.get("host_s_per_op") or 1e-5) * hw.get("host_slowdown", 1.0)
+    return max(host + hw.get("launch_overhead_s", 0.0), hw.get("kernel_min_s", 0.0))
+
+
+def ddp_wrapper_s(profile: dict, hw: dict, buckets: int) -> float:
+    """DDP's own work per step on a GPU: the trainable gradients copied into their buckets, averaged and copied
+    back, and three kernels per bucket."""
+    return DDP_PASSES * _copy_s(profile["grad_bytes"], hw) + buckets * DDP_KERNELS_PER_BUCKET * _launch_s(
+        profile, hw
+    )
+
+
+def fsdp_wrapper_s(profile: dict, hw: dict, units: list[float], calls: list[int], n: int) -> float:
+    """FSDP2's own work per step on a GPU over its units (bytes of parameters each, gathered `calls` times):
+    per all-gather the shard copied in and the unit copied out, per reduce-scatter the unit's trainable
+    gradients copied in and divided, and their kernels."""
+    trainable = profile["grad_bytes"] / max(profile["param_bytes"], 1)
+    gathers = sum(c * (_copy_s(u / n, hw) + _copy_s(u, hw)) for u, c in zip(units, calls, strict=True))
+    scatters = sum(2 * _copy_s(u * trainable, hw) for u in units)
+    kernels = sum(calls) * FSDP_KERNELS_PER_GATHER + len(units) * FSDP_KERNELS_PER_SCATTER
+    return gathers + scatters + kernels * _launch_s(profile, hw)

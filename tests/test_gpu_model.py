@@ -248,3 +248,28 @@ def test_committed_gpu_projections_are_never_more_than_linear_without_a_cause():
         if p["efficiency"] > 1 + 1e-9:
             assert p.get("superlinear_cause") not in (None, "unexplained"), p
         assert p["compute_source"].startswith("modelled from ") and p["speedup_range"] and p["verdict"]
+
+
+def test_ddp_and_fsdp_cost_their_own_copies_and_kernels_on_a_modelled_gpu(monkeypatch):
+    """A modelled GPU is charged DDP's bucket copies and kernels, and FSDP2's gather/scatter copies and kernels
+    (shared/roofline.py), not the CPU's one-rank figures and not nothing."""
+    from shared import projection, roofline
+
+    h100 = load_hardware("h100-nvlink")
+    prof = toy_profile(8)
+    single = project(prof, h100, "single", 1, batch=4)["parts_s"]["compute"]
+    ddp = project(prof, h100, "ddp", 2, batch=8)
+    own = roofline.ddp_wrapper_s(prof, h100, len(prof["ddp_buckets"]))
+    bw = h100["memory_bandwidth_GBps"] * 1e9 * h100.get("memory_efficiency", 1.0)
+    assert own >= 3 * 2 * prof["grad_bytes"] / bw and own > 0
+    assert ddp["parts_s"]["compute"] == pytest.approx(single + own, rel=0.01)
+    fsdp = project(prof, h100, "fsdp", 2, batch=8)["parts_s"]["compute"]
+    units = projection._fsdp_units(prof, 100_000)
+    calls = projection._fsdp_unit_calls(prof, 100_000)
+    fsdp_own = roofline.fsdp_wrapper_s(prof, h100, units, calls, 2)
+    monkeypatch.setattr(roofline, "fsdp_wrapper_s", lambda *a: 0.0)
+    assert fsdp_own > 0 and fsdp == pytest.approx(
+        project(prof, h100, "fsdp", 2, batch=8)["parts_s"]["compute"] + fsdp_own
+    )
+    frozen = {**prof, "grad_bytes": 0}  # frozen: no gradient to copy
+    assert roofline.ddp_wrapper_s(frozen, h100, 1) < own
