@@ -43,22 +43,22 @@ screenshots: venv browser
 # what must travel to a borrowed GPU machine (data/ with MNIST, IMDB, Multi30k; no wheels needed): prints the
 # device tool's carry list and the one command (docs/gpu.md)
 gpu-check-prepare: venv
-	$(BIN)/python bench/gpu_prepare.py --data_dir $(DATA_DIR)
+	$(BIN)/python -m bench.gpu_prepare --data_dir $(DATA_DIR)
 
 gpu-check:
-	$(or $(wildcard $(BIN)/python),python3) bench/gpu_check.py --data_dir $(if $(wildcard data/mnist),data,$(DATA_DIR)) --out $(or $(OUT),gpu_check)
+	$(or $(wildcard $(BIN)/python),python3) -m bench.gpu_check --data_dir $(if $(wildcard data/mnist),data,$(DATA_DIR)) --out $(or $(OUT),gpu_check)
 
 # the four datasets in DATA_DIR, verified (counts, readable files); missing ones downloaded from the Hugging
 # Face hub first. ONLY="mnist imdb" for some of them.
 .PHONY: data
 data: venv
-	$(BIN)/python bench/data.py --data_dir $(DATA_DIR) $(if $(ONLY),--only $(ONLY))
+	$(BIN)/python -m bench.data --data_dir $(DATA_DIR) $(if $(ONLY),--only $(ONLY))
 
 # every script for a few steps (presets/debug/) on 1 and on 2 processes, launched as a user would; synthetic
 # data unless SMOKE_ARGS="--data local --data_dir ..." : does everything still run end to end?
 .PHONY: smoke
 smoke: venv
-	$(BIN)/python bench/smoke.py $(SMOKE_ARGS)
+	$(BIN)/python -m bench.smoke $(SMOKE_ARGS)
 
 # The dashboard's browser test needs Chromium: installed with apt-get when missing (as root); otherwise that
 # test skips, and fails under CI (CI=true).
@@ -71,7 +71,7 @@ browser:
 
 # RESUME=<batch> continues a stopped matrix (Ctrl-C, crash), running only the cells that did not finish
 bench-all: venv
-	$(BIN)/python bench/run.py --matrix bench/matrix.yaml --profile $(PROFILE) --data_dir $(DATA_DIR) \
+	$(BIN)/python -m bench.run --matrix bench/matrix.yaml --profile $(PROFILE) --data_dir $(DATA_DIR) \
 		--runs_dir $(RUNS_DIR) $(if $(RESUME),--resume $(RESUME))
 
 # K quick benches back to back (default 3, ~12 min each here): per cell, how often two benches' speedup
@@ -79,35 +79,35 @@ bench-all: venv
 K ?= 3
 .PHONY: bench-coverage
 bench-coverage: venv
-	$(BIN)/python bench/coverage.py --k $(K) --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) \
+	$(BIN)/python -m bench.coverage --k $(K) --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) \
 		$(if $(COVERAGE_OUT),--out $(COVERAGE_OUT))
 
 # how fast the dashboard answers: its script run cold and a warm rerun, per runs folder (bench/dashboard_speed.py)
 DASHBOARD_DIRS ?= $(RUNS_DIR) docs/results
 .PHONY: bench-dashboard
 bench-dashboard: venv
-	$(BIN)/python bench/dashboard_speed.py $(DASHBOARD_DIRS)
+	$(BIN)/python -m bench.dashboard_speed $(DASHBOARD_DIRS)
 
 bench-quality: venv
-	$(BIN)/python bench/run.py --matrix bench/quality.yaml --profile full --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
+	$(BIN)/python -m bench.run --matrix bench/quality.yaml --profile full --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR)
 
 bench-strategies: venv
-	$(BIN)/python bench/run.py --matrix bench/strategies.yaml --profile strategies --data_dir $(DATA_DIR) \
+	$(BIN)/python -m bench.run --matrix bench/strategies.yaml --profile strategies --data_dir $(DATA_DIR) \
 		--runs_dir $(RUNS_DIR) $(if $(RESUME),--resume $(RESUME))
 
 # the project's training step vs a study-style loop, same process and device (CPU: 10 steps; CUDA: an epoch)
 bench-speed: venv
-	$(BIN)/python bench/speed.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) $(SPEED_ARGS)
+	$(BIN)/python -m bench.speed --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) $(SPEED_ARGS)
 
 # Will N devices pay off? Profiles this machine once (cached in $(RUNS_DIR)/profiles/), then projects every model
 # and strategy at N = 1, 2, 4, 8 (docs/projection.md). PROJECT_ARGS="--hardware t4-pcie --model cnn --devices 1,2"
 .PHONY: project project-validate
 project: venv
-	$(BIN)/python bench/project.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) $(PROJECT_ARGS)
+	$(BIN)/python -m bench.project --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) $(PROJECT_ARGS)
 
 # the same, plus the real multi-process runs of bench-strategies now, each compared with its prediction
 project-validate: venv
-	$(BIN)/python bench/project.py --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) --validate $(PROJECT_ARGS)
+	$(BIN)/python -m bench.project --data_dir $(DATA_DIR) --runs_dir $(RUNS_DIR) --validate $(PROJECT_ARGS)
 
 # the modelled GPU compute against GPU figures that exist: published scaling tables and the study's T4 runs
 # (docs/projection.md#validation-on-gpu-figures-that-exist); 10 minutes on this 2-core machine (2026-12-07)
@@ -118,7 +118,7 @@ gpu-validate: venv
 # the result tables of README.md and docs/speed.md, from the clean records listed in docs/results/report.yaml
 .PHONY: report
 report: venv
-	$(BIN)/python bench/report.py
+	$(BIN)/python -m bench.report
 
 dashboard: venv
 	RUNS_DIR=$(RUNS_DIR) $(BIN)/streamlit run dashboard.py --server.headless true --server.address 127.0.0.1 \

@@ -514,9 +514,8 @@ with tabs["Compare runs"]:
         )
         st.markdown("**Configuration differences**")
         kept = [r for r in st.session_state.get("diff_runs", []) if r in ids]
-        st.session_state["diff_runs"] = (
-            kept or [base_id, *[r for r in same if r in labels]][:4]
-        )  # until the user picks
+        # until the user picks
+        st.session_state["diff_runs"] = kept or [base_id, *[r for r in same if r in labels]][:4]
         picked = st.multiselect("Runs to compare", ids, key="diff_runs", format_func=labels.get)
         diff = tables.config_diff([by_id[r] for r in picked])
         if len(picked) < 2:

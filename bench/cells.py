@@ -4,11 +4,8 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shared import stats  # noqa: E402
+from shared import stats
 
 
 def cell_result(cell: dict, setup: dict, rc: int, wall: float, before, after, rec: dict | None) -> dict:

@@ -3,8 +3,8 @@ profile K times back to back (or reads batches already run) and reports, per com
 speedup intervals of two batches overlap, how far apart their speedups are, and how often the verdicts agree;
 per model, whether its verdict ever flips between `pays off` and `does not pay off`.
 
-    python bench/coverage.py --k 3 --data_dir data --runs_dir runs --out runs/bench-coverage
-    python bench/coverage.py --batches 20261207-071000,20261207-072300 --runs_dir runs --out /tmp/cov
+    python -m bench.coverage --k 3 --data_dir data --runs_dir runs --out runs/bench-coverage
+    python -m bench.coverage --batches 20261207-071000,20261207-072300 --runs_dir runs --out /tmp/cov
 
 Writes coverage.json (every figure, the batches' ids and timestamps) and table.md into --out, whole.
 Honest 95% intervals of the same quantity fail to overlap far less than once in 20 pairs: a cell that does is
@@ -21,10 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.report import write_replace
+from shared import stats
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from bench.report import write_replace  # noqa: E402
-from shared import stats  # noqa: E402
 
 FLIPS = {("pays off", "does not pay off"), ("does not pay off", "pays off")}
 
@@ -146,7 +146,7 @@ def run_batches(k: int, args) -> list[str]:
     for i in range(k):
         before = set(p.name for p in bench_dir.iterdir()) if bench_dir.is_dir() else set()
         print(f"coverage: bench {i + 1} of {k} ...", flush=True)
-        cmd = [sys.executable, str(REPO / "bench/run.py"), "--matrix", args.matrix, "--profile", args.profile,
+        cmd = [sys.executable, "-m", "bench.run", "--matrix", args.matrix, "--profile", args.profile,
                "--data_dir", args.data_dir, "--runs_dir", args.runs_dir]  # fmt: skip
         rc = subprocess.run(cmd, cwd=REPO).returncode
         new = sorted(set(p.name for p in bench_dir.iterdir()) - before) if bench_dir.is_dir() else []

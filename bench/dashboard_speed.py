@@ -1,8 +1,8 @@
 """How fast the dashboard answers: the page's script run cold (a new server process: empty caches) and a warm
 rerun (the same session again: what a filter change or a live refresh costs), per runs folder.
 
-    python bench/dashboard_speed.py docs/results/2026-12-07/quick-with-splits docs/results
-    python bench/dashboard_speed.py docs/results --sizes 56,561   # the first N records of the folder too
+    python -m bench.dashboard_speed docs/results/2026-12-07/quick-with-splits docs/results
+    python -m bench.dashboard_speed docs/results --sizes 56,561   # the first N records of the folder too
 
 Measured with Streamlit's AppTest, which runs dashboard.py exactly as the server does but draws nothing: a
 browser adds its own rendering on top. Each folder is timed in a fresh process (cold caches), `--repeats`

@@ -1,8 +1,8 @@
 """`make data`: the four datasets in DATA_DIR, each verified with the loaders' own readers; a missing one is
 downloaded from the Hugging Face hub first (the loaders' fetch functions, written in the same local layout).
 
-    python bench/data.py --data_dir data                      # all four
-    python bench/data.py --data_dir data --only mnist imdb
+    python -m bench.data --data_dir data                      # all four
+    python -m bench.data --data_dir data --only mnist imdb
 
 One line per dataset: `mnist: present in DIR/mnist (4 files, 60,000 train / 10,000 test) OK`. A file that
 does not read back or holds the wrong number of rows is one line naming it; a dataset that is missing while
@@ -18,10 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shared.data import DataError, fetch_cifar10_from_hub, fetch_mnist_from_hub, read_cifar10, read_idx  # noqa: E402
-from shared.datasets import DATASETS, hub_unreachable, missing_files  # noqa: E402
-from shared.text import fetch_imdb_from_hub, fetch_multi30k_from_hub, read_jsonl_gz, read_lines_gz  # noqa: E402
+from shared.data import DataError, fetch_cifar10_from_hub, fetch_mnist_from_hub, read_cifar10, read_idx
+from shared.datasets import DATASETS, hub_unreachable, missing_files
+from shared.text import fetch_imdb_from_hub, fetch_multi30k_from_hub, read_jsonl_gz, read_lines_gz
 
 # rows per file of the complete datasets (docs/data.md; ../shared/data/README.md), as (split, rows)
 ROWS = {

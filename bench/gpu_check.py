@@ -17,8 +17,8 @@ with bf16; a model split over `cuda:0,cpu` in bf16; no recompiles after the warm
 the profiled step against a real run. An item the deadline does not reach is a SKIP row; without CUDA every CUDA
 row is SKIP (`--plumbing` runs the machinery on the CPU with tiny settings: the CI rehearsal).
 
-    python3 bench/gpu_check.py --data_dir data --out $OUT          # on the GPU machine
-    python3 bench/gpu_check.py --plumbing --out /tmp/gc             # the CPU rehearsal
+    python3 -m bench.gpu_check --data_dir data --out $OUT          # on the GPU machine, from the checkout's root
+    python3 -m bench.gpu_check --plumbing --out /tmp/gc             # the CPU rehearsal
 
 Without CUDA (and without --plumbing) it says so in one line and exits 2.
 """
@@ -37,7 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import launcher
+
+REPO = launcher.REPO
 MODELS = ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"]
 DATASET = {"mlp": "mnist", "conv_autoencoder": "mnist", "cnn": "cifar10", "vgg11": "cifar10", "nbow": "imdb",
            "seq2seq": "multi30k"}  # fmt: skip
@@ -60,9 +62,8 @@ class Check:
         self.args, self.cuda, self.rows = args, cuda, []
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.work = Path(
-            tempfile.mkdtemp(prefix="gpu_check-")
-        )  # logs, runs, profiles: one tarball at the end
+        # logs, runs, profiles: one tarball at the end
+        self.work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
         self.deadline = time.monotonic() + args.deadline_s
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         self.env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
@@ -91,12 +92,11 @@ class Check:
         timeout = max(1.0, min(timeout, self.left()))
         log = self.work / "logs" / f"{name}.log"
         log.parent.mkdir(exist_ok=True)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**self.env, **(env or {})},
-                                  timeout=timeout)  # fmt: skip
+        try:  # a process group of its own: a timeout ends the launcher's workers too
+            proc = launcher.run(cmd, timeout, env={**self.env, **(env or {})})
             rc, text = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"") + (e.stderr or b"")
+            out = (e.stdout or "") + (e.stderr or "")
             rc, text = (
                 124,
                 f"{out.decode(errors='replace') if isinstance(out, bytes) else out}\ntimed out ({timeout:.0f} s)",
@@ -108,9 +108,7 @@ class Check:
         setup = setup or ("cpu_1proc" if not self.cuda else "gpu_1")
         runs = self.work / "runs" / (runs_name or name)
         data = data_flags(self.args.data_dir, script)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "accelerate_configs" / f"{setup}.yaml"), *wrapper, str(REPO / "scripts" / f"{script}.py"),
-               *data, "--runs_dir", str(runs), *map(str, flags)]  # fmt: skip
+        cmd = launcher.command(script, [*data, "--runs_dir", runs, *flags], config=setup, wrapper=wrapper)
         rc, text = self.run(name, cmd, timeout, env)
         recs = sorted(runs.glob("*.json"), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
         return rc, text, (json.loads(recs[-1].read_text()) if recs else None)
@@ -295,7 +293,7 @@ def speed(c: Check) -> None:
     if not c.due(name, 60):
         return
     models = ["mlp", "conv_autoencoder", "nbow"] + (["vgg11"] if c.cuda else [])
-    cmd = [sys.executable, str(REPO / "bench" / "speed.py"), "--data_dir", c.args.data_dir, "--runs_dir",
+    cmd = [sys.executable, "-m", "bench.speed", "--data_dir", c.args.data_dir, "--runs_dir",
            str(c.work / "runs" / "speed"), "--models", *models, "--steps", "200" if c.cuda else "3"]  # fmt: skip
     rc, text = c.run("bench_speed", cmd, 300)
     rows = [" ".join(ln.split()) for ln in text.splitlines() if ln.split() and ln.split()[0] in models]
@@ -330,7 +328,7 @@ def project(c: Check) -> None:
     if not c.due(name, 90):
         return
     where = c.work / "project"
-    cmd = [sys.executable, str(REPO / "bench" / "project.py"), "--device", "cuda" if c.cuda else "cpu",
+    cmd = [sys.executable, "-m", "bench.project", "--device", "cuda" if c.cuda else "cpu",
            "--model", ",".join(models), "--hardware", "h100-nvlink", "--devices", "1,2,4,8",
            "--collective_max_mb", "1", "--data_dir", c.args.data_dir, "--runs_dir", str(where),
            "--out", str(where / "projection.json")]  # fmt: skip

@@ -7,7 +7,7 @@ check imports is either on the GPU image (torch, accelerate, torchvision, numpy,
 tqdm, pandas) or not needed there (jsonschema, datasets, streamlit, plotly: the check never imports them), and
 prints the carry list and the one command to run.
 
-    python bench/gpu_prepare.py --data_dir DATA_DIR
+    python -m bench.gpu_prepare --data_dir DATA_DIR
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CARRIED = ["mnist", "imdb", "multi30k"]
 LIMIT = 64 * 2**20
-COMMAND = "python3 bench/gpu_check.py --data_dir data --out $OUT"
+COMMAND = "python3 -m bench.gpu_check --data_dir data --out $OUT"
 
 
 def size(path: Path) -> int:

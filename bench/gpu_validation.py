@@ -1,6 +1,6 @@
 """How far the modelled GPU compute (shared/roofline.py) is from GPU figures that exist.
 
-    python bench/gpu_validation.py --data_dir DATA_DIR [--out docs/results/<date>/gpu-validation]
+    python -m bench.gpu_validation --data_dir DATA_DIR [--out docs/results/<date>/gpu-validation]
                                    [--profile FILE] [--study_input FILE]
 
 Two sets of measured points, each predicted by the same code a user's projection runs:

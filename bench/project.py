@@ -1,6 +1,6 @@
 """`make project`: will N devices pay off? Projected speedup per strategy and N, from measurements on this machine.
 
-    python bench/project.py [--model all|mlp,cnn] [--hardware this-machine|t4-pcie|FILE] [--devices 1,2,4,8]
+    python -m bench.project [--model all|mlp,cnn] [--hardware this-machine|t4-pcie|FILE] [--devices 1,2,4,8]
                             [--nodes 1] [--batch_size B] [--scaling strong|weak|both] [--validate]
                             [--validate_rounds 2] [--out FILE]
 
@@ -25,7 +25,6 @@ import glob
 import json
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
@@ -35,11 +34,11 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from shared import nccl_tests  # noqa: E402
-from shared.datasets import MODEL_DATA, missing_files  # noqa: E402
-from shared.projection import (  # noqa: E402
+from bench import launcher
+from bench.launcher import run_group
+from shared import nccl_tests
+from shared.datasets import MODEL_DATA, missing_files
+from shared.projection import (
     PROFILE_VERSION,
     STRATEGIES,
     latency,
@@ -50,7 +49,9 @@ from shared.projection import (  # noqa: E402
     verdict_lines,
     with_range,
 )  # fmt: skip
-from shared.record import free_port, git_commit  # noqa: E402
+from shared.record import git_commit
+
+REPO = launcher.REPO
 
 MODELS = list(MODEL_DATA)
 PIPELINED = {"pipeline", "pipeline_1f1b", "hybrid"}
@@ -118,41 +119,20 @@ def load_hardware(name: str) -> dict:
     return hw
 
 
-def run_group(cmd: list[str], timeout: float | None = None, grace_s: float = 20, **popen) -> int:
-    """Run `cmd` as a process group of its own, so that a timeout or a Ctrl-C reaches every process it started
-    (`accelerate launch` and its workers, bench/run.py and its cell's), never the parent alone, which would
-    leave the rest running. Ctrl-C is passed on once, with `grace_s` to end (bench/run.py records the
-    interrupted cell), then the group is killed."""
-    child = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, **popen)
-    try:
-        return child.wait(timeout=timeout)
-    except BaseException as e:
-        try:
-            if isinstance(e, KeyboardInterrupt):
-                os.killpg(child.pid, signal.SIGINT)
-                child.wait(timeout=grace_s)
-        except (KeyboardInterrupt, subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-        try:
-            os.killpg(child.pid, signal.SIGKILL)  # the leader may be gone and its workers not
-        except ProcessLookupError:
-            pass
-        child.wait()
-        raise
-
-
-def launch(args: list[str], log: Path, threads: int = 1, timeout: float = 900) -> None:
-    """`accelerate launch` one job, one thread per process (a process is one core, like one device)."""
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def launch(cmd: list[str], log: Path, timeout: float = 900) -> None:
+    """One job (bench/launcher.py's command), one thread per process (a process is one core, like one device);
+    one line naming the log if it fails or times out."""
+    what = " ".join(Path(x).name for x in cmd if x.endswith(".py"))
     with open(log, "w") as f:
         try:
-            rc = run_group(cmd, timeout, stdout=f, stderr=subprocess.STDOUT, env=env)
+            rc = run_group(
+                cmd, timeout, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+            )
         except subprocess.TimeoutExpired:
-            raise UsageError(f"{' '.join(args[:3])} ... timed out after {timeout:.0f} s; log {log}") from None
+            raise UsageError(f"{what} timed out after {timeout:.0f} s; log {log}") from None
     if rc:
         tail = log.read_text().strip().splitlines()[-1:] or [""]
-        raise UsageError(f"{' '.join(args[:3])} ... failed (exit {rc}): {tail[0][:200]}; log {log}")
+        raise UsageError(f"{what} failed (exit {rc}): {tail[0][:200]}; log {log}")
 
 
 def settings(name: str, flags: dict, args) -> dict:
@@ -191,27 +171,23 @@ def cuda_available() -> bool:
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
-def profile_config(device: str) -> list[str]:
-    """The launch of one profiling process: on the GPU (`gpu_1`, its data path, precision and fused optimizer
-    as a run has them, the clock synchronised with the device) or on one CPU core."""
-    if device == "cuda":
-        return ["--config_file", str(REPO / "accelerate_configs/gpu_1.yaml")]
-    return [
-        "--config_file",
-        str(REPO / "accelerate_configs/cpu_1proc.yaml"),
-        "--num_cpu_threads_per_process",
-        "1",
-    ]
+def profile_config(device: str) -> str:
+    """The Accelerate config of one profiling process: on the GPU (`gpu_1`, its data path, precision and fused
+    optimizer as a run has them, the clock synchronised with the device) or on one CPU core."""
+    return "gpu_1" if device == "cuda" else "cpu_1proc"
 
 
 def profile_one(name: str, fl: dict, args, work: Path, steps_only: bool = False) -> dict:
     """One process of the script with --profile_out at fl's batch size (shared/profiling.py), on args.device."""
     f = work / f"{name}-{fl['batch_size']}.json"
-    launch([*profile_config(getattr(args, "device", "cpu")), str(REPO / "scripts" / f"{name}.py"),
-            "--data_dir", args.data_dir, "--runs_dir", str(work / "runs"), "--profile_out", str(f),
-            "--profile_steps_only", str(steps_only).lower(), "--progress", "false",
-            *[x for k, v in fl.items() for x in (f"--{k}", str(v))]],
-           work / f"{name}-{fl['batch_size']}.log")  # fmt: skip
+    flags = ["--data_dir", args.data_dir, "--runs_dir", work / "runs", "--profile_out", f,
+             "--profile_steps_only", str(steps_only).lower(), "--progress", "false",
+             *[x for k, v in fl.items() for x in (f"--{k}", v)]]  # fmt: skip
+    device = getattr(args, "device", "cpu")
+    cmd = launcher.command(
+        name, flags, config=profile_config(device), threads=None if device == "cuda" else 1
+    )
+    launch(cmd, work / f"{name}-{fl['batch_size']}.log")
     return json.loads(f.read_text())
 
 
@@ -308,10 +284,9 @@ class Profiles:
         for n in [k for k in (2, 4) if k <= (os.cpu_count() or 1)]:
             t0 = time.perf_counter()
             f = self.work / f"collectives-{n}-{dt.datetime.now().strftime('%H%M%S')}.json"
-            launch(["--config_file", str(REPO / "accelerate_configs/cpu_2proc.yaml"), "--num_processes", str(n),
-                    "--main_process_port", str(free_port()), "--num_cpu_threads_per_process", "1",
-                    str(REPO / "bench/collectives.py"), "--out", str(f), "--max_mb", str(max_mb)],
-                   f.with_suffix(".log"))  # fmt: skip
+            cmd = launcher.command(REPO / "bench/collectives.py", ["--out", f, "--max_mb", max_mb],
+                                   config="cpu_2proc", num_processes=n, threads=1)  # fmt: skip
+            launch(cmd, f.with_suffix(".log"))
             out[str(n)] = collectives_of(json.loads(f.read_text()))
             print(
                 f"collectives on {n} processes, up to {max_mb:g} MB: {time.perf_counter() - t0:.0f} s",
@@ -445,7 +420,7 @@ def validate(args, rec: dict, hw: dict, models: list[str], profiles) -> tuple[li
         for model in validated(models):
             samples = [profiles.now(model)]
             for k in range(args.validate_rounds):
-                cmd = [sys.executable, str(REPO / "bench/run.py"), "--matrix", str(REPO / "bench/strategies.yaml"),
+                cmd = [sys.executable, "-m", "bench.run", "--matrix", str(REPO / "bench/strategies.yaml"),
                        "--profile", "strategies", "--data_dir", args.data_dir, "--runs_dir", str(where),
                        "--models", model, "--repeats", "1"]  # fmt: skip
                 print(f"validation of {model}, round {k + 1} of {args.validate_rounds}: the real runs of "

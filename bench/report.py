@@ -8,9 +8,9 @@ A manifest (docs/results/report.yaml) lists each table: the file it lives in, be
 (exit 2) and no file is written. Each row links its records and shows the first 8 hex digits of the
 script's `environment.script_sha256` ("—" in records older than that field).
 
-    python bench/report.py                      # rewrite the tables between their markers
-    python bench/report.py --check              # exit 1, with a one-line summary, if a file is out of date
-    python bench/report.py --print SUMMARY.json [SUMMARY.json ...]   # one table to stdout, nothing checked
+    python -m bench.report                      # rewrite the tables between their markers
+    python -m bench.report --check              # exit 1, with a one-line summary, if a file is out of date
+    python -m bench.report --print SUMMARY.json [SUMMARY.json ...]   # one table to stdout, nothing checked
 
 Kinds: `answer` (the front page: per model the best strategy on more than one device, its speedup and
 verdict, and whether the other summaries' verdicts agree, with a generated sentence), `headline` (per model:
@@ -32,9 +32,8 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.cells import model_verdicts  # noqa: E402
-from shared.stats import sig, verdict  # noqa: E402
+from bench.cells import model_verdicts
+from shared.stats import sig, verdict
 
 AGREE_WITHIN = 0.15  # two speedups agree when their intervals overlap or they are within 15%
 

@@ -17,8 +17,8 @@ cell (shared/stats.FLAGS): noisy, contended (other load during the run, or befor
 warmup-dominated, oversubscribed, single-launch, launches-disagree. Ctrl-C ends the matrix: the running cell is
 interrupted and recorded, the summary is written with what finished, and `--resume <batch>` continues.
 
-    python bench/run.py --matrix bench/matrix.yaml --profile quick --data_dir data
-    python bench/run.py --resume 20261129-091500 --runs_dir runs       # continue a stopped matrix
+    python -m bench.run --matrix bench/matrix.yaml --profile quick --data_dir data
+    python -m bench.run --resume 20261129-091500 --runs_dir runs       # continue a stopped matrix
 """
 
 from __future__ import annotations
@@ -37,14 +37,13 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-from cells import cell_result, model_verdicts, print_summary, summarize_cell  # noqa: E402
+from bench import launcher
+from bench.cells import cell_result, model_verdicts, print_summary, summarize_cell
+from shared import stats
+from shared.datasets import MODEL_DATA, hub_unreachable, missing_files
+from shared.record import read_record, write_replace
 
-from shared import stats  # noqa: E402
-from shared.datasets import MODEL_DATA, hub_unreachable, missing_files  # noqa: E402
-from shared.record import free_port, read_record, write_replace  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 LOAD_SAMPLE_S = 0.2  # the machine's load is sampled this long before and after every cell
 STOP_GRACE_S = 15  # after Ctrl-C, the running cell gets this long to record itself, then is killed
@@ -145,32 +144,24 @@ def fmt_s(s: float) -> str:
 
 
 def launch(cell: dict, setup: dict, opts: dict, stop: Stop, log_path: Path) -> tuple[int, float]:
-    cmd = [
-        str(Path(sys.executable).with_name("accelerate")),
-        "launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / f"{setup['config']}.yaml"),
-        *(["--main_process_port", str(free_port())] if setup["procs"] > 1 else []),
-        *(["--num_cpu_threads_per_process", str(opts["threads"])] if opts["threads"] else []),
-        str(REPO / "scripts" / f"{cell['script']}.py"),
+    flags = [x for k, v in cell["flags"].items() for x in (f"--{k}", str(v))]
+    args = [
         "--data_dir",
         opts["data_dir"],
         "--runs_dir",
         opts["runs_dir"],
         "--seed",
-        str(cell["seed"]),
+        cell["seed"],
         "--tag",
         cell["tag"],
-        *[x for k, v in cell["flags"].items() for x in (f"--{k}", str(v))],
     ]
+    cmd = launcher.command(cell["script"], [*args, *flags], config=setup["config"], threads=opts["threads"])
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         # its own process group: Ctrl-C reaches the runner, which passes it on (Stop) and then stops the matrix
-        child = stop.child = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
-        )
+        child = stop.child = launcher.start(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = t0 + opts["timeout"]
         while child.poll() is None:
             now = time.perf_counter()
@@ -214,7 +205,7 @@ def preflight(todo: list[dict], data_dir: str) -> bool:
     return not why
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--matrix", default=str(REPO / "bench" / "matrix.yaml"))
     ap.add_argument("--profile", default="auto", help="auto = full with a CUDA device, quick without")
@@ -234,76 +225,116 @@ def main():
         "repeats + 2 when repeats > 1)",
     )
     ap.add_argument("--resume", default="", help="a stopped batch id: run only its cells that did not finish")
-    args = ap.parse_args()
-    stop = Stop()
-    n_cuda = cuda_device_count()
-    if args.resume:
-        if not re.fullmatch(r"\d{8}-\d{6}", args.resume):
-            sys.exit(f"error: --resume {args.resume!r}: not a bench batch id (like 20261129-085349)")
-        log_dir = Path(args.runs_dir) / "bench" / args.resume
-        try:
-            state = json.loads((log_dir / "state.json").read_text())
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: --resume {args.resume}: no readable bench state in {log_dir} ({e})")
-        plan, done = state["plan"], {r["id"]: r for r in state["results"]}
-        matrix = yaml.safe_load((log_dir / "matrix.yaml").read_text())
-    else:
-        try:
-            matrix = yaml.safe_load(Path(args.matrix).read_text())
-            setups_all = parse_setups(matrix)
-        except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
-            sys.exit(f"error: cannot read the matrix {args.matrix}: {e}")
-        for flag, v in (("--repeats", args.repeats), ("--max_repeats", args.max_repeats)):
-            if v < 0:
-                sys.exit(f"error: {flag} {v}: give 1 or more (0: the profile's)")
-        profile = args.profile if args.profile != "auto" else ("full" if n_cuda else "quick")
-        if profile not in matrix["profiles"]:
-            sys.exit(f"error: profile {profile!r} not in {args.matrix} (has {', '.join(matrix['profiles'])})")
-        prof = matrix["profiles"][profile]
-        want_m = [m for m in args.models.split(",") if m]
-        want_s = [s for s in args.setups.split(",") if s]
-        for wanted, have, what in ((want_m, prof["models"], "model"), (want_s, setups_all, "setup")):
-            if unknown := [w for w in wanted if w not in have]:
-                sys.exit(f"error: unknown {what} {', '.join(unknown)} (the matrix has {', '.join(have)})")
-        plan = {
-            "batch": dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"),
-            "profile": profile,
-            "models": [m for m in prof["models"] if not want_m or m in want_m],
-            "setups": [s for s in setups_all if not want_s or s in want_s],
-            "data_dir": args.data_dir,
-            "runs_dir": args.runs_dir,
-            "threads": prof.get("threads_per_process", matrix.get("threads_per_process")),
-            "timeout": args.timeout,
-            "repeats": args.repeats or int(prof.get("repeats", 1)),
-            "max_repeats": args.max_repeats,
-            "n_cuda": n_cuda,
-            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        done = {}
-        log_dir = Path(args.runs_dir) / "bench" / plan["batch"]
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "matrix.yaml").write_text(Path(args.matrix).read_text())
-    setups = parse_setups(matrix)
-    prof = matrix["profiles"][plan["profile"]]
-    excluded = {  # an exclusion applies to the profiles it names, or to all
-        (m, s): ex["reason"]
-        for ex in matrix.get("exclude", [])
-        if plan["profile"] in ex.get("profiles", [plan["profile"]])
-        for m in ex["models"]
-        for s in ex["setups"]
-    }
-    seeds, repeats = prof.get("seeds", [0]), int(plan.get("repeats") or prof.get("repeats", 1))
-    # launches that disagree get more, up to this many per cell (with one launch there is nothing to compare)
-    most = max(
-        repeats, int(plan.get("max_repeats") or prof.get("max_repeats", repeats + 2 if repeats > 1 else 1))
-    )
-    skipped = plan["skipped"] = {s: r for s in plan["setups"] if (r := skip_reason(setups[s], n_cuda))}
+    return ap.parse_args(argv)
 
-    def make_cell(model: str, name: str, seed: int, rep: int) -> dict:
-        flags = {**prof.get("common", {}), **(prof["models"][model] or {}), **setups[name]["flags"]}
+
+def resumed(args) -> tuple[dict, dict, dict, Path]:
+    """(plan, results so far, matrix, log folder) of a stopped batch, from its state.json."""
+    if not re.fullmatch(r"\d{8}-\d{6}", args.resume):
+        sys.exit(f"error: --resume {args.resume!r}: not a bench batch id (like 20261129-085349)")
+    log_dir = Path(args.runs_dir) / "bench" / args.resume
+    try:
+        state = json.loads((log_dir / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --resume {args.resume}: no readable bench state in {log_dir} ({e})")
+    matrix = yaml.safe_load((log_dir / "matrix.yaml").read_text())
+    return state["plan"], {r["id"]: r for r in state["results"]}, matrix, log_dir
+
+
+def new_plan(args, n_cuda: int) -> tuple[dict, dict, dict, Path]:
+    """(plan, no results, matrix, log folder) of a new batch: the matrix's profile, models and setups asked for;
+    every bad choice is one line and exit 2."""
+    try:
+        matrix = yaml.safe_load(Path(args.matrix).read_text())
+        setups_all = parse_setups(matrix)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+        sys.exit(f"error: cannot read the matrix {args.matrix}: {e}")
+    for flag, v in (("--repeats", args.repeats), ("--max_repeats", args.max_repeats)):
+        if v < 0:
+            sys.exit(f"error: {flag} {v}: give 1 or more (0: the profile's)")
+    profile = args.profile if args.profile != "auto" else ("full" if n_cuda else "quick")
+    if profile not in matrix["profiles"]:
+        sys.exit(f"error: profile {profile!r} not in {args.matrix} (has {', '.join(matrix['profiles'])})")
+    prof = matrix["profiles"][profile]
+    want_m = [m for m in args.models.split(",") if m]
+    want_s = [s for s in args.setups.split(",") if s]
+    for wanted, have, what in ((want_m, prof["models"], "model"), (want_s, setups_all, "setup")):
+        if unknown := [w for w in wanted if w not in have]:
+            sys.exit(f"error: unknown {what} {', '.join(unknown)} (the matrix has {', '.join(have)})")
+    plan = {
+        "batch": dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"),
+        "profile": profile,
+        "models": [m for m in prof["models"] if not want_m or m in want_m],
+        "setups": [s for s in setups_all if not want_s or s in want_s],
+        "data_dir": args.data_dir,
+        "runs_dir": args.runs_dir,
+        "threads": prof.get("threads_per_process", matrix.get("threads_per_process")),
+        "timeout": args.timeout,
+        "repeats": args.repeats or int(prof.get("repeats", 1)),
+        "max_repeats": args.max_repeats,
+        "n_cuda": n_cuda,
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    log_dir = Path(args.runs_dir) / "bench" / plan["batch"]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "matrix.yaml").write_text(Path(args.matrix).read_text())
+    return plan, {}, matrix, log_dir
+
+
+class Batch:
+    """One bench batch: its plan, the launches it runs (cells x seeds x repeats, interleaved per model), the
+    results so far (state.json after every launch, so a stopped batch resumes) and its summary."""
+
+    def __init__(self, plan: dict, done: dict, matrix: dict, log_dir: Path, stop: Stop, n_cuda: int):
+        self.plan, self.done, self.matrix, self.log_dir, self.stop = plan, done, matrix, log_dir, stop
+        self.n_cuda = n_cuda
+        self.setups = parse_setups(matrix)
+        self.prof = prof = matrix["profiles"][plan["profile"]]
+        self.excluded = {  # an exclusion applies to the profiles it names, or to all
+            (m, s): ex["reason"]
+            for ex in matrix.get("exclude", [])
+            if plan["profile"] in ex.get("profiles", [plan["profile"]])
+            for m in ex["models"]
+            for s in ex["setups"]
+        }
+        self.seeds, self.repeats = prof.get("seeds", [0]), int(plan.get("repeats") or prof.get("repeats", 1))
+        # launches that disagree get more, up to this many per cell (with one launch there is nothing to compare)
+        self.most = max(
+            self.repeats,
+            int(
+                plan.get("max_repeats")
+                or prof.get("max_repeats", self.repeats + 2 if self.repeats > 1 else 1)
+            ),
+        )
+        self.spread = float(prof.get("launch_spread", stats.LAUNCH_SPREAD))
+        self.skipped = plan["skipped"] = {
+            s: r for s in plan["setups"] if (r := skip_reason(self.setups[s], n_cuda))
+        }
+        # Interleaved per model: its setups in order, then in reverse (A B C .. C B A ..), so the baseline runs
+        # beside the setups it is compared with and a drift of the machine falls on both sides alike.
+        self.groups = {}
+        for seed in self.seeds:
+            for model in plan["models"]:
+                names = [
+                    n for n in plan["setups"] if n not in self.skipped and (model, n) not in self.excluded
+                ]
+                self.groups[(seed, model)] = [
+                    self.cell(model, n, seed, rep)
+                    for rep in range(self.repeats)
+                    for n in (names if rep % 2 == 0 else names[::-1])
+                ]
+        self.cells = [c for g in self.groups.values() for c in g]
+        self.n_run, self.t_start = 0, time.perf_counter()
+
+    def cell(self, model: str, name: str, seed: int, rep: int) -> dict:
+        flags = {
+            **self.prof.get("common", {}),
+            **(self.prof["models"][model] or {}),
+            **self.setups[name]["flags"],
+        }
         script = flags.pop("script", model)
-        tag = f"bench:{plan['batch']}:{plan['profile']}:{model}:{name}:seed{seed}" + (
-            f":r{rep}" if most > 1 else ""
+        tag = f"bench:{self.plan['batch']}:{self.plan['profile']}:{model}:{name}:seed{seed}" + (
+            f":r{rep}" if self.most > 1 else ""
         )
         return {"id": f"{model}/{name}/seed{seed}/r{rep}", "model": model, "setup": name, "seed": seed} | {
             "repeat": rep,
@@ -312,41 +343,18 @@ def main():
             "flags": flags,
         }
 
-    # Interleaved per model: its setups in order, then in reverse (A B C .. C B A ..), so the baseline runs
-    # beside the setups it is compared with and a drift of the machine falls on both sides alike.
-    groups = {}
-    for seed in seeds:
-        for model in plan["models"]:
-            names = [n for n in plan["setups"] if n not in skipped and (model, n) not in excluded]
-            groups[(seed, model)] = [
-                make_cell(model, n, seed, rep)
-                for rep in range(repeats)
-                for n in (names if rep % 2 == 0 else names[::-1])
-            ]
-    cells = [c for g in groups.values() for c in g]
-    todo = [c for c in cells if done.get(c["id"], {}).get("status") != "finished"]
-    if not preflight(todo, plan["data_dir"]):
-        if not args.resume:  # nothing ran: leave no empty batch behind
-            shutil.rmtree(log_dir, ignore_errors=True)
-        sys.exit(2)
-    print(
-        f"bench {plan['batch']}{' (resumed)' if args.resume else ''}: profile {plan['profile']}, "
-        f"{len(plan['models'])} models x {len(plan['setups'])} setups x {len(seeds)} seeds x {repeats} repeats; "
-        f"{len(todo)} of {len(cells)} launches to run; {n_cuda} CUDA devices, {os.cpu_count()} CPU cores, "
-        f"{plan['threads'] or 'default'} thread(s) per process; data {plan['data_dir']}; logs {log_dir}"
-    )
-    for s, reason in skipped.items():
-        print(f"  skip {s}: {reason}")
+    def finished(self, cell: dict) -> bool:
+        return self.done.get(cell["id"], {}).get("status") == "finished"
 
-    def save_state():
-        write_replace(log_dir / "state.json", {"plan": plan, "results": list(done.values())})
+    def todo(self) -> list[dict]:
+        return [c for c in self.cells if not self.finished(c)]
 
-    save_state()
-    t_start, n_run = time.perf_counter(), [0]
+    def save_state(self):
+        write_replace(self.log_dir / "state.json", {"plan": self.plan, "results": list(self.done.values())})
 
-    def run_cell(cell: dict, total: int):
-        i = n_run[0]
-        eta = (time.perf_counter() - t_start) / i * (total - i) if i else None
+    def run_cell(self, cell: dict, total: int):
+        i = self.n_run
+        eta = (time.perf_counter() - self.t_start) / i * (total - i) if i else None
         print(
             f"[{bar(i, total)}] {i + 1}/{total} ETA {fmt_s(eta) if eta else '?'} | "
             f"{cell['model']} {cell['setup']} seed {cell['seed']} r{cell['repeat']} ...",
@@ -354,17 +362,17 @@ def main():
             flush=True,
         )
         before = busy_sample(LOAD_SAMPLE_S)
-        log = log_dir / f"{cell['id'].replace('/', '-')}.log"
+        log = self.log_dir / f"{cell['id'].replace('/', '-')}.log"
         since = time.time() - 1
-        rc, wall = launch(cell, setups[cell["setup"]], plan, stop, log)
-        after = busy_sample(LOAD_SAMPLE_S) if not stop.signal else None
-        rec = find_record(plan["runs_dir"], cell["script"], cell["tag"], since)
-        res = cell_result(cell, setups[cell["setup"]], rc, wall, before, after, rec)
-        if stop.signal and res["status"] != "finished":
+        rc, wall = launch(cell, self.setups[cell["setup"]], self.plan, self.stop, log)
+        after = busy_sample(LOAD_SAMPLE_S) if not self.stop.signal else None
+        rec = find_record(self.plan["runs_dir"], cell["script"], cell["tag"], since)
+        res = cell_result(cell, self.setups[cell["setup"]], rc, wall, before, after, rec)
+        if self.stop.signal and res["status"] != "finished":
             res["status"] = "interrupted"
-        done[cell["id"]] = res
-        n_run[0] += 1
-        save_state()
+        self.done[cell["id"]] = res
+        self.n_run += 1
+        self.save_state()
         steady = res["steady"]
         shown = (
             f" {stats.sig(steady['samples_per_s'])} samples/s" if steady.get("samples_per_s") else ""
@@ -379,109 +387,136 @@ def main():
             flush=True,
         )
 
-    spread = float(prof.get("launch_spread", stats.LAUNCH_SPREAD))
-
-    def disagreeing(seed: int, model: str) -> list[str]:
+    def disagreeing(self, seed: int, model: str) -> list[str]:
         """The model's setups whose finished launches differ by more than `spread` in median step."""
         out = []
-        for name in dict.fromkeys(c["setup"] for c in groups[(seed, model)]):
+        for name in dict.fromkeys(c["setup"] for c in self.groups[(seed, model)]):
             ws = [
                 r["windows_step_s"]
-                for r in done.values()
+                for r in self.done.values()
                 if (r["model"], r["setup"], r["seed"]) == (model, name, seed)
                 and r["status"] == "finished"
                 and r["windows_step_s"]
             ]
-            if len(ws) > 1 and stats.launch_spread(ws) > spread:
+            if len(ws) > 1 and stats.launch_spread(ws) > self.spread:
                 out.append(name)
         return out
 
-    total = len(todo)
-    for (seed, model), group in groups.items():
-        for cell in group:
-            if stop.signal:
-                break
-            if done.get(cell["id"], {}).get("status") != "finished":
-                run_cell(cell, total)
-        # launches of a setup that disagree: one more launch of it (a resumed batch redoes the same)
-        for rep in range(repeats, most):
-            extra = [make_cell(model, n, seed, rep) for n in disagreeing(seed, model)]
-            if stop.signal or not extra:
-                break
-            total += sum(done.get(c["id"], {}).get("status") != "finished" for c in extra)
-            for cell in extra:
-                cells.append(cell)
-                if not stop.signal and done.get(cell["id"], {}).get("status") != "finished":
-                    run_cell(cell, total)
+    def run(self):
+        """Every launch not finished yet, model by model; where a setup's launches disagree, one more launch of
+        it (a resumed batch redoes the same)."""
+        total = len(self.todo())
+        for (seed, model), group in self.groups.items():
+            for cell in group:
+                if self.stop.signal:
+                    break
+                if not self.finished(cell):
+                    self.run_cell(cell, total)
+            for rep in range(self.repeats, self.most):
+                extra = [self.cell(model, n, seed, rep) for n in self.disagreeing(seed, model)]
+                if self.stop.signal or not extra:
+                    break
+                total += sum(not self.finished(c) for c in extra)
+                for cell in extra:
+                    self.cells.append(cell)
+                    if not self.stop.signal and not self.finished(cell):
+                        self.run_cell(cell, total)
 
-    # ---- per cell: pool the launches, compare with the baseline
-    cells_out = {}
-    for model in plan["models"]:
-        for name in plan["setups"]:
-            key = f"{model}/{name}"
-            if name in skipped or (model, name) in excluded:
-                cells_out[key] = {
-                    "model": model,
-                    "setup": name,
-                    "skipped": skipped.get(name) or excluded[(model, name)],
-                }
-                continue
-            rows = [r for r in done.values() if r["model"] == model and r["setup"] == name]
-            base = baseline_of(name, setups, matrix)
-            base_rows = [r for r in done.values() if r["model"] == model and r["setup"] == base]
-            out = summarize_cell(rows, base_rows, setups[name])
-            ok = [r for r in rows if r["status"] == "finished"]
-            vals = [r["value"] for r in ok if isinstance(r["value"], (int, float))]
-            cells_out[key] = {
+    def cell_summary(self, model: str, name: str) -> dict:
+        """One cell's launches pooled and compared with its baseline's (or why it was not run)."""
+        if name in self.skipped or (model, name) in self.excluded:
+            return {
                 "model": model,
                 "setup": name,
-                "config": setups[name]["config"],
-                "strategy": ok[0]["strategy"] if ok else None,
-                "procs": setups[name]["procs"],
-                "devices": setups[name]["devices"],
-                "baseline": base,
-                "global_batch": ok[0]["global_batch"] if ok else None,
-                "metric": ok[0]["metric"] if ok else None,
-                "value": sum(vals) / len(vals) if vals else None,
-                "values": [r["values"] for r in ok],
-                "statuses": sorted({r["status"] for r in rows}),
-                **out,
+                "skipped": self.skipped.get(name) or self.excluded[(model, name)],
             }
-    missed = print_summary(plan, cells_out, prof)
-    verdicts = model_verdicts(plan, cells_out)
-    failed = [r for r in done.values() if r["status"] != "finished"]
-    summary = {
-        "batch": plan["batch"],
-        "profile": plan["profile"],
-        "plan": plan,
-        "cuda_devices": n_cuda,
-        "cpu_cores": os.cpu_count(),
-        "repetition": "a launch, and inside it a timed window of consecutive steady steps (up to 10 per "
-        f"launch); launches per cell: {repeats} (up to {most} where they disagree), interleaved per model "
-        "(setups in order, then reversed); intervals by a hierarchical bootstrap over launches, then windows",
-        "flag_definitions": stats.FLAGS,
-        "cells": list(cells_out.values()),
-        "verdicts": verdicts,
-        "results": list(done.values()),
-        "missed_targets": missed,
-        "complete": not stop.signal and len(done) >= len(cells),
-        "interrupted": stop.signal,
-    }
-    write_replace(log_dir / "summary.json", summary)
-    for m in missed:
-        print(f"MISSED: {m}")
-    finished = sum(r["status"] == "finished" for r in done.values())
-    print(
-        f"\n{finished}/{len(cells)} launches finished, {len(skipped)} setups skipped; summary {log_dir}/summary.json"
-    )
-    if stop.signal:
+        rows = [r for r in self.done.values() if r["model"] == model and r["setup"] == name]
+        base = baseline_of(name, self.setups, self.matrix)
+        base_rows = [r for r in self.done.values() if r["model"] == model and r["setup"] == base]
+        out = summarize_cell(rows, base_rows, self.setups[name])
+        ok = [r for r in rows if r["status"] == "finished"]
+        vals = [r["value"] for r in ok if isinstance(r["value"], (int, float))]
+        return {
+            "model": model,
+            "setup": name,
+            "config": self.setups[name]["config"],
+            "strategy": ok[0]["strategy"] if ok else None,
+            "procs": self.setups[name]["procs"],
+            "devices": self.setups[name]["devices"],
+            "baseline": base,
+            "global_batch": ok[0]["global_batch"] if ok else None,
+            "metric": ok[0]["metric"] if ok else None,
+            "value": sum(vals) / len(vals) if vals else None,
+            "values": [r["values"] for r in ok],
+            "statuses": sorted({r["status"] for r in rows}),
+            **out,
+        }
+
+    def summarise(self) -> int:
+        """summary.json (per cell, the verdicts, every launch), the table printed; the exit status."""
+        plan = self.plan
+        cells_out = {f"{m}/{n}": self.cell_summary(m, n) for m in plan["models"] for n in plan["setups"]}
+        missed = print_summary(plan, cells_out, self.prof)
+        failed = [r for r in self.done.values() if r["status"] != "finished"]
+        summary = {
+            "batch": plan["batch"],
+            "profile": plan["profile"],
+            "plan": plan,
+            "cuda_devices": self.n_cuda,
+            "cpu_cores": os.cpu_count(),
+            "repetition": "a launch, and inside it a timed window of consecutive steady steps (up to 10 per "
+            f"launch); launches per cell: {self.repeats} (up to {self.most} where they disagree), interleaved per "
+            "model (setups in order, then reversed); intervals by a hierarchical bootstrap over launches, then "
+            "windows",
+            "flag_definitions": stats.FLAGS,
+            "cells": list(cells_out.values()),
+            "verdicts": model_verdicts(plan, cells_out),
+            "results": list(self.done.values()),
+            "missed_targets": missed,
+            "complete": not self.stop.signal and len(self.done) >= len(self.cells),
+            "interrupted": self.stop.signal,
+        }
+        write_replace(self.log_dir / "summary.json", summary)
+        for m in missed:
+            print(f"MISSED: {m}")
+        finished = sum(r["status"] == "finished" for r in self.done.values())
         print(
-            f"stopped by {stop.signal}; continue with: make bench-all RESUME={plan['batch']}  "
-            f"(or python bench/run.py --resume {plan['batch']} --runs_dir {plan['runs_dir']})"
+            f"\n{finished}/{len(self.cells)} launches finished, {len(self.skipped)} setups skipped; summary "
+            f"{self.log_dir}/summary.json"
         )
-        sys.exit(130)
-    sys.exit(1 if failed or missed else 0)
+        if self.stop.signal:
+            print(
+                f"stopped by {self.stop.signal}; continue with: make bench-all RESUME={plan['batch']}  "
+                f"(or python -m bench.run --resume {plan['batch']} --runs_dir {plan['runs_dir']})"
+            )
+            return 130
+        return 1 if failed or missed else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    stop = Stop()
+    n_cuda = cuda_device_count()
+    plan, done, matrix, log_dir = resumed(args) if args.resume else new_plan(args, n_cuda)
+    batch = Batch(plan, done, matrix, log_dir, stop, n_cuda)
+    todo = batch.todo()
+    if not preflight(todo, plan["data_dir"]):
+        if not args.resume:  # nothing ran: leave no empty batch behind
+            shutil.rmtree(log_dir, ignore_errors=True)
+        return 2
+    print(
+        f"bench {plan['batch']}{' (resumed)' if args.resume else ''}: profile {plan['profile']}, "
+        f"{len(plan['models'])} models x {len(plan['setups'])} setups x {len(batch.seeds)} seeds x "
+        f"{batch.repeats} repeats; {len(todo)} of {len(batch.cells)} launches to run; {n_cuda} CUDA devices, "
+        f"{os.cpu_count()} CPU cores, {plan['threads'] or 'default'} thread(s) per process; data "
+        f"{plan['data_dir']}; logs {log_dir}"
+    )
+    for s, reason in batch.skipped.items():
+        print(f"  skip {s}: {reason}")
+    batch.save_state()
+    batch.run()
+    return batch.summarise()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

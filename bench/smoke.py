@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -18,27 +17,26 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from shared.record import record_files  # noqa: E402
+from bench import launcher
+from shared.record import record_files
 
+REPO = launcher.REPO
 MODELS = ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"]
 SETUPS = {"1 process": None, "2 processes (DDP)": "cpu_2proc"}
 
 
 def launch(model: str, setup: str | None, args, runs: Path) -> dict:
-    script = REPO / "scripts" / f"{model}.py"
-    if setup is None:
-        cmd = [sys.executable, str(script)]
-    else:
-        # --main_process_port 0: the launcher picks a free port, so launches may overlap
-        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-               str(REPO / "accelerate_configs" / f"{setup}.yaml"), "--main_process_port", "0", str(script)]  # fmt: skip
-    cmd += ["--config", str(REPO / "presets" / "debug" / f"{model}.yaml"), "--runs_dir", str(runs)]
-    cmd += ["--data", args.data, "--data_dir", args.data_dir, "--tag", "smoke"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    flags = ["--config", REPO / "presets" / "debug" / f"{model}.yaml", "--runs_dir", runs,
+             "--data", args.data, "--data_dir", args.data_dir, "--tag", "smoke"]  # fmt: skip
+    cmd = launcher.command(model, flags, config=setup)  # a free port each: launches may overlap
+    env = launcher.child_env()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=args.timeout)
+    try:
+        proc = launcher.run(cmd, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        proc = subprocess.CompletedProcess(
+            cmd, 124, e.stdout or "", f"{e.stderr or ''}\ntimed out ({args.timeout:g} s)"
+        )
     records = [json.loads(p.read_text()) for p in record_files(runs)]
     ok = proc.returncode == 0 and len(records) == 1 and records[0]["status"] == "finished"
     return {

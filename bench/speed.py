@@ -13,43 +13,36 @@ and prints samples/s of each and the ratio, measured in this one process. Each m
 <runs_dir> as a run record (tag bench:<batch>:speed:<model>:<variant>:seed0), which the dashboard shows as
 setups `speed-project` and `speed-study` (throughput, samples/s).
 
-    python bench/speed.py --data_dir data                       # CPU: 10 steps per variant
-    python bench/speed.py --data_dir data --epoch --compile     # GPU: a full training epoch
+    python -m bench.speed --data_dir data                       # CPU: 10 steps per variant
+    python -m bench.speed --data_dir data --epoch --compile     # GPU: a full training epoch
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from shared.data import load_cifar10, load_mnist, make_loader  # noqa: E402
-from shared.device_data import DeviceLoader  # noqa: E402
-from shared.record import (  # noqa: E402
-    RunRecord,  # noqa: E402
+from bench.launcher import load_script
+from shared.data import load_cifar10, load_mnist, make_loader
+from shared.device_data import DeviceLoader
+from shared.record import (
+    RunRecord,
     device_name,
     environment,
 )
-from shared.text import load_imdb, load_multi30k, pad_collate, pad_pair_collate  # noqa: E402
+from shared.text import load_imdb, load_multi30k, pad_collate, pad_pair_collate
 
 MODELS = ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"]
 METRICS = {"throughput/samples_per_s": {"label": "training samples/s", "unit": "samples/s", "goal": "max"}}
 
 
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(name, f"bench_{name}")
 
 
 def sync(device):

@@ -8,7 +8,7 @@ loader (../shared/reference/TUTORIALS.md: transforms, batch per process) over th
 times its batches, one thread, on this host: a 2-core Intel Xeon VM, like Colab's T4 host (2 vCPUs, Xeon
 2.2-2.3 GHz). It feeds the study revisited (bench/gpu_validation.py) as the one-device step's input part.
 
-    python bench/study_input.py --data_dir DATA_DIR [--batches 12] [--out FILE.json]
+    python -m bench.study_input --data_dir DATA_DIR [--batches 12] [--out FILE.json]
 """
 
 from __future__ import annotations

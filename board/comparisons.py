@@ -162,9 +162,8 @@ def cells(runs: list[dict]) -> list[dict]:
         first = members[0]["rec"]
         s = first.get("setup") or {}
         samples = [x for m in members for x in m["samples"]]
-        launches = [
-            m["samples"] for m in members
-        ]  # one list of windows per launch: the hierarchical bootstrap
+        # one list of windows per launch: the hierarchical bootstrap
+        launches = [m["samples"] for m in members]
         step, ci = stats.launches_median_ci(launches)
         out.append(
             {

@@ -24,18 +24,16 @@ PROJECTION_PREFIX = "projection-"  # `make project`'s records: the Projection ta
 SKIP_NAMES = {"progress.json", "summary.json", "state.json"}
 
 
-def walk(folder: str | Path | None, keep) -> list[Path]:
-    """Every file below `folder` (subfolders too, MAX_DEPTH deep, without checkpoint and bench folders) whose
-    name `keep(name)` accepts."""
+def walk(folder: str | Path | None, keep, skip: set[str] = SKIP_DIRS) -> list[Path]:
+    """Every file below `folder` (subfolders too, MAX_DEPTH deep, without the folders named in `skip`:
+    checkpoints, bench logs, ...) whose name `keep(name)` accepts."""
     d = Path(folder) if folder else None
     if not d or not d.is_dir():
         return []
     out = []
     for root, dirs, files in os.walk(d):
         depth = len(Path(root).relative_to(d).parts)
-        dirs[:] = sorted(
-            x for x in dirs if x not in SKIP_DIRS and not x.startswith(".") and depth < MAX_DEPTH
-        )
+        dirs[:] = sorted(x for x in dirs if x not in skip and not x.startswith(".") and depth < MAX_DEPTH)
         out += [Path(root) / f for f in sorted(files) if keep(f)]
     return out
 
@@ -122,18 +120,8 @@ def load_folder(
 
 def summary_files(folder: str | Path | None) -> list[Path]:
     """`make bench-*`'s batch summaries below `folder`: <runs>/bench/<batch>/summary.json."""
-    d = Path(folder) if folder else None
-    if not d or not d.is_dir():
-        return []
-    out = []
-    for root, dirs, files in os.walk(d):
-        depth = len(Path(root).relative_to(d).parts)
-        dirs[:] = sorted(
-            x for x in dirs if x not in SKIP_DIRS - {"bench"} and not x.startswith(".") and depth < MAX_DEPTH
-        )
-        if "summary.json" in files and Path(root).parent.name == "bench":
-            out.append(Path(root) / "summary.json")
-    return out
+    found = walk(folder, lambda f: f == "summary.json", skip=SKIP_DIRS - {"bench"})
+    return [p for p in found if p.parent.parent.name == "bench"]
 
 
 def unmeasured_cells(folder: str | Path | None) -> tuple[list[dict], list[tuple[str, str]]]:

@@ -64,8 +64,13 @@ def preprocess(x: torch.Tensor, cfg: Config, gen: torch.Generator | None = None)
     x = x.float() / 255
     if gen is not None and cfg.augment:
         x = random_rotation(random_hflip(x, gen), 10.0, gen)
-    memory_format = torch.channels_last if cfg.channels_last == "true" else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.channels_last is True else torch.contiguous_format
     return normalize(x, MEAN, STD).contiguous(memory_format=memory_format)
+
+
+def inputs(batch: dict, cfg: Config, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as (input, target): the preprocessed images (augmented with `gen`) and their labels."""
+    return preprocess(batch["x"], cfg, gen), batch["y"]
 
 
 def build_model(cfg: Config, info: dict) -> nn.Sequential:
@@ -92,7 +97,7 @@ def train_one_epoch(s: Session, model, loader, optimizer) -> tuple[float, int]:
     model.train()
     loss_sum, seen = s.epoch_sums(2)  # on the device, reduced once per epoch; kept in checkpoints
     for batch in s.batches(loader):  # a resumed run skips the batches it already trained on
-        x, y = preprocess(batch["x"], s.cfg, s.gen), batch["y"]
+        x, y = inputs(batch, s.cfg, s.gen)
         optimizer.zero_grad(set_to_none=True)
         if s.micro_batched:  # a pipeline schedule, or --microbatches N accumulated under no_sync
             loss = s.micro_batch_step(model, x, y, F.cross_entropy)
@@ -143,11 +148,10 @@ def main():
         loaders = s.loaders(data)  # train (resident on the device with --data_on_device), val, test
         model = build_model(cfg, data.info)
         sgd_or_adam = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam
-        optimizer = sgd_or_adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
-        # accelerator.prepare per strategy; opens the run record; --compile warms up on this (x, y)
-        warmup = (lambda b: (preprocess(b["x"], cfg), b["y"]), F.cross_entropy)
+        optimizer = sgd_or_adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer)
+        # accelerator.prepare per strategy; opens the run record; --compile warms up on inputs(batch) and the loss
         model, optimizer, train_loader, val_loader, test_loader = s.prepare(
-            model, optimizer, *loaders, warmup=warmup
+            model, optimizer, *loaders, inputs=inputs, loss_fn=F.cross_entropy
         )
         for _ in s.epochs():  # resumes where --resume left off; ends early at max_steps
             train_loss, n_train = train_one_epoch(s, model, train_loader, optimizer)

@@ -56,8 +56,14 @@ UNSUPPORTED = {}  # every shared knob applies
 
 def preprocess(x: torch.Tensor, cfg: Config) -> torch.Tensor:
     """uint8 (N, 1, 28, 28) -> float in [0, 1], as ToTensor; the target is the input itself."""
-    memory_format = torch.channels_last if cfg.channels_last == "true" else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.channels_last is True else torch.contiguous_format
     return (x.float() / 255).contiguous(memory_format=memory_format)
+
+
+def inputs(batch: dict, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as (input, target): the preprocessed images are both (an autoencoder reconstructs its input)."""
+    x = preprocess(batch["x"], cfg)
+    return x, x
 
 
 def build_model(cfg: Config, info: dict) -> nn.Sequential:
@@ -81,12 +87,12 @@ def train_one_epoch(s: Session, model, loader, optimizer) -> tuple[float, int]:
     model.train()
     loss_sum, seen = s.epoch_sums(2)  # on the device, reduced once per epoch; kept in checkpoints
     for batch in s.batches(loader):  # a resumed run skips the batches it already trained on
-        x = preprocess(batch["x"], s.cfg)
+        x, target = inputs(batch, s.cfg)
         optimizer.zero_grad(set_to_none=True)
         if s.micro_batched:  # a pipeline schedule, or --microbatches N accumulated under no_sync
-            loss = s.micro_batch_step(model, x, x, F.mse_loss)
+            loss = s.micro_batch_step(model, x, target, F.mse_loss)
         else:
-            loss = F.mse_loss(model(x), x)
+            loss = F.mse_loss(model(x), target)
             s.accelerator.backward(loss)
         if not s.step_ok(loss):  # non-finite loss: stop the run, or skip the step (--on_nan skip)
             continue
@@ -121,11 +127,10 @@ def main():
         data = load_mnist(cfg)
         loaders = s.loaders(data)  # train (resident on the device with --data_on_device), val, test
         model = build_model(cfg, data.info)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
-        # accelerator.prepare per strategy; opens the run record; --compile warms up on this (x, x)
-        warmup = (lambda b: (preprocess(b["x"], cfg),) * 2, F.mse_loss)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer)
+        # accelerator.prepare per strategy; opens the run record; --compile warms up on inputs(batch) and the loss
         model, optimizer, train_loader, val_loader, test_loader = s.prepare(
-            model, optimizer, *loaders, warmup=warmup
+            model, optimizer, *loaders, inputs=inputs, loss_fn=F.mse_loss
         )
         for _ in s.epochs():  # resumes where --resume left off; ends early at max_steps
             train_loss, n_train = train_one_epoch(s, model, train_loader, optimizer)

@@ -190,7 +190,7 @@ def main():
         data = load_imdb(cfg)
         loaders = s.loaders(data, collate_fn=pad_collate(data.info["pad_index"]))  # train, val, test
         model = build_model(cfg, data.info)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer)
         # accelerator.prepare per strategy; opens the run record
         model, optimizer, train_loader, val_loader, test_loader = s.prepare(model, optimizer, *loaders)
         for _ in s.epochs():  # resumes where --resume left off; ends early at max_steps

@@ -34,7 +34,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from sacrebleu.metrics import BLEU
@@ -184,34 +183,23 @@ def pad_as_one_batch(s: Session, t, pad, real_rows=None):
     from one process on the same batch; and under FSDP, where every decoder step all-gathers the decoder's
     parameters, ranks taking different numbers of steps would deadlock. `real_rows`: how many of this rank's
     rows are real samples (evaluation's last batch is filled up with repeats, which are dropped later and
-    must not lengthen the others). Costs one small all-reduce (and a host sync) per batch.
+    must not lengthen the others). Costs one small gather (and a host sync) per batch.
     """
     if s.dp == 1:
         return t
     longest = (
         (t[:real_rows] != pad).sum(1).max(0, keepdim=True).values if len(t[:real_rows]) else t.new_zeros(1)
     )
-    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-    length = int(longest)
+    length = int(s.max_over_ranks(longest))
     return t[:, :length] if t.shape[1] >= length else F.pad(t, (0, length - t.shape[1]), value=pad)
-
-
-def real_rows(s: Session, n: int) -> int:
-    """Rows of this rank's batch that are real samples: all but in the last batch of an evaluation split,
-    which Accelerate fills up with samples from the start (gather_for_metrics drops those again)."""
-    state = s.accelerator.gradient_state
-    if not (state.end_of_dataloader and state.remainder > 0):
-        return n
-    return max(0, min(n, state.remainder - s.data_rank * n))
 
 
 def train_one_epoch(s: Session, model, loader, optimizer) -> tuple[float, int]:
     model.train()
     src_pad, pad = s.data.info["src_pad_index"], s.data.info["trg_pad_index"]
     loss_sum, n_tokens, seen = s.epoch_sums(3)  # on the device, reduced once per epoch; kept in checkpoints
-    coins = (
-        torch.Generator()
-    )  # teacher-forcing coins: a CPU generator, so drawing them never syncs the device
+    # teacher-forcing coins: a CPU generator, so drawing them never syncs the device
+    coins = torch.Generator()
     for batch in s.batches(loader):  # a resumed run skips the batches it already trained on
         src, trg = pad_as_one_batch(s, batch["src"], src_pad), pad_as_one_batch(s, batch["trg"], pad)
         # The tutorial's coin per time step for the whole batch (random.random() < ratio), from a generator
@@ -252,7 +240,7 @@ def evaluate(s: Session, model, loader) -> dict:
     n_tokens = torch.zeros((), device=s.device, dtype=torch.long)
     n = 0
     for batch in loader:
-        real = real_rows(s, len(batch["src"]))
+        real = s.real_rows(len(batch["src"]))
         src = pad_as_one_batch(s, batch["src"], src_pad, real)
         trg = pad_as_one_batch(s, batch["trg"], pad, real)
         logits = model(src, trg, [False] * (trg.shape[1] - 1))
@@ -297,9 +285,8 @@ def bleu(s: Session, model, data) -> dict:
         for ids in torch.stack(out, 1).tolist():
             hyps.append(" ".join(trg_vocab.decode(ids[: ids.index(eos)] if eos in ids else ids)))
         refs += [" ".join(word_punct(text)) for text in batch["trg_text"]]
-    metric = BLEU(
-        tokenize="none", smooth_method="none"
-    )  # tokens are already split; no smoothing, as HF "bleu"
+    # tokens are already split; no smoothing, as HF "bleu"
+    metric = BLEU(tokenize="none", smooth_method="none")
     score = metric.corpus_score(hyps, [refs])
     examples = [
         {"source": " ".join(src_vocab.decode(src[1:-1])), "reference": ref, "hypothesis": hyp}
@@ -322,7 +309,7 @@ def main():
         pads = data.info["src_pad_index"], data.info["trg_pad_index"]
         loaders = s.loaders(data, collate_fn=pad_pair_collate(*pads))  # train, val, test
         model = build_model(cfg, data.info)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer == "true")
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.fused_optimizer)
         # accelerator.prepare per strategy; opens the run record
         model, optimizer, train_loader, val_loader, test_loader = s.prepare(model, optimizer, *loaders)
         for _ in s.epochs():  # resumes where --resume left off; ends early at max_steps

@@ -79,7 +79,7 @@ def preprocess(x: torch.Tensor, cfg: Config, gen: torch.Generator | None = None)
         x = random_crop(
             random_hflip(random_rotation(x, 5.0, gen), gen), cfg.image_size, cfg.crop_padding, gen
         )
-    memory_format = torch.channels_last if cfg.channels_last == "true" else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.channels_last is True else torch.contiguous_format
     return normalize(x, MEAN, STD).contiguous(memory_format=memory_format)
 
 
@@ -119,6 +119,11 @@ class VGG11(nn.Sequential):
                 nn.init.zeros_(m.bias)
 
 
+def inputs(batch: dict, cfg: Config, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as (input, target): the preprocessed images (augmented with `gen`) and their labels."""
+    return preprocess(batch["x"], cfg, gen), batch["y"]
+
+
 def build_model(cfg: Config, info: dict) -> VGG11:
     model = VGG11()
     info["init"] = "imagenet (torchvision vgg11_bn)" if cfg.pretrained else "random"
@@ -129,9 +134,8 @@ def build_model(cfg: Config, info: dict) -> VGG11:
             with contextlib.redirect_stderr(
                 io.StringIO()
             ):  # torch.hub prints "Downloading: ..." before failing
-                state = VGG11_BN_Weights.IMAGENET1K_V1.get_state_dict(
-                    progress=False
-                )  # hub cache, else download
+                # hub cache, else download
+                state = VGG11_BN_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as e:  # noqa: BLE001 - offline, no cache, corrupt file: one clear line
             raise ConfigError(
                 f"--pretrained: ImageNet vgg11_bn weights are neither in the torch hub cache "
@@ -150,7 +154,7 @@ def train_one_epoch(s: Session, model, loader, optimizer) -> tuple[float, int]:
     model.train()
     loss_sum, seen = s.epoch_sums(2)  # on the device, reduced once per epoch; kept in checkpoints
     for batch in s.batches(loader):  # a resumed run skips the batches it already trained on
-        x, y = preprocess(batch["x"], s.cfg, s.gen), batch["y"]
+        x, y = inputs(batch, s.cfg, s.gen)
         optimizer.zero_grad(set_to_none=True)
         if s.micro_batched:  # a pipeline schedule, or --microbatches N accumulated under no_sync
             loss = s.micro_batch_step(model, x, y, F.cross_entropy)
@@ -210,12 +214,11 @@ def main():
                 },
                 {"params": [p for p in model.classifier.parameters() if p.requires_grad], "lr": cfg.lr},
             ],
-            fused=cfg.fused_optimizer == "true",
+            fused=cfg.fused_optimizer,
         )
-        # accelerator.prepare per strategy; opens the run record; --compile warms up on this (x, y)
-        warmup = (lambda b: (preprocess(b["x"], cfg), b["y"]), F.cross_entropy)
+        # accelerator.prepare per strategy; opens the run record; --compile warms up on inputs(batch) and the loss
         model, optimizer, train_loader, val_loader, test_loader = s.prepare(
-            model, optimizer, *loaders, warmup=warmup
+            model, optimizer, *loaders, inputs=inputs, loss_fn=F.cross_entropy
         )
         for _ in s.epochs():  # resumes where --resume left off; ends early at max_steps
             train_loss, n_train = train_one_epoch(s, model, train_loader, optimizer)

@@ -278,9 +278,8 @@ class Progress:
             )
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter(
-                    "ignore"
-                )  # torch's notes on pickle protocols: the error line says it all
+                # torch's notes on pickle protocols: the error line says it all
+                warnings.simplefilter("ignore")
                 self.acc.load_state(str(directory))
                 blob = torch.load(
                     directory / f"progress_rank{self.acc.process_index}.pt",

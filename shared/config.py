@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Switch = Literal[
-    "auto", "true", "false"
-]  # "auto" is resolved per device at start-up; the record keeps what ran
+# "auto" is resolved per device at start-up; the record keeps what ran
+Switch = Literal["auto", "true", "false"]
 
 
 class UserError(Exception):

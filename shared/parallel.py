@@ -137,10 +137,11 @@ class Parallel:
                     f"FSDP was asked for but parameter {name} is not sharded ({type(p).__name__}, "
                     f"{getattr(p, 'placements', None)}); Accelerate fell back to {self.acc.distributed_type}"
                 )
+            # fully_shard splits dim 0 like torch.chunk
             rows, chunk = (
                 p.shape[0],
                 math.ceil(p.shape[0] / world),
-            )  # fully_shard splits dim 0 like torch.chunk
+            )
             expected = [max(0, min(chunk, rows - rank * chunk)), *p.shape[1:]]
             if list(p.to_local().shape) != expected:
                 raise SetupError(

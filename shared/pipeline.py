@@ -176,9 +176,8 @@ class Pipeline:
         parts = [torch.empty_like(data) for _ in range(self.plan.dp)]
         dist.all_gather(parts, data.contiguous(), group=self.dp_group)
         out = torch.cat(parts)
-        state = (
-            self.acc.gradient_state
-        )  # set by the prepared loader, as for Accelerate's own gather_for_metrics
+        # set by the prepared loader, as for Accelerate's own gather_for_metrics
+        state = self.acc.gradient_state
         if state.end_of_dataloader and state.remainder > 0:
             out = out[: state.remainder]  # the last batch was padded with samples from the start
         return out

@@ -142,7 +142,7 @@ def check_setup(
             f"the launch config is an FSDP setup (distributed_type: FSDP) but --strategy {s} was asked; "
             f"launch {s} with its own accelerate_configs/ file"
         )
-    if s == "fsdp" and getattr(cfg, "channels_last", "") == "true":
+    if s == "fsdp" and getattr(cfg, "channels_last", "") in ("true", True):
         raise SetupError(
             "--channels_last true cannot be sharded: FSDP2 refuses the non-contiguous weights it makes "
             "(leave it at auto, which is off under fsdp)"

@@ -378,13 +378,6 @@ def device_name(device) -> str:
     return f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores)"
 
 
-def free_port() -> int:
-    """A TCP port free on this host now, for one launch's rendezvous (`--main_process_port`)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def num_machines() -> int:
     """Hosts in this launch: torchrun exports GROUP_WORLD_SIZE (the number of node groups) to every worker."""
     env = os.environ

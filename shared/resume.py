@@ -114,8 +114,9 @@ def find_resume(cfg, model: str) -> tuple[Path, Path, dict] | None:
 def check_compatible(record: dict, cfg, setup: dict):
     """The resumed run must be the same experiment: same config (but RESUMABLE_CHANGES) and the same setup."""
     saved = record["config"]
+    same = lambda a, b: a == b or {a, b} in ({True, "true"}, {False, "false"})  # noqa: E731 - older records: strings
     for key, value in vars(cfg).items():
-        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value:
+        if key not in RESUMABLE_CHANGES and key in saved and not same(saved[key], value):
             raise ResumeError(
                 f"--resume: config key '{key}' is {value!r} but run {record['run_id']} used {saved[key]!r}"
             )

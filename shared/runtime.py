@@ -133,11 +133,12 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
         _enable_fsdp(acc)
     install_signal_handlers()  # SIGTERM / SIGINT: finish the step, checkpoint, record `interrupted`
     cuda_run = acc.device.type == "cuda"
-    for key in ("channels_last", "fused_optimizer"):  # resolved here, so the record says what ran
+    for key in ("channels_last", "fused_optimizer"):  # resolved to a bool here, so the record says what ran
         if getattr(cfg, key) == "auto":
             # channels_last makes conv weights non-contiguous, which FSDP2 cannot shard
-            on = cuda_run and not (key == "channels_last" and plan.strategy == "fsdp")
-            setattr(cfg, key, "true" if on else "false")
+            setattr(cfg, key, cuda_run and not (key == "channels_last" and plan.strategy == "fsdp"))
+        else:
+            setattr(cfg, key, getattr(cfg, key) in ("true", True))
     cfg.check_every = cfg.check_every or (25 if cuda_run else 1)
     return acc
 
@@ -196,9 +197,8 @@ def _enable_fsdp(acc: Accelerator):
     from accelerate.utils import DistributedType
 
     if acc.distributed_type != DistributedType.FSDP and acc.device.type == "cpu":
-        plugin = (
-            getattr(acc.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
-        )  # reads the FSDP_* env
+        # reads the FSDP_* env
+        plugin = getattr(acc.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
         PartialState().distributed_type = DistributedType.FSDP
         acc.state.distributed_type = DistributedType.FSDP
         acc.state.fsdp_plugin = plugin

@@ -154,10 +154,11 @@ class Session:
         ]
         return (train, *evals)
 
-    def prepare(self, model, optimizer, *loaders, warmup=None):
-        """`accelerator.prepare` per strategy, then open the run record. `warmup=(inputs, loss_fn)`: how the
-        training loop turns a batch into (x, y), for --compile's warm-up before epoch 1."""
-        if self.cfg.channels_last == "true":
+    def prepare(self, model, optimizer, *loaders, inputs=None, loss_fn=None):
+        """`accelerator.prepare` per strategy, then open the run record. `inputs(batch, cfg)`: the function the
+        training loop turns a batch into (x, y) with, and `loss_fn(output, y)`: for --compile's warm-up before
+        epoch 1 (a script without them refuses --compile)."""
+        if self.cfg.channels_last is True:
             model = model.to(memory_format=torch.channels_last)
         info = {"params": count_params(model), "steps_per_epoch": len(loaders[0])}
         info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -176,12 +177,12 @@ class Session:
             data_path=self.data_path,
         )
         if self.cfg.compile:
-            if warmup is None:
+            if inputs is None or loss_fn is None:
                 raise SetupError(f"{self.name} does not support --compile")
-            inputs, loss_fn = warmup
             evals = loaders[1] if len(loaders) > 1 else None
+            as_run = lambda batch: inputs(batch, self.cfg)  # noqa: E731 - no augmentation: a warm-up
             s = compile_warmup(
-                self.accelerator, self.cfg, self.par, model, self.train_loader, inputs, loss_fn, evals
+                self.accelerator, self.cfg, self.par, model, self.train_loader, as_run, loss_fn, evals
             )
             self.log.timing(compile_s=s)
             self.accelerator.print(
@@ -240,9 +241,8 @@ class Session:
     def step_ok(self, loss: torch.Tensor) -> bool:
         ok = self.progress.take_step(loss)
         if self.bar is not None and (self.progress.step + 1) % self.cfg.check_every == 0:
-            self.bar.set_postfix(
-                loss=f"{loss.item():.4g}", refresh=False
-            )  # a sync the check just made anyway
+            # a sync the check just made anyway
+            self.bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
         return ok
 
     def step_done(self) -> bool:
@@ -251,6 +251,22 @@ class Session:
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks that hold distinct samples (the last stage of each pipeline replica)."""
         return self.par.reduce_sum(t)
+
+    def max_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of `t` over every process (one small gather)."""
+        return (
+            self.accelerator.gather(t.reshape(1, *t.shape)).amax(0)
+            if self.accelerator.num_processes > 1
+            else t
+        )
+
+    def real_rows(self, n: int) -> int:
+        """Rows of this rank's batch of `n` that are real samples: all, but in the last batch of an evaluation
+        split, which Accelerate fills up with samples from the start (gather_for_metrics drops those again)."""
+        state = self.accelerator.gradient_state
+        if not (state.end_of_dataloader and state.remainder > 0):
+            return n
+        return max(0, min(n, state.remainder - self.data_rank * n))
 
     def gather_for_metrics(self, data):
         """`accelerator.gather_for_metrics` over the data-parallel ranks: each sample once, padding dropped."""

@@ -99,9 +99,8 @@ def split_over_devices(
     Returns the stages' summaries for the record."""
     devices = [torch.device(d) for d in devices]
     stages = cut(model, split_points[: len(devices) - 1])
-    model.to(
-        devices[0]
-    )  # anything outside the pieces (e.g. parameters of a non-Sequential root) stays with stage 0
+    # anything outside the pieces (e.g. parameters of a non-Sequential root) stays with stage 0
+    model.to(devices[0])
     for stage, device in zip(stages, devices, strict=True):
         for _, module in stage:
             module.to(device)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.record import free_port, record_files  # noqa: F401 - tests import free_port from here
+from bench import launcher
+from bench.launcher import child_env, free_port  # noqa: F401 - the tests import these from here
+from shared.record import record_files
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -27,25 +29,6 @@ def require_dataset(name: str) -> Path:
     return DATA_DIR
 
 
-def child_env(**extra) -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    # one thread per process: predictable on 2 cores, and no oversubscription when launches overlap other work
-    env.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": "1",
-            **extra,
-        }
-    )
-    return env
-
-
 def launch(
     setup: str | None,
     script: str,
@@ -55,31 +38,10 @@ def launch(
     nan_at_batch: int | None = None,
 ) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file accelerate_configs/<setup>.yaml scripts/<script>.py args`, or plain
-    `python scripts/<script>.py args` when setup is None. `nan_at_batch=N`: through tests/inject_nan.py, the
-    Nth training batch's loss is NaN."""
-    path = [str(REPO / "scripts" / f"{script}.py")]
-    if nan_at_batch is not None:
-        path = [str(REPO / "tests" / "inject_nan.py"), str(nan_at_batch), *path]
-    if setup is None:
-        cmd = [sys.executable, *path]
-    else:
-        cmd = [
-            str(BIN / "accelerate"),
-            "launch",
-            "--config_file",
-            str(REPO / "accelerate_configs" / f"{setup}.yaml"),
-            "--main_process_port",
-            str(free_port()),
-            *path,
-        ]
-    return subprocess.run(
-        cmd + [str(a) for a in args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=env or child_env(),
-    )
+    `python scripts/<script>.py args` when setup is None (bench/launcher.py builds both). `nan_at_batch=N`:
+    through tests/inject_nan.py, the Nth training batch's loss is NaN."""
+    wrapper = [REPO / "tests" / "inject_nan.py", nan_at_batch] if nan_at_batch is not None else []
+    return launcher.run(launcher.command(script, args, config=setup, wrapper=wrapper), timeout, env)
 
 
 def records(runs_dir: Path) -> list[dict]:

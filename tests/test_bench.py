@@ -199,3 +199,31 @@ def test_launches_interleave_and_disagreeing_launches_get_one_more(tmp_path):
         "cannot tell",
     )
     assert "verdict per model" in (tmp_path / "bench.log").read_text()
+
+
+def test_one_launcher_builds_every_launch_command():
+    """bench/launcher.py is the only builder of an `accelerate launch` command: bench/ and tests/ import it
+    (no sys.path tricks), and no other file spells the launcher's command line or loads a script by hand."""
+    import ast
+
+    from bench import launcher, project, run
+    from tests import conftest
+
+    assert run.launcher is launcher and project.launcher is launcher and conftest.launcher is launcher
+    cmd = launcher.command("mlp", ["--epochs", 1], config="cpu_2proc", threads=1, port=29555)
+    assert cmd[: len(launcher.ACCELERATE_LAUNCH)] == launcher.ACCELERATE_LAUNCH
+    assert cmd[len(launcher.ACCELERATE_LAUNCH) :] == [
+        "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29555",
+        "--num_cpu_threads_per_process", "1", str(REPO / "scripts" / "mlp.py"), "--epochs", "1",
+    ]  # fmt: skip
+    assert launcher.command("mlp", [], config=None)[:2] == [sys.executable, str(REPO / "scripts" / "mlp.py")]
+    assert launcher.load_script("mlp").Config().batch_size > 0
+    for path in [*(REPO / "bench").glob("*.py"), *(REPO / "tests").glob("*.py")]:
+        if path.name in ("launcher.py", "test_bench.py"):
+            continue
+        text = path.read_text()
+        assert "sys.path.insert" not in text and "spec_from_file_location" not in text, path.name
+        calls = [n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Constant) and n.value in
+                 ("accelerate.commands.launch", "--main_process_port")]  # fmt: skip
+        # the launcher traps (--cpu --num_processes 2, two machines on loopback) pass raw flags on purpose
+        assert not calls or path.name in ("test_gpu_ready.py", "test_parallel.py", "test_scripts.py"), path.name

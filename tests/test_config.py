@@ -2,6 +2,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from bench import launcher
 from shared.config import ConfigError, RunConfig, parse_config
 
 
@@ -73,14 +74,7 @@ SCRIPTS = ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"]
 
 def script_module(name: str):
     """A script imported as a module (its main() does not run): its Config and UNSUPPORTED knobs."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return launcher.load_script(name)
 
 
 def configure(name: str, argv: list[str]):

@@ -158,7 +158,9 @@ def test_page_views_filter_downloads_and_screenshots(server, browser, tmp_path):
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = open_page(browser, url)
     assert page.locator(".stException, [data-testid='stException']").count() == 0
-    page.get_by_text("could not be read and are not shown").first.click()  # the notice, folded under the answer
+    page.get_by_text(
+        "could not be read and are not shown"
+    ).first.click()  # the notice, folded under the answer
     notice = page.locator("[data-testid='stAlert']").first.inner_text()
     assert "could not be read" in notice and "nested too deeply" in notice and "too large" in notice
     assert "Traceback" not in page.content() and str(dirs["runs"]) not in notice  # no local paths

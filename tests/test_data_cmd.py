@@ -2,7 +2,6 @@
 line per dataset; a damaged file is one line naming it and is left as it was; a hub download is written in the
 layout the same verification accepts (the hub itself is replaced by in-memory datasets with its schema)."""
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from bench import launcher
 from shared.data import read_idx, write_idx
 from shared.datasets import DATASETS
 from tests.conftest import REPO, child_env, explain, require_dataset
@@ -21,10 +21,7 @@ SCRIPT = REPO / "bench" / "data.py"
 
 def load_cmd():
     """bench/data.py as a module (it is a script, not in a package)."""
-    spec = importlib.util.spec_from_file_location("bench_data", SCRIPT)
-    cmd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cmd)
-    return cmd
+    return launcher.load_script(SCRIPT, "bench_data")
 
 
 def data_cmd(*args, **env) -> subprocess.CompletedProcess:

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from bench import launcher
 from shared.record import read_record, record_files
-from tests.conftest import BIN, REPO, child_env, explain, free_port, launch, records, require_dataset
+from tests.conftest import REPO, child_env, explain, launch, records, require_dataset
 
 pytestmark = pytest.mark.slow  # real launches or a browser: `make test-fast` leaves these out
 
@@ -27,20 +28,9 @@ MLP = ["--limit_train", 6000, "--limit_eval", 500, "--epochs", 3, "--save_model"
 
 
 def popen(setup, script, *args, env=None):
-    if setup is None:
-        cmd = [sys.executable, str(REPO / "scripts" / f"{script}.py")]
-    else:
-        cmd = [
-            str(BIN / "accelerate"),
-            "launch",
-            "--config_file",
-            str(REPO / "accelerate_configs" / f"{setup}.yaml"),
-            "--main_process_port",
-            str(free_port()),
-            str(REPO / "scripts" / f"{script}.py"),
-        ]
+    """A launch left running (bench/launcher.py's command): the test stops, kills or waits for it."""
     return subprocess.Popen(
-        cmd + [str(a) for a in args],
+        launcher.command(script, args, config=setup),
         cwd=REPO,
         env=env or child_env(),
         stdout=subprocess.PIPE,

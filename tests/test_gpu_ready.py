@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from bench import launcher
 from shared.augment import normalize
 from shared.config import RunConfig
 from shared.plan import SetupError, check_setup, launch_uses_cpu, named_strategy
@@ -82,7 +83,7 @@ def test_a_cpu_setup_runs_on_the_cpu_on_a_gpu_machine(monkeypatch, how, tmp_path
         )
     c = cfg()
     runtime.make_accelerator(c)
-    assert asked["cpu"] is True and c.channels_last == "false" and c.fused_optimizer == "false"
+    assert asked["cpu"] is True and c.channels_last is False and c.fused_optimizer is False  # resolved: bools
     assert c.collective_timeout_s == 60 and c.check_every == 1
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     assert launch_uses_cpu(REPO / "accelerate_configs" / "cpu_2proc.yaml")
@@ -96,7 +97,7 @@ def test_cuda_runs_get_a_collective_timeout_that_covers_slow_phases(monkeypatch)
     monkeypatch.setattr(runtime, "launch_config_file", lambda: None)
     c = cfg()
     runtime.make_accelerator(c)
-    assert asked["cpu"] is False and c.collective_timeout_s == 1800 and c.channels_last == "true"
+    assert asked["cpu"] is False and c.collective_timeout_s == 1800 and c.channels_last is True
     c = cfg(collective_timeout_s=120)
     runtime.make_accelerator(c)
     assert c.collective_timeout_s == 120
@@ -231,7 +232,7 @@ def test_launcher_flags_give_two_cooperating_ranks_or_one_line(combo, tmp_path):
     if COMBOS[combo] is None:
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port]
     else:
-        cmd = [str(BIN / "accelerate"), *COMBOS[combo], "--main_process_port", port]
+        cmd = [*launcher.ACCELERATE_LAUNCH, *COMBOS[combo][1:], "--main_process_port", port]
     proc = subprocess.run(
         [*cmd, str(REPO / "scripts" / "mlp.py"), *args], capture_output=True, text=True, timeout=240,
         cwd=REPO, env=child_env(HF_HOME=str(tmp_path / "hf")),  # no default accelerate config of this machine
@@ -310,7 +311,7 @@ def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
     copy, env = rehearsal_copy(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--plumbing", "--data_dir", "data",
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--plumbing", "--data_dir", "data",
                            "--deadline_s", "900"], cwd=copy, capture_output=True, text=True, timeout=1200,
                           env={**env, "OUT": str(out)})  # fmt: skip
     rows = check_out(out)
@@ -335,7 +336,7 @@ def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
     assert "gpu_check/table.md" in names and any(n.startswith("gpu_check/logs/") for n in names)
     # a deadline nothing fits in: every row SKIP "not reached", and still the table and the tarball
     out2 = tmp_path / "out2"
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--plumbing", "--data_dir", "data",
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--plumbing", "--data_dir", "data",
                            "--deadline_s", "1", "--out", str(out2)], cwd=copy, capture_output=True, text=True,
                           timeout=300, env=env)  # fmt: skip
     rows = check_out(out2)

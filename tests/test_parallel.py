@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from bench import launcher
 from shared.plan import SetupError, check_setup
 from shared.record import read_record
 from shared.stages import cut, pieces, stage_module
-from tests.conftest import BIN, REPO, child_env, explain, free_port, launch, records, require_dataset
+from tests.conftest import REPO, child_env, explain, free_port, launch, records, require_dataset
 
 # ----------------------------------------------------------------------------- check_setup (no processes)
 
@@ -390,16 +391,8 @@ def test_two_machines_on_loopback(tmp_path):
     """multinode_2machines.yaml launched twice, as machine 0 and machine 1, rendezvous on 127.0.0.1."""
     root = require_dataset("mnist")
     port = free_port()
-    cmd = [
-        "timeout",
-        "150",
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / "multinode_2machines.yaml"),
-        "--main_process_port",
-        str(port),
-    ]
+    cmd = ["timeout", "150", *launcher.ACCELERATE_LAUNCH, "--config_file",
+           str(REPO / "accelerate_configs" / "multinode_2machines.yaml"), "--main_process_port", str(port)]  # fmt: skip
     args = [
         str(REPO / "scripts" / "mlp.py"),
         "--data_dir",

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import bench.project as bp
+from bench import launcher
 from shared.projection import (
     PROFILE_VERSION,
     Model,
@@ -28,7 +29,7 @@ from shared.projection import (
     pool_collectives,
     project,
 )
-from tests.conftest import child_env, free_port, require_dataset
+from tests.conftest import child_env, require_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 HW = {"name": "toy", "kind": "assumed", "links": {"intra": {"busbw_GBps": 1.0, "latency_s": 1e-3},
@@ -424,11 +425,9 @@ def test_end_to_end_on_this_cpu(tmp_path):
     assert t4["hardware"]["name"] == "t4-pcie" and t4["predictions"]
     # validation against a real DDP run at the same batch
     runs = tmp_path / "real"
-    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-              str(REPO / "accelerate_configs/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-              "--num_cpu_threads_per_process", "1",
-              str(REPO / "scripts/mlp.py"), "--data_dir", data_dir, "--runs_dir", str(runs), "--batch_size", "64",
-              "--limit_train", "6400", "--epochs", "1", "--limit_eval", "64", "--augment", "false"]  # fmt: skip
+    launch = launcher.command("mlp", ["--data_dir", data_dir, "--runs_dir", runs, "--batch_size", 64, "--limit_train",
+                              6400, "--epochs", 1, "--limit_eval", 64, "--augment", "false"],
+                              config="cpu_2proc", threads=1)  # fmt: skip
     assert subprocess.run(launch, capture_output=True, cwd=REPO, timeout=300, env=child_env()).returncode == 0
     r = run_project("--model", "mlp", "--batch_size", "64", "--devices", "2", "--data_dir", data_dir,
                     "--validate_from", str(runs), "--out", str(tmp_path / "v.json"), tmp_path=tmp_path)  # fmt: skip

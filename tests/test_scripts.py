@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench import launcher
 from shared.record import read_record
-from tests.conftest import BIN, REPO, child_env, explain, free_port, launch, records, require_dataset
+from tests.conftest import REPO, child_env, explain, free_port, launch, records, require_dataset
 
 pytestmark = pytest.mark.slow  # real launches or a browser: `make test-fast` leaves these out
 
@@ -156,8 +157,7 @@ def test_simple_launcher_multi_cpu_trap_is_refused(tmp_path):
     root = require_dataset("mnist")
     proc = subprocess.run(
         [
-            str(BIN / "accelerate"),
-            "launch",
+            *launcher.ACCELERATE_LAUNCH,
             "--cpu",
             "--num_processes",
             "2",

@@ -97,8 +97,8 @@ def test_metrics_name_one_primary_and_unsupported_knobs_are_really_unused(script
     assert sum(bool(m.get("primary")) for m in values["METRICS"].values()) == 1
     unsupported = values["UNSUPPORTED"]
     # a knob is either declared unsupported or used by the script: never silently ignored
-    assert ("channels_last" in unsupported) != ("channels_last ==" in source)
-    assert ("compile" in unsupported) != ("warmup=" in source)
+    assert ("channels_last" in unsupported) != ("cfg.channels_last" in source)
+    assert ("compile" in unsupported) != ("inputs=inputs" in source)
     assert ("microbatches" in unsupported) != ("s.micro_batch_step(" in source)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench import launcher
 from shared.device_data import DeviceLoader
 from shared.record import load_runs, read_record
 from tests.conftest import REPO, child_env, explain, launch, records, require_dataset
@@ -55,11 +56,11 @@ def test_device_data_path_1_and_2_processes_agree_and_record_it(tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-5)
     for rec in (rec1, rec2):
-        assert rec["setup"]["data_path"] == "device" and rec["config"]["fused_optimizer"] == "true"
+        assert rec["setup"]["data_path"] == "device" and rec["config"]["fused_optimizer"] is True
     assert rec2["history"][-1]["samples_seen"] == 640
     plain, rec = run(tmp_path, None, "plain")
     assert (
-        rec["setup"]["data_path"] == "dataloader" and rec["config"]["fused_optimizer"] == "false"
+        rec["setup"]["data_path"] == "dataloader" and rec["config"]["fused_optimizer"] is False
     )  # auto on CPU
 
 
@@ -81,7 +82,7 @@ def test_bf16_autocast_and_channels_last_run_on_the_cpu(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, explain(proc)
     (rec,) = records(out)
-    assert rec["setup"]["mixed_precision"] == "bf16" and rec["config"]["channels_last"] == "true"
+    assert rec["setup"]["mixed_precision"] == "bf16" and rec["config"]["channels_last"] is True
     assert rec["status"] == "finished" and 0 <= rec["test"]["test/acc"] <= 1
 
 
@@ -125,12 +126,9 @@ def test_bench_speed_prints_ratios_and_writes_records(tmp_path):
 def test_seq2seq_segmented_decoder_equals_the_stepwise_one():
     """The fast decoder (teacher-forced runs in one LSTM call, one projection at the end) computes the
     tutorial's step-by-step function: same logits and gradients for random coin patterns (eval mode)."""
-    import importlib.util
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("s2s", REPO / "scripts" / "seq2seq.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = launcher.load_script("seq2seq", "s2s")
     cfg = mod.Config(embedding_dim=16, hidden_dim=32)
     torch.manual_seed(0)
     model = mod.build_model(cfg, {"src_vocab_size": 50, "trg_vocab_size": 40}).eval()
@@ -154,13 +152,10 @@ def test_seq2seq_segmented_decoder_equals_the_stepwise_one():
 
 @pytest.mark.parametrize("model", ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"])
 def test_speed_presets_are_valid_configs_with_a_larger_batch(model):
-    import importlib.util
 
     from shared.config import parse_config
 
-    spec = importlib.util.spec_from_file_location(f"preset_{model}", REPO / "scripts" / f"{model}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = launcher.load_script(model, f"preset_{model}")
     cfg = parse_config(mod.Config, ["--config", str(REPO / "presets" / "speed" / f"{model}.yaml")])
     default = mod.Config()
     assert cfg.batch_size > default.batch_size and cfg.lr > default.lr and cfg.mixed_precision == "bf16"
