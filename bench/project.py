@@ -481,91 +481,49 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="all", help="all, or a comma-separated list of " + ", ".join(MODELS))
-    ap.add_argument("--hardware", default="this-machine", help="a name in hardware/ or a .yaml file")
-    ap.add_argument("--devices", default="1,2,4,8", help="device counts, comma-separated")
-    ap.add_argument("--nodes", type=int, default=1, help="spread the devices over this many nodes")
-    ap.add_argument(
-        "--batch_size", type=int, default=0, help="the model's batch (default: bench-strategies')"
-    )
-    ap.add_argument("--scaling", choices=["strong", "weak", "both"], default="both")
-    ap.add_argument("--set", default="", help="script flags to profile with, e.g. image_size=224,freeze=true")
-    ap.add_argument(
-        "--validate", action="store_true", help="run bench-strategies now and compare (this machine)"
-    )
-    ap.add_argument("--validate_rounds", type=int, default=2, help="with --validate: launches per cell")
-    ap.add_argument("--collectives", default="",
-                    help="nccl-tests output file(s), comma-separated: your cluster's collectives at their rank count")  # fmt: skip
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                    help="where the models are profiled: auto = the GPU where torch sees one, else one CPU core")  # fmt: skip
-    ap.add_argument("--validate_from", default="", help="compare with the records in this folder instead")
-    ap.add_argument(
-        "--profile", default="", help="profile record to use (default runs/profiles/profile-<host>.json)"
-    )
-    ap.add_argument("--collective_max_mb", type=float, default=256, help="largest collective message timed")
-    ap.add_argument("--reprofile", action="store_true", help="measure again even if a profile record matches")
-    ap.add_argument("--data_dir", default=os.environ.get("DISTBENCH_DATA_DIR", "data"))
-    ap.add_argument("--runs_dir", default="runs")
-    ap.add_argument("--out", default="", help="projection record (default runs/projection-<time>.json)")
-    args = ap.parse_args(argv)
+def checked(args) -> tuple[list[str], list[int], dict, dict]:
+    """(models, device counts, the hardware projected on, this machine's) from the arguments, each bad one a
+    UsageError of one line before anything runs; `args.device` resolved."""
+    models = MODELS if args.model == "all" else args.model.split(",")
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        raise UsageError(f"--model {','.join(bad)}: unknown; known: all, {', '.join(MODELS)}")
     try:
-        models = MODELS if args.model == "all" else args.model.split(",")
-        bad = [m for m in models if m not in MODELS]
-        if bad:
-            raise UsageError(f"--model {','.join(bad)}: unknown; known: all, {', '.join(MODELS)}")
+        devices = sorted({int(d) for d in args.devices.split(",")})
+    except ValueError:
+        raise UsageError(f"--devices {args.devices}: not a comma-separated list of integers") from None
+    if devices[0] < 1 or args.nodes < 1 or args.batch_size < 0 or args.validate_rounds < 1:
+        raise UsageError("--devices, --nodes, --batch_size and --validate_rounds must be positive")
+    script_settings(args.set)  # a malformed --set: one line before anything runs
+    if args.validate_from and not list(Path(args.validate_from).glob("*.json")):
+        raise UsageError(f"--validate_from {args.validate_from}: no run records there")
+    hw = load_hardware(args.hardware)
+    if args.collectives:
         try:
-            devices = sorted({int(d) for d in args.devices.split(",")})
-        except ValueError:
-            raise UsageError(f"--devices {args.devices}: not a comma-separated list of integers") from None
-        if devices[0] < 1 or args.nodes < 1 or args.batch_size < 0 or args.validate_rounds < 1:
-            raise UsageError("--devices, --nodes, --batch_size and --validate_rounds must be positive")
-        script_settings(args.set)  # a malformed --set: one line before anything runs
-        if args.validate_from and not list(Path(args.validate_from).glob("*.json")):
-            raise UsageError(f"--validate_from {args.validate_from}: no run records there")
-        hw = load_hardware(args.hardware)
-        if args.collectives:
-            try:
-                hw["measured_collectives"] = nccl_tests.load(args.collectives.split(","))
-            except nccl_tests.NcclTestsError as e:
-                raise UsageError(str(e)) from None
-            if hw.get("kind") == "measured":
-                raise UsageError("--collectives describes a GPU cluster: give it with a GPU --hardware file")
-            hw["collectives_files"] = args.collectives.split(",")
-        local = load_hardware("this-machine")
-        args.device = ("cuda" if cuda_available() else "cpu") if args.device == "auto" else args.device
-        if args.device == "cuda" and args.validate:
-            raise UsageError("--validate runs the CPU strategies of bench-strategies: use --device cpu")
-        residuals = load_residuals()
-        t0 = time.perf_counter()
-        later = tuple(validated(models)) if args.validate and not args.validate_from else ()
-        profiles = profile_record(args, models, model_flags(), later)
-        rec = profiles.rec
-        for h in (hw, local):
-            if h.get("kind") == "measured":
-                h["measured_collectives"] = rec["collectives"]
-                h["collective_latency"] = latencies(rec["collectives"])
-        check, missing, yours = [], [], []
-        if args.validate or args.validate_from:
-            check, missing = validate(args, rec, local, models, profiles)
-        elif Path(
-            args.runs_dir
-        ).is_dir():  # the runs already in the folder: how far is the projection from them?
-            yours, _ = validate(argparse.Namespace(**{**vars(args), "validate_from": args.runs_dir}), rec, local,
-                                models, profiles)  # fmt: skip
-        scalings = ["strong", "weak"] if args.scaling == "both" else [args.scaling]
-        preds = [
-            with_range(p, residuals)
-            for p in predictions(rec, hw, models, devices, args.nodes, scalings, os.cpu_count())
-        ]
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: its processes stopped; the profile record keeps every model measured so far",
-              file=sys.stderr)  # fmt: skip
-        return 130
+            hw["measured_collectives"] = nccl_tests.load(args.collectives.split(","))
+        except nccl_tests.NcclTestsError as e:
+            raise UsageError(str(e)) from None
+        if hw.get("kind") == "measured":
+            raise UsageError("--collectives describes a GPU cluster: give it with a GPU --hardware file")
+        hw["collectives_files"] = args.collectives.split(",")
+    local = load_hardware("this-machine")
+    args.device = ("cuda" if cuda_available() else "cpu") if args.device == "auto" else args.device
+    if args.device == "cuda" and args.validate:
+        raise UsageError("--validate runs the CPU strategies of bench-strategies: use --device cpu")
+    return models, devices, hw, local
+
+
+def report(
+    args,
+    models: list[str],
+    hw: dict,
+    preds: list[dict],
+    check: list[dict],
+    yours: list[dict],
+    missing: list[str],
+) -> tuple[dict, dict | None]:
+    """Print the verdicts first, the sentences, the table, what was priced as 0, and how the projection did
+    against your runs and the validation; returns (verdicts per model, the validation summary)."""
     verdicts = {m: verdict_lines(m, hw["name"], [p for p in preds if p["model"] == m]) for m in models}
     print(
         "verdicts (range: where measured figures fell in validations of the same kind, shared/residuals.yaml):"
@@ -600,6 +558,73 @@ def main(argv=None) -> int:
                                        "predicted_ms", "error", "oversubscribed"]))  # fmt: skip
         print(f"validation: mean |error| {summary['mean_abs_error']:.1%}, max {summary['max_abs_error']:.1%} "
               f"over {len(errs)} cells")  # fmt: skip
+    return verdicts, summary
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="all", help="all, or a comma-separated list of " + ", ".join(MODELS))
+    ap.add_argument("--hardware", default="this-machine", help="a name in hardware/ or a .yaml file")
+    ap.add_argument("--devices", default="1,2,4,8", help="device counts, comma-separated")
+    ap.add_argument("--nodes", type=int, default=1, help="spread the devices over this many nodes")
+    ap.add_argument(
+        "--batch_size", type=int, default=0, help="the model's batch (default: bench-strategies')"
+    )
+    ap.add_argument("--scaling", choices=["strong", "weak", "both"], default="both")
+    ap.add_argument("--set", default="", help="script flags to profile with, e.g. image_size=224,freeze=true")
+    ap.add_argument(
+        "--validate", action="store_true", help="run bench-strategies now and compare (this machine)"
+    )
+    ap.add_argument("--validate_rounds", type=int, default=2, help="with --validate: launches per cell")
+    ap.add_argument("--collectives", default="",
+                    help="nccl-tests output file(s), comma-separated: your cluster's collectives at their rank count")  # fmt: skip
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="where the models are profiled: auto = the GPU where torch sees one, else one CPU core")  # fmt: skip
+    ap.add_argument("--validate_from", default="", help="compare with the records in this folder instead")
+    ap.add_argument(
+        "--profile", default="", help="profile record to use (default runs/profiles/profile-<host>.json)"
+    )
+    ap.add_argument("--collective_max_mb", type=float, default=256, help="largest collective message timed")
+    ap.add_argument("--reprofile", action="store_true", help="measure again even if a profile record matches")
+    ap.add_argument("--data_dir", default=os.environ.get("DISTBENCH_DATA_DIR", "data"))
+    ap.add_argument("--runs_dir", default="runs")
+    ap.add_argument("--out", default="", help="projection record (default runs/projection-<time>.json)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        models, devices, hw, local = checked(args)
+        residuals = load_residuals()
+        t0 = time.perf_counter()
+        later = tuple(validated(models)) if args.validate and not args.validate_from else ()
+        profiles = profile_record(args, models, model_flags(), later)
+        rec = profiles.rec
+        for h in (hw, local):
+            if h.get("kind") == "measured":
+                h["measured_collectives"] = rec["collectives"]
+                h["collective_latency"] = latencies(rec["collectives"])
+        check, missing, yours = [], [], []
+        if args.validate or args.validate_from:
+            check, missing = validate(args, rec, local, models, profiles)
+        # the runs already in the folder: how far is the projection from them?
+        elif Path(args.runs_dir).is_dir():
+            yours, _ = validate(argparse.Namespace(**{**vars(args), "validate_from": args.runs_dir}), rec, local,
+                                models, profiles)  # fmt: skip
+        scalings = ["strong", "weak"] if args.scaling == "both" else [args.scaling]
+        preds = [
+            with_range(p, residuals)
+            for p in predictions(rec, hw, models, devices, args.nodes, scalings, os.cpu_count())
+        ]
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: its processes stopped; the profile record keeps every model measured so far",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    verdicts, summary = report(args, models, hw, preds, check, yours, missing)
     out = Path(
         args.out or Path(args.runs_dir) / f"projection-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     )
