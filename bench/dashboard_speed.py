@@ -67,7 +67,13 @@ def main():
     for folder in args.folders:
         if not Path(folder).is_dir():
             sys.exit(f"error: {folder}: not a folder")
-        for n in [int(x) for x in args.sizes.split(",") if x.strip()]:
+        try:
+            sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+        except ValueError:
+            sys.exit(f"error: --sizes {args.sizes}: expected record counts, comma-separated (e.g. 56,561)")
+        if any(n < 1 for n in sizes):
+            sys.exit(f"error: --sizes {args.sizes}: every count must be 1 or more")
+        for n in sizes:
             folders.append(str(subset(Path(folder), n, scratch / f"{Path(folder).name}-first-{n}")))
         folders.append(folder)
     for folder in folders:

@@ -66,8 +66,7 @@ class Check:
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
         self.deadline = time.monotonic() + args.deadline_s
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        self.env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-                    "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+        self.env = launcher.child_env(threads=None, PYTHONPATH=path)  # the checkout first, carried wheels after
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
