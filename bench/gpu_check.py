@@ -66,7 +66,8 @@ class Check:
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
         self.deadline = time.monotonic() + args.deadline_s
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        self.env = launcher.child_env(threads=None, PYTHONPATH=path)  # the checkout first, carried wheels after
+        # the checkout first, carried wheels after
+        self.env = launcher.child_env(threads=None, PYTHONPATH=path)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()

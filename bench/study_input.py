@@ -5,8 +5,8 @@ into PIL and transforming it in the training process (num_workers 0, as the tuto
 datasets formatting each review or sentence pair as torch tensors, then padding. Our scripts keep their data
 as tensors, so their own fetch time says nothing about the study's. This rebuilds each tutorial's training
 loader (../shared/reference/TUTORIALS.md: transforms, batch per process) over the real data in --data_dir and
-times its batches, one thread, on this host: a 2-core Intel Xeon VM, like Colab's T4 host (2 vCPUs, Xeon
-2.2-2.3 GHz). It feeds the study revisited (bench/gpu_validation.py) as the one-device step's input part.
+times its batches, one thread, on this host (the study's hosts, Colab's and Kaggle's, were 2-vCPU Xeon VMs:
+bench/gpu_validation.py measures how much slower, per pipeline, from the study's evaluation loops). It feeds the study revisited (bench/gpu_validation.py) as the one-device step's input part.
 
     python -m bench.study_input --data_dir DATA_DIR [--batches 12] [--out FILE.json]
 """

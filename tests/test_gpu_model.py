@@ -1,6 +1,9 @@
 """The modelled GPU step (shared/optrace.py, shared/roofline.py), measured vs modelled compute, ranges and
 verdicts (shared/projection.py), and the published points' meta-device profiles (bench/gpu_validation.py)."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,8 @@ from shared.optrace import OpTrace
 from shared.projection import load_residuals, project, verdict_lines, with_range
 from shared.roofline import gpu_step, kernel_s, peak_flops
 from tests.test_projection import HW, toy_profile
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def trace(model, x, loss=lambda y: y.float().sum()):
@@ -273,3 +278,18 @@ def test_ddp_and_fsdp_cost_their_own_copies_and_kernels_on_a_modelled_gpu(monkey
     )
     frozen = {**prof, "grad_bytes": 0}  # frozen: no gradient to copy
     assert roofline.ddp_wrapper_s(frozen, h100, 1) < own
+
+
+def test_the_study_host_is_measured_per_input_pipeline():
+    """torchvision's PIL pipeline and Hugging Face datasets' formatting were not slowed alike on the study's
+    host: each factor comes from that pipeline's own evaluation loop, and an override sets both."""
+    from bench.gpu_validation import PIPELINE, study_host
+
+    inputs = json.loads((REPO / "docs/results/2026-12-07/gpu-validation/study_input.json").read_text())
+    host = study_host(inputs)
+    assert set(host) == set(PIPELINE.values()) == {"torchvision", "datasets"}
+    assert host["torchvision"] == pytest.approx(
+        3.83, abs=0.01
+    )  # ConvAE: ~8.5 ms per batch of 64 there, 2.4 here
+    assert host["datasets"] == pytest.approx(0.86, abs=0.01)  # NBoW: ~19 ms per batch of 512 there, 22.4 here
+    assert study_host(inputs, 2.0) == {"torchvision": 2.0, "datasets": 2.0}
