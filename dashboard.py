@@ -15,7 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from board import comparisons, figures, frames, tables
+from board import comparisons, curves, figures, frames, tables
 from board.load import folder_signature, load_folder, unmeasured_cells
 from board.views import compare_view, projection_view, select, show, to_url, url_state
 from shared import stats
@@ -305,7 +305,7 @@ with tabs["Curves"]:
     elif tabs["Curves"].open:
         c1, c2, c3 = st.columns(3)
         y = select(c1, "Metric", "metric", keys, y, format_func=lambda k: frames.metric_choice(k, info))
-        x = select(c2, "x axis", "x", list(figures.X_AXES), "epoch")
+        x = select(c2, "x axis", "x", list(curves.X_AXES), "epoch")
         steps = [f"{v / 100:g}" for v in range(0, 100, 5)]
         url_state("ema", steps, "0.6")
         weight = float(c3.select_slider("EMA smoothing", steps, key="ema"))
@@ -318,11 +318,11 @@ with tabs["Curves"]:
             figure(
                 "curves",
                 VIEW + repr((y, x, weight)),
-                lambda: figures.fig_curves(hist, df, y, x, weight, info),
+                lambda: curves.fig_curves(hist, df, y, x, weight, info),
             ),
             "curves",
         )
-        drawn = set(hist.dropna(subset=[figures.X_AXES[x]])["run_id"]) if figures.X_AXES[x] in hist else set()
+        drawn = set(hist.dropna(subset=[curves.X_AXES[x]])["run_id"]) if curves.X_AXES[x] in hist else set()
         missing = sorted(set(df["run_id"]) - drawn)
         single = sorted(set(hist.groupby("run_id").size().loc[lambda n: n == 1].index) & set(df["run_id"]))
         st.caption(
@@ -330,7 +330,7 @@ with tabs["Curves"]:
             "and launches together (the hover names the run). Non-finite losses (diverged) are not drawn."
             + (f" {len(single)} run(s) have one epoch: a single point each." if single else "")
             + (
-                f" Not on this axis ({len(missing)} runs without `{figures.X_AXES[x]}`): {', '.join(missing)}."
+                f" Not on this axis ({len(missing)} runs without `{curves.X_AXES[x]}`): {', '.join(missing)}."
                 if missing
                 else ""
             )
@@ -369,7 +369,7 @@ with tabs["Seeds"]:
         else:
             band = select(st, "Metric", "band", keys, y, format_func=lambda k: frames.metric_choice(k, info))
             show(
-                figure("seeds", VIEW + repr(band), lambda: figures.fig_seed_bands(hist, groups, band, info)),
+                figure("seeds", VIEW + repr(band), lambda: curves.fig_seed_bands(hist, groups, band, info)),
                 "seeds",
             )
             st.caption(

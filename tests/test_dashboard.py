@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from board import figures, frames
+from board import curves, figures, frames
 from shared import stats
 from tests.conftest import DATA_DIR, REPO, child_env, explain, launch, require_dataset
 
@@ -602,7 +602,7 @@ def test_curve_axes_and_smoothing(fixture_dirs, monkeypatch):
         tr for tr in fig["data"] if tr["hovertext"] == seed1["run_id"] and tr["mode"] == "lines+markers"
     )
     assert line["x"] == [h["time/elapsed_s"] for h in seed1["history"]]
-    assert line["y"] == pytest.approx(figures.ema([h["train/loss"] for h in seed1["history"]], 0.9))
+    assert line["y"] == pytest.approx(curves.ema([h["train/loss"] for h in seed1["history"]], 0.9))
     assert at.query_params["ema"] == "0.9" and at.query_params["x"] == "wall-clock seconds"
 
 
@@ -645,8 +645,8 @@ def test_numbers_ema_and_setup_names():
         and frames.number("x") is None
     )
     assert frames.number(True) is None and frames.number(3) == 3.0
-    assert figures.ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull towards 0
-    smoothed = figures.ema([0.0, float("nan"), 10.0], 0.5)
+    assert curves.ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull towards 0
+    smoothed = curves.ema([0.0, float("nan"), 10.0], 0.5)
     assert smoothed[1] != smoothed[1] and 0 < smoothed[2] < 10
     rec = {
         "tag": "bench:b:quick:mlp:cpu_2proc:seed3",
@@ -685,7 +685,7 @@ def test_stale_heartbeat_is_crashed():
 def test_the_page_imports_no_torch():
     """STYLE.md: the dashboard starts in a second on a laptop without a GPU stack."""
     code = (
-        "import sys, board.load, board.frames, board.tables, board.figures, board.reference; "
+        "import sys, board.load, board.frames, board.tables, board.figures, board.curves, board.reference; "
         "print(sorted(m for m in ('torch', 'accelerate') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
