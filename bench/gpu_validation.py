@@ -31,7 +31,7 @@ import torch
 from bench.project import REPO, UsageError, load_hardware, profile_one
 from bench.report import write_replace
 from shared.optrace import OpTrace
-from shared.profiling import host_s_per_op
+from shared.overheads import host_s_per_op
 from shared.projection import load_residuals, project, with_range
 
 DLE = "NVIDIA/DeepLearningExamples"

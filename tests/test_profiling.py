@@ -1,6 +1,6 @@
-"""shared/profiling.py on a tiny model, driven as a script's loop drives it: the batch's fetch is part of a
-step, a short last batch of an epoch is not timed, and the memory-bandwidth contention is a real measurement
-(CPU only)."""
+"""shared/profiling.py and shared/overheads.py on a tiny model, driven as a script's loop drives it: the
+batch's fetch is part of a step, a short last batch of an epoch is not timed, and the memory-bandwidth
+contention is a real measurement (CPU only)."""
 
 import json
 import os
@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from shared import profiling
+from shared.overheads import wrapper_overheads
 from shared.profiling import Profiler
 from tests.conftest import REPO, child_env, explain, launch
 
@@ -103,11 +104,9 @@ def test_a_wrapper_that_cannot_take_the_model_loses_only_its_own_figure(monkeypa
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     acc = SimpleNamespace(device=torch.device("cpu"), print=lambda *a: said.append(a[0]))
     said = []
-    prof = Profiler(
-        acc, SimpleNamespace(profile_out=""), model, torch.optim.SGD(model.parameters(), lr=0.1), []
-    )
-    prof._inputs = ((torch.randn(4, 8),), {})
-    overheads = prof.wrapper_overheads(min_rounds=3, min_s=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs = ((torch.randn(4, 8),), {})
+    overheads = wrapper_overheads(model, opt, inputs, acc.device, say=acc.print, min_rounds=3, min_s=0.01)
     assert (
         set(overheads) == {"ddp"}
         and overheads["ddp"] >= 0
@@ -140,9 +139,16 @@ def test_the_wrappers_overheads_are_timed_where_their_work_is(monkeypatch):
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", MarkedDDP)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     acc = SimpleNamespace(device=torch.device("cpu"), print=lambda *a: None)
-    prof = Profiler(acc, SimpleNamespace(profile_out=""), model, Lurching(model.parameters(), lr=0.1), [])
-    prof._inputs = ((torch.randn(4, 8),), {})
-    overheads = prof.wrapper_overheads(min_rounds=5, min_s=0.01)
+    inputs = ((torch.randn(4, 8),), {})
+    overheads = wrapper_overheads(
+        model,
+        Lurching(model.parameters(), lr=0.1),
+        inputs,
+        acc.device,
+        say=acc.print,
+        min_rounds=5,
+        min_s=0.01,
+    )
     assert set(overheads) == {"ddp", "fsdp", "fsdp_optimizer"}
     assert 0 <= overheads["ddp"] < 0.01 and 0 <= overheads["fsdp"] < 0.03, overheads
     assert not any(getattr(q, "_in_ddp", False) for q in model.parameters())  # the copies were wrapped
@@ -157,7 +163,7 @@ def test_the_profile_says_its_version(p):
 def test_fsdp_units_are_chosen_as_accelerates_size_based_wrap():
     """Every submodule whose parameters not already in a unit below it reach the threshold is a unit, children
     first: a layer its parent's forward does not call (seq2seq's output layer) gets its own unit."""
-    from shared.profiling import size_based_units
+    from shared.overheads import size_based_units
 
     inner = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(400, 300))
     m = torch.nn.Sequential(torch.nn.Linear(500, 300), inner, torch.nn.Linear(5, 5))
