@@ -113,26 +113,9 @@ def _model_of(key: str, file_model: str | None) -> str:
     raise ValueError(f"entry {key!r}: unknown model (expected one of {', '.join(sorted(set(MODEL_NAMES)))})")
 
 
-def _to_record(
-    name: str,
-    run_id: str,
-    key: str,
-    entry: dict,
-    others: list[dict],
-    two_gpu_file: bool,
-    file_model: str | None,
-) -> dict:
-    model = _model_of(key, file_model)
+def _notes(entry: dict, strategy: str, hardware: str, measured_acc: bool) -> list[str]:
+    """What a reader of the study's entry must know: where it ran, what its rank shows, what is missing."""
     ws = entry["world_size"]
-    split = "_dev0_0_dev1_1" in key
-    strategy = "model_split" if split else ("ddp" if ws > 1 else "single")
-    hardware = HARDWARE_2GPU if (two_gpu_file or split or ws > 1) else HARDWARE_1GPU
-    n_gpus = 2 if split else ws
-    per_proc = BATCH_PER_PROCESS[model]
-    measured_acc = (
-        any(v != 0 for k in ("train_accurcy", "validation_accurcy") for v in entry[k])
-        or entry["test_acc"] != 0
-    )
     notes = [
         f"published by the study; hardware {hardware} "
         f"({'1 GPU on Colab' if hardware == HARDWARE_1GPU else 'Kaggle, 2 x T4'})"
@@ -148,7 +131,11 @@ def _to_record(
         )
     if not measured_acc:
         notes.append("accuracies in the file are placeholder zeros (not shown)")
+    return notes
 
+
+def _history(entry: dict, measured_acc: bool) -> tuple[list[dict], dict]:
+    """The entry's per-epoch lists as our history rows (with the elapsed clock), and its test scalars."""
     history, elapsed = [], 0.0
     n = len(entry["training_times"])
     for i in range(n):
@@ -162,7 +149,11 @@ def _to_record(
         history.append(row)
     test = {dst: float(entry[src]) for src, dst in SCALARS.items() if measured_acc or dst != "test/acc"}
     test["test/epoch"] = n
+    return history, test
 
+
+def _metrics(measured_acc: bool) -> dict:
+    """The metrics the study's entries carry (accuracies only where the file measured them)."""
     metrics = {
         "train/loss": {"label": "train loss (rank's own shard)", "goal": "min"},
         "val/loss": {"label": "validation loss (rank's own shard)", "goal": "min"},
@@ -184,6 +175,32 @@ def _to_record(
                 "test/acc": {"label": "test accuracy", "unit": "fraction", "goal": "max"},
             }
         )
+    return metrics
+
+
+def _to_record(
+    name: str,
+    run_id: str,
+    key: str,
+    entry: dict,
+    others: list[dict],
+    two_gpu_file: bool,
+    file_model: str | None,
+) -> dict:
+    model = _model_of(key, file_model)
+    ws = entry["world_size"]
+    split = "_dev0_0_dev1_1" in key
+    strategy = "model_split" if split else ("ddp" if ws > 1 else "single")
+    hardware = HARDWARE_2GPU if (two_gpu_file or split or ws > 1) else HARDWARE_1GPU
+    n_gpus = 2 if split else ws
+    per_proc = BATCH_PER_PROCESS[model]
+    measured_acc = (
+        any(v != 0 for k in ("train_accurcy", "validation_accurcy") for v in entry[k])
+        or entry["test_acc"] != 0
+    )
+    notes = _notes(entry, strategy, hardware, measured_acc)
+    history, test = _history(entry, measured_acc)
+    n = len(history)
     devices = [f"cuda:{i}" for i in range(n_gpus)]
     return {
         "run_id": run_id,
@@ -219,7 +236,7 @@ def _to_record(
         },
         "environment": {},
         "data": {"name": DATASETS[model], "source": SOURCE, "location": name, "synthetic": False},
-        "metrics": metrics,
+        "metrics": _metrics(measured_acc),
         "primary_metric": "test/acc" if measured_acc else "test/loss",
         "history": history,
         "test": test,
