@@ -135,8 +135,8 @@ def contended(rec: dict) -> bool:
     return bool(((rec.get("timing") or {}).get("steady") or {}).get("contended"))
 
 
-def cells(runs: list[dict]) -> list[dict]:
-    """One dict per (group, setup) with pooled samples, speedup, intervals and flags."""
+def _grouped(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """(group, setup) -> its runs with their step samples, in a fixed order (seed, repeat)."""
     by: dict[tuple, list[dict]] = {}
     for r in runs:
         if r.get("status", "finished") not in ("finished", "running") and r.get("kind") != "study":
@@ -157,78 +157,83 @@ def cells(runs: list[dict]) -> list[dict]:
                 m["rec"]["run_id"],
             )
         )
-    out = []
-    for (group, setup), members in by.items():
-        first = members[0]["rec"]
-        s = first.get("setup") or {}
-        samples = [x for m in members for x in m["samples"]]
-        # one list of windows per launch: the hierarchical bootstrap
-        launches = [m["samples"] for m in members]
-        step, ci = stats.launches_median_ci(launches)
-        out.append(
-            {
-                "group": group,
-                "setup": setup,
-                "model": first["model"],
-                "kind": first.get("kind", "ours"),
-                "strategy": s.get("strategy"),
-                "devices": devices(first),
-                "processes": int(s.get("num_processes") or 1),
-                "hardware": hardware(first),
-                "global_batch": s.get("global_batch_size"),
-                "profile": bench_tag(first).get(
-                    "profile", "study" if first.get("kind") == "study" else "adhoc"
-                ),
-                "bench_batch": bench_tag(first).get("batch"),
-                "runs": len(members),
-                "run_ids": [m["rec"]["run_id"] for m in members],
-                "samples": samples,
-                "launches": launches,
-                "pair_key": [
-                    (
-                        (m["rec"].get("config") or {}).get("seed"),
-                        m["rec"].get("kind") == "study",
-                        len(m["samples"]),
-                    )
-                    for m in members
-                ],
-                "step_s": step,
-                "step_s_ci95": ci,
-                "warm": pooled_warm(members),
-                "contended": any(contended(m["rec"]) for m in members),
-                "oversubscribed": not any(str(d).startswith("cuda") for d in s.get("devices") or [])
-                and first.get("kind") != "study"
-                and int(s.get("num_processes") or 1)
-                > int(((first.get("timing") or {}).get("steady") or {}).get("cpu_cores") or 10**6),
-            }
-        )
-    for c in out:
-        base = [
-            b for b in out if b["group"] == c["group"] and b["devices"] == 1 and b["strategy"] == "single"
-        ]
-        if c["kind"] == "study":  # the study compared with its 1-GPU Colab run
-            base = [b for b in base if b["hardware"] == HARDWARE_1GPU] or base
-        if not base:
-            c.update(speedup=None, speedup_ci95=None, efficiency=None, efficiency_ci95=None)
-            c["flags"] = [
-                f for f, on in (("contended", c["contended"]), ("warmup-dominated", c["warm"])) if on
-            ]
-            continue
-        b = base[0]
-        c["baseline_setup"] = b["setup"]
-        c.update(
-            stats.comparison(
-                b["launches"],
-                c["launches"],
-                c["devices"],
-                contended=c["contended"] or b["contended"],
-                warmup_dominated=c["warm"] or b["warm"],
-                oversubscribed=c["oversubscribed"],
-                paired=c["kind"] != "study" and c["pair_key"] == b["pair_key"],
+    return by
+
+
+def _cell(group: str, setup: str, members: list[dict]) -> dict:
+    """One cell: its runs' samples pooled, the median step with its interval, and what may flag it."""
+    first = members[0]["rec"]
+    s = first.get("setup") or {}
+    samples = [x for m in members for x in m["samples"]]
+    # one list of windows per launch: the hierarchical bootstrap
+    launches = [m["samples"] for m in members]
+    step, ci = stats.launches_median_ci(launches)
+    return {
+        "group": group,
+        "setup": setup,
+        "model": first["model"],
+        "kind": first.get("kind", "ours"),
+        "strategy": s.get("strategy"),
+        "devices": devices(first),
+        "processes": int(s.get("num_processes") or 1),
+        "hardware": hardware(first),
+        "global_batch": s.get("global_batch_size"),
+        "profile": bench_tag(first).get("profile", "study" if first.get("kind") == "study" else "adhoc"),
+        "bench_batch": bench_tag(first).get("batch"),
+        "runs": len(members),
+        "run_ids": [m["rec"]["run_id"] for m in members],
+        "samples": samples,
+        "launches": launches,
+        "pair_key": [
+            (
+                (m["rec"].get("config") or {}).get("seed"),
+                m["rec"].get("kind") == "study",
+                len(m["samples"]),
             )
+            for m in members
+        ],
+        "step_s": step,
+        "step_s_ci95": ci,
+        "warm": pooled_warm(members),
+        "contended": any(contended(m["rec"]) for m in members),
+        "oversubscribed": not any(str(d).startswith("cuda") for d in s.get("devices") or [])
+        and first.get("kind") != "study"
+        and int(s.get("num_processes") or 1)
+        > int(((first.get("timing") or {}).get("steady") or {}).get("cpu_cores") or 10**6),
+    }
+
+
+def _compare(c: dict, out: list[dict]) -> None:
+    """The cell's speedup over its group's 1-device run, intervals and flags (none without a baseline)."""
+    base = [b for b in out if b["group"] == c["group"] and b["devices"] == 1 and b["strategy"] == "single"]
+    if c["kind"] == "study":  # the study compared with its 1-GPU Colab run
+        base = [b for b in base if b["hardware"] == HARDWARE_1GPU] or base
+    if not base:
+        c.update(speedup=None, speedup_ci95=None, efficiency=None, efficiency_ci95=None)
+        c["flags"] = [f for f, on in (("contended", c["contended"]), ("warmup-dominated", c["warm"])) if on]
+        return
+    b = base[0]
+    c["baseline_setup"] = b["setup"]
+    c.update(
+        stats.comparison(
+            b["launches"],
+            c["launches"],
+            c["devices"],
+            contended=c["contended"] or b["contended"],
+            warmup_dominated=c["warm"] or b["warm"],
+            oversubscribed=c["oversubscribed"],
+            paired=c["kind"] != "study" and c["pair_key"] == b["pair_key"],
         )
-        if c["kind"] == "study":  # one sample per epoch of one rank; its flaws are named elsewhere
-            c["flags"] = [f for f in c["flags"] if f != "warmup-dominated"]
+    )
+    if c["kind"] == "study":  # one sample per epoch of one rank; its flaws are named elsewhere
+        c["flags"] = [f for f in c["flags"] if f != "warmup-dominated"]
+
+
+def cells(runs: list[dict]) -> list[dict]:
+    """One dict per (group, setup) with pooled samples, speedup, intervals and flags."""
+    out = [_cell(group, setup, members) for (group, setup), members in _grouped(runs).items()]
+    for c in out:
+        _compare(c, out)
     return out
 
 
