@@ -210,93 +210,102 @@ def newest_batches(df: pd.DataFrame) -> pd.DataFrame:
     return df[keep]
 
 
+def _baseline_group(r: dict, hardware: str, synthetic: bool) -> list:
+    """Runs whose epoch times are comparable (see add_speedup); the study's compare among themselves."""
+    kind = r.get("kind", "ours")
+    return (
+        [r["model"], "study"]
+        if kind == "study"
+        else [
+            r["model"],
+            hardware,
+            r["setup"].get("global_batch_size"),
+            synthetic,
+            (r.get("data", {}).get("used") or {}).get("train"),
+            (r.get("config") or {}).get("max_steps") or None,
+        ]
+    )
+
+
+def _cell_columns(c: dict, steady: dict) -> dict:
+    """A run's columns from its cell (comparisons.cells: the cell's runs share them), and its steady
+    throughput."""
+    return {
+        "comparison": c.get("group"),
+        "cell": c.get("setup"),
+        "step_s": c.get("step_s"),
+        "step_lo": (c.get("step_s_ci95") or [None, None])[0],
+        "step_hi": (c.get("step_s_ci95") or [None, None])[1],
+        "steady_samples_per_s": steady.get("samples_per_s"),
+        "speedup": c.get("speedup"),
+        "speedup_lo": (c.get("speedup_ci95") or [None, None])[0],
+        "speedup_hi": (c.get("speedup_ci95") or [None, None])[1],
+        "efficiency": c.get("efficiency"),
+        "flags": ", ".join(c.get("flags") or []),
+        "verdict": c.get("verdict"),
+        "cell_runs": c.get("runs"),
+        "baseline_setup": c.get("baseline_setup"),
+    }
+
+
+def _row(r: dict, c: dict, now: dt.datetime, stale_s: float) -> dict:
+    """One run's row of runs_frame; `c`: its cell's comparison."""
+    steady = (r.get("timing") or {}).get("steady") or {}
+    s, hist = r["setup"], r.get("history") or []
+    names = s.get("device_names") or s.get("devices") or ["?"]
+    synthetic = bool(r.get("data", {}).get("synthetic"))
+    key, value = final_metric(r)
+    updated = parse_time(r.get("updated_at"))
+    kind = r.get("kind", "ours")
+    return {
+        "run_id": r["run_id"],
+        "label": r["run_id"] + (" [SYNTHETIC]" if synthetic else ""),
+        "kind": kind,
+        "model": r["model"],
+        "setup": setup_name(r),
+        "strategy": s["strategy"],
+        "processes": int(s.get("num_processes") or 1),
+        "workers": workers(r),
+        "hardware": names[0],
+        "global_batch": s.get("global_batch_size"),
+        "train_samples": (r.get("data", {}).get("used") or {}).get("train"),
+        "experiment": experiment(r),
+        "source": r.get("data", {}).get("source", "?"),
+        "synthetic": synthetic,
+        "seed": seed_of(r),
+        "status": effective_status(r, now, stale_s),
+        "heartbeat_age_s": (now - updated).total_seconds() if updated else None,
+        "epochs": len(hist),
+        "epoch_s": _median(number(h.get("time/train_s")) for h in hist),
+        "throughput": _median(number(h.get("throughput/samples_per_s")) for h in hist),
+        "peak_gib": max((v for h in hist if finite(v := number(h.get("memory/peak_gib")))), default=None),
+        "all_ranks_gib": max(
+            (v for h in hist if finite(v := number(h.get("memory/all_ranks_gib")))), default=None
+        ),
+        "metric": key,
+        "value": value,
+        "chance": chance_level(r, key),
+        "goal": (r.get("metrics") or {}).get(r.get("primary_metric") or "", {}).get("goal"),
+        "total_s": number((r.get("timing") or {}).get("total_s")),
+        "started_at": r.get("started_at"),
+        "updated_at": r.get("updated_at"),
+        "tag": r.get("tag"),
+        "note": "; ".join(r.get("reference", {}).get("notes", [])) or (r.get("error") or ""),
+        "baseline_group": json.dumps(_baseline_group(r, names[0], synthetic)),
+        **_cell_columns(c, steady),
+        "bench_batch": comparisons.bench_tag(r).get("batch"),
+        "profile": comparisons.bench_tag(r).get("profile") or ("study" if kind == "study" else "adhoc"),
+    }
+
+
 def runs_frame(
     runs: list[dict], now: dt.datetime, stale_s: float = STALE_S, comp: dict | None = None
 ) -> pd.DataFrame:
     """One row per run with everything the filters, tables and summary figures use. `comp`: the runs'
     comparisons.run_comparisons, when the caller has them cached."""
-    rows = []
     if comp is None:  # on every run: a filter never removes a shown run's baseline
         comp = comparisons.run_comparisons(runs)
-    for r in runs:
-        s, hist = r["setup"], r.get("history") or []
-        c = comp.get(r["run_id"], {})
-        steady = (r.get("timing") or {}).get("steady") or {}
-        names = s.get("device_names") or s.get("devices") or ["?"]
-        synthetic = bool(r.get("data", {}).get("synthetic"))
-        key, value = final_metric(r)
-        updated = parse_time(r.get("updated_at"))
-        kind = r.get("kind", "ours")
-        # runs whose epoch times are comparable (see add_speedup); the study's compare among themselves
-        group = (
-            [r["model"], "study"]
-            if kind == "study"
-            else [
-                r["model"],
-                names[0],
-                s.get("global_batch_size"),
-                synthetic,
-                (r.get("data", {}).get("used") or {}).get("train"),
-                (r.get("config") or {}).get("max_steps") or None,
-            ]
-        )
-        rows.append(
-            {
-                "run_id": r["run_id"],
-                "label": r["run_id"] + (" [SYNTHETIC]" if synthetic else ""),
-                "kind": kind,
-                "model": r["model"],
-                "setup": setup_name(r),
-                "strategy": s["strategy"],
-                "processes": int(s.get("num_processes") or 1),
-                "workers": workers(r),
-                "hardware": names[0],
-                "global_batch": s.get("global_batch_size"),
-                "train_samples": (r.get("data", {}).get("used") or {}).get("train"),
-                "experiment": experiment(r),
-                "source": r.get("data", {}).get("source", "?"),
-                "synthetic": synthetic,
-                "seed": seed_of(r),
-                "status": effective_status(r, now, stale_s),
-                "heartbeat_age_s": (now - updated).total_seconds() if updated else None,
-                "epochs": len(hist),
-                "epoch_s": _median(number(h.get("time/train_s")) for h in hist),
-                "throughput": _median(number(h.get("throughput/samples_per_s")) for h in hist),
-                "peak_gib": max(
-                    (v for h in hist if finite(v := number(h.get("memory/peak_gib")))), default=None
-                ),
-                "all_ranks_gib": max(
-                    (v for h in hist if finite(v := number(h.get("memory/all_ranks_gib")))), default=None
-                ),
-                "metric": key,
-                "value": value,
-                "chance": chance_level(r, key),
-                "goal": (r.get("metrics") or {}).get(r.get("primary_metric") or "", {}).get("goal"),
-                "total_s": number((r.get("timing") or {}).get("total_s")),
-                "started_at": r.get("started_at"),
-                "updated_at": r.get("updated_at"),
-                "tag": r.get("tag"),
-                "note": "; ".join(r.get("reference", {}).get("notes", [])) or (r.get("error") or ""),
-                "baseline_group": json.dumps(group),
-                "comparison": c.get("group"),
-                "cell": c.get("setup"),
-                "step_s": c.get("step_s"),
-                "step_lo": (c.get("step_s_ci95") or [None, None])[0],
-                "step_hi": (c.get("step_s_ci95") or [None, None])[1],
-                "steady_samples_per_s": steady.get("samples_per_s"),
-                "speedup": c.get("speedup"),
-                "speedup_lo": (c.get("speedup_ci95") or [None, None])[0],
-                "speedup_hi": (c.get("speedup_ci95") or [None, None])[1],
-                "efficiency": c.get("efficiency"),
-                "flags": ", ".join(c.get("flags") or []),
-                "verdict": c.get("verdict"),
-                "cell_runs": c.get("runs"),
-                "baseline_setup": c.get("baseline_setup"),
-                "bench_batch": comparisons.bench_tag(r).get("batch"),
-                "profile": comparisons.bench_tag(r).get("profile")
-                or ("study" if kind == "study" else "adhoc"),
-            }
-        )
+    rows = [_row(r, comp.get(r["run_id"], {}), now, stale_s) for r in runs]
     df = pd.DataFrame(rows)
     for col in ("speedup", "speedup_lo", "speedup_hi", "efficiency", "step_s", "step_lo", "step_hi"):
         if col in df:

@@ -1,6 +1,6 @@
 """What a profile measures beside the step timing of shared/profiling.py (`--profile_out`, unless
---profile_steps_only): the host's cost of one eager aten call, DDP's and FSDP2's own overhead per step on copies
-of the model, and on a CPU what sharing the machine's memory bandwidth costs the optimizer step.
+--profile_steps_only): the host's cost of one eager aten call, DDP's and FSDP2's own overhead per step on
+copies of the model, and on a CPU what sharing the machine's memory bandwidth costs the optimizer step.
 """
 
 from __future__ import annotations
