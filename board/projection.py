@@ -76,6 +76,85 @@ def measured_points(rec: dict, model: str) -> list[dict]:
     return out
 
 
+def _band(strategy: str, pts: list[dict], metric: str) -> go.Scatter | None:
+    """The range a strategy's kind of figure showed in validation (shared/residuals.yaml), shaded around its
+    curve from N = 1 (exactly 1); None where its predictions carry no range."""
+    band = [(p["devices"], *p["speedup_range"]) for p in pts if p.get("speedup_range") and p["devices"] > 1]
+    if not band:
+        return None
+    band = [(1, 1.0, 1.0), *band]
+    div = [n if metric == "efficiency" else 1 for n, _, _ in band]
+    return go.Scatter(
+        x=[n for n, _, _ in band] + [n for n, _, _ in reversed(band)],
+        y=[hi / d for (_, _, hi), d in zip(band, div, strict=True)]
+        + [lo / d for (_, lo, _), d in reversed(list(zip(band, div, strict=True)))],
+        fill="toself",
+        mode="lines",
+        fillcolor=_alpha(COLORS[strategy], 0.15),
+        line={"width": 0},
+        hoverinfo="skip",
+        name=f"{strategy} range",
+        legendgroup=strategy,
+        showlegend=False,
+    )
+
+
+def _curve(strategy: str, pts: list[dict], metric: str, kind: str) -> go.Scatter:
+    """A strategy's projected curve; each marker names the bottleneck at its N."""
+    label = {"measured": "measured compute", "modelled": "modelled compute"}
+    return go.Scatter(
+        x=[p["devices"] for p in pts],
+        y=[p[metric] for p in pts],
+        mode="lines+markers",
+        legendgroup=strategy,
+        name=f"{strategy} ({label.get(kind, 'projected')})",
+        line={"color": COLORS[strategy], "dash": "dot"},
+        marker={"symbol": [SYMBOLS.get(p["bottleneck"], "circle") for p in pts], "size": 9},
+        customdata=[
+            [
+                p["bottleneck"],
+                p["step_s"] * 1e3,
+                p["memory_gib_per_device"],
+                p["global_batch"],
+                p.get("verdict", ""),
+                "; ".join(
+                    ["oversubscribed"] * bool(p.get("oversubscribed"))
+                    + [f"assumes {a}" for a in p.get("assumed", [])]
+                ),
+            ]
+            for p in pts
+        ],  # fmt: skip
+        hovertemplate=(
+            f"{strategy}, N = %{{x}}<br>{metric} %{{y:.2f}}<br>bottleneck: %{{customdata[0]}}<br>"
+            "step %{customdata[1]:.3g} ms, %{customdata[2]:.3g} GiB/device<br>global batch "
+            "%{customdata[3]}<br>%{customdata[4]} %{customdata[5]}<extra>projected</extra>"
+        ),
+    )
+
+
+def _measured(p: dict, metric: str) -> go.Scatter:
+    """A real run's point (validation) with its range over launches and the prediction's error."""
+    y, lo, hi = (p[k] / (p["devices"] if metric == "efficiency" else 1) for k in ("speedup", "lo", "hi"))
+    return go.Scatter(
+        x=[p["devices"]],
+        y=[y],
+        mode="markers",
+        name=f"{p['strategy']} (measured)",
+        marker={
+            "color": COLORS.get(p["strategy"], "black"),
+            "size": 12,
+            "symbol": "diamond",
+            "line": {"color": "black", "width": 1},
+        },  # fmt: skip
+        error_y={"type": "data", "symmetric": False, "array": [hi - y], "arrayminus": [y - lo]},
+        hovertemplate=(
+            f"{p['strategy']}, N = {p['devices']}: measured {metric} %{{y:.2f}} "
+            f"(range {lo:.2f}-{hi:.2f} over {len(p['measured_runs'])} launches)<br>"
+            f"prediction error {p['error']:+.0%}<extra>measured</extra>"
+        ),
+    )
+
+
 def fig_projection(rec: dict, model: str, scaling: str, metric: str = "speedup") -> go.Figure:
     """Projected `metric` (speedup | efficiency) against N, one line per strategy; markers name the
     bottleneck; measured points (validation) drawn over the curves with their range."""
@@ -89,85 +168,12 @@ def fig_projection(rec: dict, model: str, scaling: str, metric: str = "speedup")
     for strategy in [s for s in COLORS if any(p["strategy"] == s for p in preds)]:
         pts = sorted((p for p in preds if p["strategy"] == strategy), key=lambda p: p["devices"])
         pts = one + pts if one else pts
-        # the range its kind of figure showed in validation (shared/residuals.yaml), from N = 1 (exactly 1)
-        band = [
-            (p["devices"], *p["speedup_range"]) for p in pts if p.get("speedup_range") and p["devices"] > 1
-        ]
-        if band:
-            band = [(1, 1.0, 1.0), *band]
-            div = [n if metric == "efficiency" else 1 for n, _, _ in band]
-            fig.add_trace(
-                go.Scatter(
-                    x=[n for n, _, _ in band] + [n for n, _, _ in reversed(band)],
-                    y=[hi / d for (_, _, hi), d in zip(band, div, strict=True)]
-                    + [lo / d for (_, lo, _), d in reversed(list(zip(band, div, strict=True)))],
-                    fill="toself",
-                    mode="lines",
-                    fillcolor=_alpha(COLORS[strategy], 0.15),
-                    line={"width": 0},
-                    hoverinfo="skip",
-                    name=f"{strategy} range",
-                    legendgroup=strategy,
-                    showlegend=False,
-                )
-            )
-        label = {"measured": "measured compute", "modelled": "modelled compute"}
-        kind = pts[-1].get("compute_kind") or kinds[0]
-        fig.add_trace(
-            go.Scatter(
-                x=[p["devices"] for p in pts],
-                y=[p[metric] for p in pts],
-                mode="lines+markers",
-                legendgroup=strategy,
-                name=f"{strategy} ({label.get(kind, 'projected')})",
-                line={"color": COLORS[strategy], "dash": "dot"},
-                marker={"symbol": [SYMBOLS.get(p["bottleneck"], "circle") for p in pts], "size": 9},
-                customdata=[
-                    [
-                        p["bottleneck"],
-                        p["step_s"] * 1e3,
-                        p["memory_gib_per_device"],
-                        p["global_batch"],
-                        p.get("verdict", ""),
-                        "; ".join(
-                            ["oversubscribed"] * bool(p.get("oversubscribed"))
-                            + [f"assumes {a}" for a in p.get("assumed", [])]
-                        ),
-                    ]
-                    for p in pts
-                ],  # fmt: skip
-                hovertemplate=(
-                    f"{strategy}, N = %{{x}}<br>{metric} %{{y:.2f}}<br>bottleneck: %{{customdata[0]}}<br>"
-                    "step %{customdata[1]:.3g} ms, %{customdata[2]:.3g} GiB/device<br>global batch "
-                    "%{customdata[3]}<br>%{customdata[4]} %{customdata[5]}<extra>projected</extra>"
-                ),
-            )
-        )
+        if (band := _band(strategy, pts, metric)) is not None:
+            fig.add_trace(band)
+        fig.add_trace(_curve(strategy, pts, metric, pts[-1].get("compute_kind") or kinds[0]))
     if scaling == "strong":
         for p in measured_points(rec, model):
-            y, lo, hi = (
-                p[k] / (p["devices"] if metric == "efficiency" else 1) for k in ("speedup", "lo", "hi")
-            )
-            fig.add_trace(
-                go.Scatter(
-                    x=[p["devices"]],
-                    y=[y],
-                    mode="markers",
-                    name=f"{p['strategy']} (measured)",
-                    marker={
-                        "color": COLORS.get(p["strategy"], "black"),
-                        "size": 12,
-                        "symbol": "diamond",
-                        "line": {"color": "black", "width": 1},
-                    },  # fmt: skip
-                    error_y={"type": "data", "symmetric": False, "array": [hi - y], "arrayminus": [y - lo]},
-                    hovertemplate=(
-                        f"{p['strategy']}, N = {p['devices']}: measured {metric} %{{y:.2f}} "
-                        f"(range {lo:.2f}-{hi:.2f} over {len(p['measured_runs'])} launches)<br>"
-                        f"prediction error {p['error']:+.0%}<extra>measured</extra>"
-                    ),
-                )
-            )
+            fig.add_trace(_measured(p, metric))
     fig.add_hline(y=1.0, line_dash="dash", line_color="grey")
     source = sorted({p.get("compute_source", "") for p in preds if p["devices"] > 1} - {""})
     if source:
