@@ -86,6 +86,31 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(img), int(self.y[i])
 
 
+def image_optimizer(name: str, cfg, model, fused: bool) -> torch.optim.Optimizer:
+    """The script's own optimizer: SGD for the CNN, Adam with two learning rates for VGG11, Adam otherwise."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_kw = {"fused": True} if fused else {}
+    if name == "cnn":
+        return torch.optim.SGD(params, lr=cfg.lr, **opt_kw)
+    if name == "vgg11":
+        return torch.optim.Adam(
+            [{"params": list(model.features.parameters()), "lr": cfg.features_lr},
+             {"params": list(model.classifier.parameters()), "lr": cfg.lr}], **opt_kw,
+        )  # fmt: skip
+    return torch.optim.Adam(params, lr=cfg.lr, **opt_kw)
+
+
+def cycled(loader, steps: int):
+    """`steps` batches of `loader`, starting it over whenever it runs out."""
+    it = iter(loader)
+    for _ in range(steps):
+        batch = next(it, None)
+        if batch is None:
+            it = iter(loader)
+            batch = next(it)
+        yield batch
+
+
 def image_case(name: str, args, device):
     mod = script(name)
     cfg = mod.Config()
@@ -101,18 +126,7 @@ def image_case(name: str, args, device):
     def build(fused: bool):
         torch.manual_seed(0)
         model = mod.build_model(cfg, dict(data.info)).to(device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt_kw = {"fused": True} if fused else {}
-        if name == "cnn":
-            opt = torch.optim.SGD(params, lr=cfg.lr, **opt_kw)
-        elif name == "vgg11":
-            opt = torch.optim.Adam(
-                [{"params": list(model.features.parameters()), "lr": cfg.features_lr},
-                 {"params": list(model.classifier.parameters()), "lr": cfg.lr}], **opt_kw,
-            )  # fmt: skip
-        else:
-            opt = torch.optim.Adam(params, lr=cfg.lr, **opt_kw)
-        return model, opt
+        return model, image_optimizer(name, cfg, model, fused)
 
     def loss_of(model, x, y):
         out = model(x)
@@ -126,12 +140,8 @@ def image_case(name: str, args, device):
         loader = DeviceLoader(data.train, cfg.batch_size, seed=0, device=device, drop_last=True)
         gen = torch.Generator(device).manual_seed(0)
         total = torch.zeros((), device=device)
-        n, it = 0, iter(loader)
-        for _ in range(steps):
-            batch = next(it, None)
-            if batch is None:
-                it = iter(loader)
-                batch = next(it)
+        n = 0
+        for batch in cycled(loader, steps):
             x = mod.preprocess(batch["x"], cfg) if autoencoder else mod.preprocess(batch["x"], cfg, gen)
             if fast and conv:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -150,12 +160,8 @@ def image_case(name: str, args, device):
         total = 0.0
         ds = PILImages(data.train["x"], data.train["y"], study_transform(name, cfg))
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
-        n, it = 0, iter(loader)
-        for _ in range(steps):
-            batch = next(it, None)
-            if batch is None:
-                it = iter(loader)
-                batch = next(it)
+        n = 0
+        for batch in cycled(loader, steps):
             x, y = batch[0].to(device), batch[1].to(device)
             loss = loss_of(model, x, y)
             opt.zero_grad()
@@ -223,12 +229,8 @@ def text_case(name: str, args, device):
         else:
             coins = lambda t: (torch.rand(t, generator=gen) < getattr(cfg, "teacher_forcing", 0.5)).tolist()  # noqa: E731
         total = torch.zeros((), device=device)
-        n, it = 0, iter(loader)
-        for _ in range(steps):
-            batch = next(it, None)
-            if batch is None:
-                it = iter(loader)
-                batch = next(it)
+        n = 0
+        for batch in cycled(loader, steps):
             loss, rows = step_loss(model, batch, coins, host_sync)
             opt.zero_grad(set_to_none=True)
             loss.backward()
