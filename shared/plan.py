@@ -134,6 +134,29 @@ def check_setup(
     Pure: reads only its arguments, so it runs before any process group, data or model exists.
     `split_points` (the script's) bounds the number of stages; None skips that check.
     """
+    s = _strategy(cfg, world, fsdp_launch)
+    plan = _layout(cfg, s, world)
+    if s == "model_split":
+        plan.devices = _split_devices(cfg, n_gpus)
+    elif cfg.split_devices:
+        raise SetupError(f"--split_devices only applies to --strategy model_split, not {s}")
+
+    if split_points is not None and plan.stages > 1:
+        if s in PIPELINED and no_pipeline:
+            raise SetupError(f"{s} does not fit this model: {no_pipeline}")
+        if plan.stages - 1 > len(split_points):
+            raise SetupError(
+                f"{s} needs {plan.stages} stages but this model can be cut into at most "
+                f"{len(split_points) + 1} (split points {', '.join(split_points) or 'none'})"
+            )
+
+    plan.microbatches = cfg.microbatches or (DEFAULT_MICROBATCHES if s in PIPELINED else 1)
+    _check_batches(cfg, plan)
+    return plan
+
+
+def _strategy(cfg, world: int, fsdp_launch: bool) -> str:
+    """`--strategy` with auto resolved for this launch; one that cannot run on it is refused."""
     s = cfg.strategy
     if s == "auto":
         s = "fsdp" if fsdp_launch else "ddp" if world > 1 else "single"
@@ -162,8 +185,12 @@ def check_setup(
             f"--strategy {s} needs at least 2 processes but this launch started 1; "
             f"use accelerate_configs/cpu_{'4proc_hybrid' if s == 'hybrid' else f'2proc_{s}'}.yaml"
         )
-    plan = Plan(strategy=s, world=world)
+    return s
 
+
+def _layout(cfg, s: str, world: int) -> Plan:
+    """The processes as data-parallel replicas x pipeline stages, and the pipeline's schedule."""
+    plan = Plan(strategy=s, world=world)
     if s == "hybrid":
         plan.pp = cfg.pp_size or 2
         if plan.pp < 2 or world % plan.pp:
@@ -190,37 +217,34 @@ def check_setup(
         plan.schedule = cfg.schedule or "gpipe"
     elif cfg.schedule:
         raise SetupError(f"--schedule only applies to pipeline and hybrid, not {s}")
+    return plan
 
-    if s == "model_split":
-        plan.devices = (
-            [d.strip() for d in cfg.split_devices.split(",")]
-            if cfg.split_devices
-            else _default_split_devices(cfg, n_gpus)
+
+def _split_devices(cfg, n_gpus: int) -> list[str]:
+    """model_split's devices: --split_devices, or by default two (the CPU twice, or the first two GPUs); each
+    one a device this machine has."""
+    devices = (
+        [d.strip() for d in cfg.split_devices.split(",")]
+        if cfg.split_devices
+        else _default_split_devices(cfg, n_gpus)
+    )
+    if len(devices) < 2:
+        raise SetupError(
+            f"model_split needs at least 2 devices in --split_devices, got {cfg.split_devices!r}"
         )
-        if len(plan.devices) < 2:
-            raise SetupError(
-                f"model_split needs at least 2 devices in --split_devices, got {cfg.split_devices!r}"
-            )
-        for d in plan.devices:
-            try:
-                dev = torch.device(d)
-            except RuntimeError:
-                raise SetupError(f"--split_devices: {d!r} is not a device name (e.g. cpu, cuda:0)") from None
-            if dev.type == "cuda" and (dev.index or 0) >= n_gpus:
-                raise SetupError(f"--split_devices names {d} but this machine has {n_gpus} CUDA device(s)")
-    elif cfg.split_devices:
-        raise SetupError(f"--split_devices only applies to --strategy model_split, not {s}")
+    for d in devices:
+        try:
+            dev = torch.device(d)
+        except RuntimeError:
+            raise SetupError(f"--split_devices: {d!r} is not a device name (e.g. cpu, cuda:0)") from None
+        if dev.type == "cuda" and (dev.index or 0) >= n_gpus:
+            raise SetupError(f"--split_devices names {d} but this machine has {n_gpus} CUDA device(s)")
+    return devices
 
-    if split_points is not None and plan.stages > 1:
-        if s in PIPELINED and no_pipeline:
-            raise SetupError(f"{s} does not fit this model: {no_pipeline}")
-        if plan.stages - 1 > len(split_points):
-            raise SetupError(
-                f"{s} needs {plan.stages} stages but this model can be cut into at most "
-                f"{len(split_points) + 1} (split points {', '.join(split_points) or 'none'})"
-            )
 
-    plan.microbatches = cfg.microbatches or (DEFAULT_MICROBATCHES if s in PIPELINED else 1)
+def _check_batches(cfg, plan: Plan) -> None:
+    """1f1b needs a micro-batch per stage; the batches must split evenly over the replicas, and each
+    replica's into the micro-batches."""
     if plan.schedule == "1f1b" and plan.microbatches < plan.pp:
         raise SetupError(
             f"1f1b needs at least as many micro-batches as stages ({plan.pp}), got --microbatches {plan.microbatches}"
@@ -241,7 +265,6 @@ def check_setup(
         raise SetupError(
             f"eval_batch_size {eval_batch} (global) is not divisible by {plan.dp} data-parallel processes"
         )
-    return plan
 
 
 def _default_split_devices(cfg, n_gpus: int) -> list[str]:
