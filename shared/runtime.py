@@ -63,32 +63,9 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
     `batch_size` is the GLOBAL batch: `split_batches=True` cuts each batch across processes, so 1 and N
     processes take the same optimizer steps on the same samples (the study doubled it on 2 GPUs instead).
     """
-    env = os.environ
     config_file = launch_config_file()
-    # A cpu_* setup (use_cpu: true) runs on the CPU on every machine, GPUs or not: Accelerator(cpu=False)
-    # would otherwise put its ranks on the GPUs (two ranks on one GPU: NCCL's "Duplicate GPU detected").
-    pinned_cpu = launch_uses_cpu(config_file)
-    if pinned_cpu and cfg.device == "cuda":
-        raise SetupError("--device cuda was asked for, but the launch config is a CPU setup (use_cpu: true)")
-    cuda = torch.cuda.is_available() and cfg.device != "cpu" and not pinned_cpu
-    if cfg.device == "cuda" and not cuda:
-        raise SetupError("--device cuda was asked for, but torch sees no CUDA device")
-    visible = env.get("CUDA_VISIBLE_DEVICES", "")
-    if cfg.device == "auto" and visible not in ("", "-1") and not torch.cuda.is_available():
-        raise SetupError(
-            f"the launch config assigns GPUs (CUDA_VISIBLE_DEVICES={visible}) but torch sees no CUDA device; "
-            "use an accelerate_configs/cpu_*.yaml setup on this machine"
-        )
-    if "MASTER_ADDR" in env and "WORLD_SIZE" not in env and "ACCELERATE_MIXED_PRECISION" in env:
-        # Accelerate's simple launcher (`--num_processes N` without --multi_gpu or a multi-process setup file,
-        # distributed_type: MULTI_CPU, or --cpu --num_processes N) exports MASTER_ADDR for N > 1 but starts
-        # ONE process unless mpirun is used: refuse instead of training alone.
-        raise SetupError(
-            "this launch asked for several processes but Accelerate's simple launcher started only this one "
-            "(--num_processes N without --multi_gpu, distributed_type: MULTI_CPU, or --cpu --num_processes N); "
-            "use accelerate_configs/cpu_2proc.yaml (CPU) or --multi_gpu"
-        )
-    world = int(env.get("WORLD_SIZE", "1"))
+    cuda = _check_launch(cfg, config_file)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     extra = tracker_options(cfg)
     adopt_named_strategy(cfg, named_strategy(config_file), config_file)
     # Before anything is built: is --strategy possible with this launch? (Parallel re-checks against the model.)
@@ -132,15 +109,49 @@ def make_accelerator(cfg: RunConfig, **kwargs) -> Accelerator:
             )
         _enable_fsdp(acc)
     install_signal_handlers()  # SIGTERM / SIGINT: finish the step, checkpoint, record `interrupted`
-    cuda_run = acc.device.type == "cuda"
+    _resolve_auto(cfg, acc.device.type == "cuda", plan.strategy)
+    return acc
+
+
+def _check_launch(cfg: RunConfig, config_file) -> bool:
+    """Whether this process trains on CUDA; a SetupError where the launch would not do what the flags and
+    the launch config say (a device it cannot use, one process where several were asked)."""
+    env = os.environ
+    # A cpu_* setup (use_cpu: true) runs on the CPU on every machine, GPUs or not: Accelerator(cpu=False)
+    # would otherwise put its ranks on the GPUs (two ranks on one GPU: NCCL's "Duplicate GPU detected").
+    pinned_cpu = launch_uses_cpu(config_file)
+    if pinned_cpu and cfg.device == "cuda":
+        raise SetupError("--device cuda was asked for, but the launch config is a CPU setup (use_cpu: true)")
+    cuda = torch.cuda.is_available() and cfg.device != "cpu" and not pinned_cpu
+    if cfg.device == "cuda" and not cuda:
+        raise SetupError("--device cuda was asked for, but torch sees no CUDA device")
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    if cfg.device == "auto" and visible not in ("", "-1") and not torch.cuda.is_available():
+        raise SetupError(
+            f"the launch config assigns GPUs (CUDA_VISIBLE_DEVICES={visible}) but torch sees no CUDA device; "
+            "use an accelerate_configs/cpu_*.yaml setup on this machine"
+        )
+    if "MASTER_ADDR" in env and "WORLD_SIZE" not in env and "ACCELERATE_MIXED_PRECISION" in env:
+        # Accelerate's simple launcher (`--num_processes N` without --multi_gpu or a multi-process setup file,
+        # distributed_type: MULTI_CPU, or --cpu --num_processes N) exports MASTER_ADDR for N > 1 but starts
+        # ONE process unless mpirun is used: refuse instead of training alone.
+        raise SetupError(
+            "this launch asked for several processes but Accelerate's simple launcher started only this one "
+            "(--num_processes N without --multi_gpu, distributed_type: MULTI_CPU, or --cpu --num_processes N); "
+            "use accelerate_configs/cpu_2proc.yaml (CPU) or --multi_gpu"
+        )
+    return cuda
+
+
+def _resolve_auto(cfg: RunConfig, cuda_run: bool, strategy: str) -> None:
+    """channels_last, fused_optimizer (`auto` to a bool) and check_every resolved for the device that runs."""
     for key in ("channels_last", "fused_optimizer"):  # resolved to a bool here, so the record says what ran
         if getattr(cfg, key) == "auto":
             # channels_last makes conv weights non-contiguous, which FSDP2 cannot shard
-            setattr(cfg, key, cuda_run and not (key == "channels_last" and plan.strategy == "fsdp"))
+            setattr(cfg, key, cuda_run and not (key == "channels_last" and strategy == "fsdp"))
         else:
             setattr(cfg, key, getattr(cfg, key) in ("true", True))
     cfg.check_every = cfg.check_every or (25 if cuda_run else 1)
-    return acc
 
 
 def _tail_rows(loader, batch_size: int, dp: int, rank: int) -> int:
