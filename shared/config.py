@@ -7,6 +7,7 @@ original tutorial. Unknown keys and values of the wrong type are errors that nam
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -218,6 +219,38 @@ def parse_config(cls, argv: list[str]):
     for key, value in flags:
         _apply(cfg, key, value, "flags")
     validate(cfg)
+    return cfg
+
+
+# What an unsupported knob must be left at (besides its default); "auto" switches resolve to it.
+OFF = {"data_on_device": "false", "channels_last": "false", "compile": "", "microbatches": 1}
+
+
+def refuse_unsupported(cfg, config_cls, name: str, unsupported: dict):
+    """A knob the script does not use, set to anything but its default or off, is an error naming it;
+    an "auto" one is resolved to off, so the record says what ran."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    for knob, why in unsupported.items():
+        if knob not in defaults:
+            continue
+        value = getattr(cfg, knob)
+        if value not in (defaults[knob], OFF.get(knob)):
+            raise ConfigError(f"config key '{knob}': {name} does not support {value!r} ({why})")
+        if value == "auto":
+            setattr(cfg, knob, OFF[knob])
+
+
+def script_config(config_cls, name: str, unsupported: dict, argv: list[str]):
+    """A script's config as its run uses it: parse_config, then the knobs the script does not use refused
+    (refuse_unsupported), a profiling run (--profile_out) cut to one epoch with no step limit, checkpoints
+    or resume, and --progress resolved, so the record says what ran."""
+    cfg = parse_config(config_cls, argv)
+    refuse_unsupported(cfg, config_cls, name, unsupported)
+    if cfg.profile_out:
+        cfg.epochs, cfg.max_steps, cfg.checkpoint_every, cfg.resume = 1, 0, 0, ""
+    # the per-epoch line stays either way; the bar only where someone watches (or --progress true)
+    on = cfg.progress == "true" or (cfg.progress == "auto" and sys.stderr.isatty())
+    cfg.progress = "true" if on else "false"
     return cfg
 
 

@@ -45,7 +45,6 @@ hybrid strategies): setting one is an error naming it, never a silently recorded
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 
@@ -54,7 +53,7 @@ import torch.distributed as dist
 from accelerate.utils import broadcast_object_list, set_seed
 
 from shared.checkpoint import BestCheckpoint, Progress
-from shared.config import ConfigError, parse_config
+from shared.config import script_config
 from shared.data import make_loader
 from shared.device_data import DeviceLoader, use_device_data
 from shared.parallel import Parallel
@@ -71,23 +70,7 @@ from shared.runtime import (
     synced_clock,
 )
 
-# What an unsupported knob must be left at (besides its default); "auto" switches resolve to it.
-OFF = {"data_on_device": "false", "channels_last": "false", "compile": "", "microbatches": 1}
 _OPEN: list[Session] = []  # closed by run() once main() has returned and dropped the model
-
-
-def refuse_unsupported(cfg, config_cls, name: str, unsupported: dict):
-    """A knob the script does not use, set to anything but its default or off, is an error naming it;
-    an "auto" one is resolved to off, so the record says what ran."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
-    for knob, why in unsupported.items():
-        if knob not in defaults:
-            continue
-        value = getattr(cfg, knob)
-        if value not in (defaults[knob], OFF.get(knob)):
-            raise ConfigError(f"config key '{knob}': {name} does not support {value!r} ({why})")
-        if value == "auto":
-            setattr(cfg, knob, OFF[knob])
 
 
 class Session:
@@ -95,8 +78,7 @@ class Session:
         self, config_cls, name: str, metrics: dict, split_points=(), unsupported: dict | None = None
     ):
         self.name, self.metrics, self.unsupported = name, metrics, dict(unsupported or {})
-        self.cfg = cfg = parse_config(config_cls, sys.argv[1:])
-        refuse_unsupported(cfg, config_cls, name, self.unsupported)
+        self.cfg = cfg = script_config(config_cls, name, self.unsupported, sys.argv[1:])
         self.accelerator = make_accelerator(cfg)  # refuses a launch that would not do what it says
         self.par = Parallel(self.accelerator, cfg, split_points, no_pipeline=self.unsupported.get("pipeline"))
         self.device, self.dp, self.data_rank = self.accelerator.device, self.par.plan.dp, self.par.data_rank
@@ -115,13 +97,9 @@ class Session:
                 raise SetupError(
                     "--profile_out profiles one process: launch it with a one-process, single setup"
                 )
-            cfg.epochs, cfg.max_steps, cfg.checkpoint_every, cfg.resume = 1, 0, 0, ""
         self._t = {}
         self.bar = None
-        # the per-epoch line stays either way; the bar only where someone watches (or --progress true)
-        on = cfg.progress == "true" or (cfg.progress == "auto" and sys.stderr.isatty())
-        self.show_progress = on and self.accelerator.is_main_process
-        cfg.progress = "true" if on else "false"  # the record says what ran
+        self.show_progress = cfg.progress == "true" and self.accelerator.is_main_process
         _OPEN.append(self)
 
     # -- building

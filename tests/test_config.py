@@ -79,12 +79,10 @@ def script_module(name: str):
 
 def configure(name: str, argv: list[str]):
     """What Session does with the command line before it builds anything."""
-    from shared.session import refuse_unsupported
+    from shared.config import script_config
 
     module = script_module(name)
-    cfg = parse_config(module.Config, argv)
-    refuse_unsupported(cfg, module.Config, name, module.UNSUPPORTED)
-    return cfg, module
+    return script_config(module.Config, name, module.UNSUPPORTED, argv), module
 
 
 @pytest.mark.parametrize(
