@@ -72,7 +72,7 @@ browser:
 # RESUME=<batch> continues a stopped matrix (Ctrl-C, crash), running only the cells that did not finish
 bench-all: venv
 	$(BIN)/python -m bench.run --matrix bench/matrix.yaml --profile $(PROFILE) --data_dir $(DATA_DIR) \
-		--runs_dir $(RUNS_DIR) $(if $(RESUME),--resume $(RESUME))
+		--runs_dir $(RUNS_DIR) $(if $(RESUME),--resume $(RESUME)) $(if $(MODELS),--models $(MODELS))
 
 # K quick benches back to back (default 3, ~12 min each here): per cell, how often two benches' speedup
 # intervals overlap and their verdicts agree (bench/coverage.py); COVERAGE_OUT=<folder> for its record
@@ -94,6 +94,11 @@ bench-quality: venv
 bench-strategies: venv
 	$(BIN)/python -m bench.run --matrix bench/strategies.yaml --profile strategies --data_dir $(DATA_DIR) \
 		--runs_dir $(RUNS_DIR) $(if $(RESUME),--resume $(RESUME))
+
+# a new training script from templates/model.py (scripts/$(NAME).py, or DEST=path/x.py), then its smoke test
+.PHONY: new-model
+new-model: venv
+	$(BIN)/python -m bench.new_model --name "$(NAME)" $(if $(DEST),--dest "$(DEST)") --data_dir $(DATA_DIR)
 
 # the project's training step vs a study-style loop, same process and device (CPU: 10 steps; CUDA: an epoch)
 bench-speed: venv

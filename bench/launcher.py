@@ -38,6 +38,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def builtin_scripts() -> list[str]:
+    """The models of scripts/, by name (a script dropped there is one of them)."""
+    return sorted(p.stem for p in (REPO / "scripts").glob("*.py"))
+
+
 def script_path(script: str | Path) -> Path:
     """A name of scripts/ ("mlp") or a path to any script."""
     p = Path(script)

@@ -20,6 +20,7 @@ The projection record (runs/projection-*.json) holds `predictions`, `validation`
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as dt
 import glob
 import json
@@ -45,6 +46,7 @@ from shared.projection import (
     load_residuals,
     pool_collectives,
     project,
+    recommendation_lines,
     sentence,
     verdict_lines,
     with_range,
@@ -71,6 +73,42 @@ def model_flags() -> dict:
         prof = strategies if name in strategies["models"] else quick
         flags[name] = {**prof["common"], **prof["models"][name]}
     return flags
+
+
+def script_batch(path: Path) -> int:
+    """The default `batch_size` of a script's Config, read from its source (this process stays torch-free)."""
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UsageError(f"--script {path}: not a readable Python script ({type(e).__name__})") from None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Config":
+            for item in node.body:
+                if (isinstance(item, ast.AnnAssign) and getattr(item.target, "id", "") == "batch_size"
+                        and isinstance(item.value, ast.Constant) and isinstance(item.value.value, int)):  # fmt: skip
+                    return item.value.value
+    raise UsageError(
+        f"--script {path}: no `batch_size: int = N` in its Config (docs/scripts.md); give --batch_size"
+    )
+
+
+def own_scripts(text: str, batch_size: int) -> dict[str, dict]:
+    """--script a.py,b.py: per model name (the file's stem), its path and the settings it is profiled with:
+    the quick bench's common settings at its Config's batch (or --batch_size), 12 steps of training rows."""
+    quick = yaml.safe_load((REPO / "bench/matrix.yaml").read_text())["profiles"]["quick"]["common"]
+    out = {}
+    for item in filter(None, text.split(",")):
+        path = Path(item).expanduser().resolve()
+        if path.suffix != ".py" or not path.is_file():
+            raise UsageError(f"--script {item}: no such Python script")
+        name = path.stem
+        if name in MODELS and path != (REPO / "scripts" / f"{name}.py").resolve():
+            raise UsageError(f"--script {item}: {name} is a built-in model's name; rename your script")
+        if name in out:
+            raise UsageError(f"--script {text}: two scripts named {name}")
+        batch = batch_size or script_batch(path)
+        out[name] = {"path": str(path), "flags": {**quick, "batch_size": batch, "limit_train": 12 * batch}}
+    return out
 
 
 def model_flags_strategies() -> list[str]:
@@ -184,8 +222,9 @@ def profile_one(name: str, fl: dict, args, work: Path, steps_only: bool = False)
              "--profile_steps_only", str(steps_only).lower(), "--progress", "false",
              *[x for k, v in fl.items() for x in (f"--{k}", v)]]  # fmt: skip
     device = getattr(args, "device", "cpu")
+    script = getattr(args, "scripts", {}).get(name, {}).get("path", name)  # a script of your own, or scripts/
     cmd = launcher.command(
-        name, flags, config=profile_config(device), threads=None if device == "cuda" else 1
+        script, flags, config=profile_config(device), threads=None if device == "cuda" else 1
     )
     launch(cmd, work / f"{name}-{fl['batch_size']}.log")
     return json.loads(f.read_text())
@@ -332,10 +371,10 @@ def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] 
     are left for `Profiles.now` (validation profiles each model around its runs)."""
     profiles = Profiles(args, flags)
     todo = profiles.stale(models)
-    missing = [
+    missing = [  # a script of your own checks its own data, in one line
         f"{MODEL_DATA[m]} (for {m})"
         for m in sorted({*todo, *later})
-        if missing_files(args.data_dir, MODEL_DATA[m])
+        if m in MODEL_DATA and missing_files(args.data_dir, MODEL_DATA[m])
     ]
     if missing:
         raise UsageError(
@@ -487,7 +526,14 @@ def checked(args) -> tuple[list[str], list[int], dict, dict]:
     models = MODELS if args.model == "all" else args.model.split(",")
     bad = [m for m in models if m not in MODELS]
     if bad:
-        raise UsageError(f"--model {','.join(bad)}: unknown; known: all, {', '.join(MODELS)}")
+        raise UsageError(
+            f"--model {','.join(bad)}: unknown; known: all, {', '.join(MODELS)}, or --script PATH"
+        )
+    if args.batch_size < 0:
+        raise UsageError("--batch_size must be positive")
+    args.scripts = own_scripts(args.script, args.batch_size)
+    if args.scripts:  # your scripts, and the built-in models only where --model names them
+        models = [*(m for m in models if args.model != "all" and m not in args.scripts), *args.scripts]
     try:
         devices = sorted({int(d) for d in args.devices.split(",")})
     except ValueError:
@@ -558,12 +604,16 @@ def report(
                                        "predicted_ms", "error", "oversubscribed"]))  # fmt: skip
         print(f"validation: mean |error| {summary['mean_abs_error']:.1%}, max {summary['max_abs_error']:.1%} "
               f"over {len(errs)} cells")  # fmt: skip
+    for name in models:  # the answer, last: what to do per N, and why
+        print("\n".join(recommendation_lines(name, hw["name"], [p for p in preds if p["model"] == name])))
     return verdicts, summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="all", help="all, or a comma-separated list of " + ", ".join(MODELS))
+    ap.add_argument("--script", default="",
+                    help="your own script(s), comma-separated paths: profiled and projected like the built-in models")  # fmt: skip
     ap.add_argument("--hardware", default="this-machine", help="a name in hardware/ or a .yaml file")
     ap.add_argument("--devices", default="1,2,4,8", help="device counts, comma-separated")
     ap.add_argument("--nodes", type=int, default=1, help="spread the devices over this many nodes")
@@ -599,7 +649,8 @@ def main(argv=None) -> int:
         residuals = load_residuals()
         t0 = time.perf_counter()
         later = tuple(validated(models)) if args.validate and not args.validate_from else ()
-        profiles = profile_record(args, models, model_flags(), later)
+        flags = model_flags() | {name: s["flags"] for name, s in args.scripts.items()}
+        profiles = profile_record(args, models, flags, later)
         rec = profiles.rec
         for h in (hw, local):
             if h.get("kind") == "measured":

@@ -176,11 +176,11 @@ def launch(cell: dict, setup: dict, opts: dict, stop: Stop, log_path: Path) -> t
     return (124 if time.perf_counter() > deadline else rc), time.perf_counter() - t0
 
 
-def find_record(runs_dir: str, script: str, tag: str, since: float) -> dict | None:
-    """The record this launch wrote: its script's files changed since the launch started, with its tag (a
-    resumed matrix re-runs a cell under the same tag, so the newest wins)."""
+def find_record(runs_dir: str, tag: str, since: float) -> dict | None:
+    """The record this launch wrote: a record changed since the launch started, with its tag (a resumed matrix
+    re-runs a cell under the same tag, so the newest wins). Any name: a script of your own names its model."""
     recs = []
-    for path in Path(runs_dir).glob(f"{script}-*.json"):
+    for path in Path(runs_dir).glob("*.json"):
         try:
             if path.stat().st_mtime >= since and (rec := read_record(path)).get("tag") == tag:
                 recs.append(rec)
@@ -211,7 +211,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile", default="auto", help="auto = full with a CUDA device, quick without")
     ap.add_argument("--data_dir", default="data")
     ap.add_argument("--runs_dir", default="runs")
-    ap.add_argument("--models", default="", help="comma-separated subset of the matrix's models")
+    ap.add_argument(
+        "--models",
+        default="",
+        help="comma-separated subset of the matrix's models, or paths to scripts of your own (path/to/x.py)",
+    )
     ap.add_argument("--setups", default="", help="comma-separated subset of the matrix's setups")
     ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per launch")
     ap.add_argument(
@@ -258,13 +262,21 @@ def new_plan(args, n_cuda: int) -> tuple[dict, dict, dict, Path]:
     prof = matrix["profiles"][profile]
     want_m = [m for m in args.models.split(",") if m]
     want_s = [s for s in args.setups.split(",") if s]
-    for wanted, have, what in ((want_m, prof["models"], "model"), (want_s, setups_all, "setup")):
+    own = [m for m in want_m if m.endswith(".py")]  # a script of your own: the profile's common settings
+    for path in own:
+        if not Path(path).is_file():
+            sys.exit(f"error: --models {path}: no such script")
+    if len({Path(p).stem for p in own} | set(want_m) - set(own)) < len(want_m):
+        sys.exit(f"error: --models {args.models}: two entries share a model name")
+    for wanted, have, what in ((want_m, [*prof["models"], *own], "model"), (want_s, setups_all, "setup")):
         if unknown := [w for w in wanted if w not in have]:
-            sys.exit(f"error: unknown {what} {', '.join(unknown)} (the matrix has {', '.join(have)})")
+            sys.exit(f"error: unknown {what} {', '.join(unknown)} (the matrix has {', '.join(have)}, or give a "
+                     "path to a script)")  # fmt: skip
     plan = {
         "batch": dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"),
         "profile": profile,
-        "models": [m for m in prof["models"] if not want_m or m in want_m],
+        "models": [m for m in prof["models"] if not want_m or m in want_m] + [Path(p).stem for p in own],
+        "scripts": {Path(p).stem: str(Path(p).resolve()) for p in own},
         "setups": [s for s in setups_all if not want_s or s in want_s],
         "data_dir": args.data_dir,
         "runs_dir": args.runs_dir,
@@ -327,12 +339,15 @@ class Batch:
         self.n_run, self.t_start = 0, time.perf_counter()
 
     def cell(self, model: str, name: str, seed: int, rep: int) -> dict:
+        """One launch: a model of the matrix (its settings over the profile's common ones; a `script` key names
+        its path) or a script of your own (--models path/to/x.py: the profile's `own_script` settings)."""
+        own = self.plan.get("scripts", {})
         flags = {
             **self.prof.get("common", {}),
-            **(self.prof["models"][model] or {}),
+            **((self.prof.get("own_script") if model in own else self.prof["models"].get(model)) or {}),
             **self.setups[name]["flags"],
         }
-        script = flags.pop("script", model)
+        script = flags.pop("script", own.get(model, model))
         tag = f"bench:{self.plan['batch']}:{self.plan['profile']}:{model}:{name}:seed{seed}" + (
             f":r{rep}" if self.most > 1 else ""
         )
@@ -366,7 +381,7 @@ class Batch:
         since = time.time() - 1
         rc, wall = launch(cell, self.setups[cell["setup"]], self.plan, self.stop, log)
         after = busy_sample(LOAD_SAMPLE_S) if not self.stop.signal else None
-        rec = find_record(self.plan["runs_dir"], cell["script"], cell["tag"], since)
+        rec = find_record(self.plan["runs_dir"], cell["tag"], since)
         res = cell_result(cell, self.setups[cell["setup"]], rc, wall, before, after, rec)
         if self.stop.signal and res["status"] != "finished":
             res["status"] = "interrupted"

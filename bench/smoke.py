@@ -21,7 +21,7 @@ from bench import launcher
 from shared.record import record_files
 
 REPO = launcher.REPO
-MODELS = ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"]
+MODELS = launcher.builtin_scripts()
 SETUPS = {"1 process": None, "2 processes (DDP)": "cpu_2proc"}
 
 

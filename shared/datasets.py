@@ -26,6 +26,7 @@ MODEL_DATA = {
     "vgg11": "cifar10",
     "nbow": "imdb",
     "seq2seq": "multi30k",
+    "transformer_lm": "multi30k",  # its English side
 }
 
 

@@ -13,6 +13,7 @@ wrong (measured; docs/strategies.md).
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 
 import torch
@@ -80,7 +81,10 @@ class Pipeline:
             }
             for g in optimizer.param_groups
         ]
-        optimizer = type(optimizer)([g for g in groups if g["params"]], **optimizer.defaults)
+        # defaults the constructor takes (AdamW's include Adam's `decoupled_weight_decay`, which AdamW refuses)
+        accepted = inspect.signature(type(optimizer)).parameters
+        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+        optimizer = type(optimizer)([g for g in groups if g["params"]], **defaults)
         loaders = [self._loader(dl, drop_last=first_is_train and i == 0) for i, dl in enumerate(loaders)]
         return (PipelineModel(mine, self), optimizer, *loaders)
 

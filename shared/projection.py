@@ -810,3 +810,60 @@ def verdict_lines(model: str, hw_name: str, preds: list[dict]) -> list[str]:
             out.append(f"{model} on {hw_name}, N = {n} ({scaling} scaling): {verdict}: {advice}, compute "
                        f"{best['compute_source']}")  # fmt: skip
     return out
+
+
+WHY = {  # the part of the step that dominates: why it pays off, and why not
+    "compute": ("the step is mostly compute, which the devices share",
+                "the devices do not finish it sooner here (a smaller batch per device runs less efficiently, or "
+                "the processes share the host's cores and memory bandwidth)"),
+    "communication": ("the exchange of gradients or activations is small next to the compute saved",
+                      "exchanging gradients or activations costs more than the compute it saves"),
+    "input": ("each process brings its own input pipeline, and the pipeline sets the pace",
+              "the input pipeline, not the device, sets the pace"),
+    "bubble": ("the pipeline's stages overlap", "the pipeline's stages wait for each other (its bubble)"),
+}  # fmt: skip
+
+
+def recommendation_lines(model: str, hw_name: str, preds: list[dict]) -> list[str]:
+    """What to do, one line per N > 1 at the same batch per device (weak scaling; strong where no weak was
+    projected): the strategy to use (the simplest within 5% of the fastest; model_split only when nothing else
+    fits, as it runs one device at a time), its expected speedup and range, and why, from the part of the step
+    that dominates; or "stay on one device" and why; or "cannot tell" where the range spans 1.0."""
+    scaling = "weak" if any(p["scaling"] == "weak" for p in preds) else "strong"
+    out = [f"{model} on {hw_name}, what to do ({scaling} scaling):"]
+    for n in sorted({p["devices"] for p in preds if p["devices"] > 1 and p["scaling"] == scaling}):
+        fit = [
+            p for p in preds if p["devices"] == n and p["scaling"] == scaling and p["bottleneck"] != "memory"
+        ]
+        fit = [p for p in fit if p["strategy"] != "model_split"] or fit
+        if not fit:
+            out.append(
+                f"  N = {n}: no strategy fits this batch in a device's memory: a smaller batch, or more memory"
+            )
+            continue
+        top = max(p["speedup"] for p in fit)
+        best = min(
+            (p for p in fit if p["speedup"] >= 0.95 * top), key=lambda p: SIMPLEST.index(p["strategy"])
+        )
+        rng = best.get("speedup_range")
+        # the range first: where measured speedups fell against predictions of this kind (it may lie wholly
+        # below the point, where validations found the model optimistic)
+        figure = (
+            f"x{rng[0]:.2f}-{rng[1]:.2f} (point x{best['speedup']:.2f}"
+            if rng
+            else f"x{best['speedup']:.2f} ("
+        )
+        figure += f"{', ' if rng else ''}{best['compute_source'].split(' ')[0]})"
+        verdict = best.get("verdict", "cannot tell")
+        part = best["bottleneck"]
+        share = best["parts_s"].get(part, 0.0) / best["step_s"] if best["step_s"] else 0.0
+        gain, loss = WHY.get(part, ("it dominates", "it dominates"))
+        why = f"{part} is {share:.0%} of the step: {gain if verdict == VERDICTS[0] else loss}"
+        if verdict == VERDICTS[0]:
+            out.append(f"  N = {n}: use {best['strategy']}, expected {figure}; {why}")
+        elif verdict == VERDICTS[1]:
+            out.append(f"  N = {n}: stay on one device (best: {best['strategy']} {figure}); {why}")
+        else:
+            out.append(f"  N = {n}: cannot tell ({best['strategy']} {figure}: the range spans 1.0); {why}; "
+                       "measure it (make bench-all)")  # fmt: skip
+    return out

@@ -69,7 +69,7 @@ def test_bad_yaml_names_the_key(tmp_path, text, needle):
 
 # ----------------------------------------------------------------------------- the scripts' configs, in-process
 
-SCRIPTS = ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"]
+SCRIPTS = launcher.builtin_scripts()
 
 
 def script_module(name: str):

@@ -218,7 +218,28 @@ MODELS = {
             0,
         ],
     ),
+    # attention, AdamW, an untied output layer: 2 stages cut before the final LayerNorm
+    "transformer_lm": (
+        "multi30k",
+        [
+            "--limit_train",
+            160,
+            "--batch_size",
+            32,
+            "--max_steps",
+            5,
+            "--dropout",
+            0,
+            "--select_best",
+            "false",
+        ],
+    ),
 }
+# Adam(W) divides each step by its gradient's running RMS, so a rarely seen token's embedding row (a gradient of
+# ~1e-7) moves by up to 1e-5 on a last-bit difference in that gradient (summed in another order across ranks or
+# micro-batches): measured 0.9-1.2e-5 for the Transformer's token embedding, everything else under 3e-6; one
+# step fewer moves it by 1e-3
+ATOL = {"transformer_lm": 3e-5}
 COMMON = ["--limit_eval", 150, "--eval_batch_size", 64, "--save_model"]
 
 
@@ -260,13 +281,16 @@ def max_diff(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("setup", [s for s in SETUPS if s != "single"])
 def test_every_strategy_reaches_the_one_process_parameters(runs, setup):
-    _, out = runs
+    model, out = runs
+    tol = ATOL.get(model, 1e-5)
     (ref, ref_rec), (got, rec) = out["single"], out[setup]
     assert got.keys() == ref.keys()  # --save_model writes the full model in the one-process layout
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=f"{setup}: {k} differs")
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=tol, msg=f"{setup}: {k} differs")
     # the same train loss (counted once per sample) and the same metrics over the whole validation split
-    for key in ("train/loss", "val/loss", "val/acc"):
+    for key in ("train/loss", "val/loss", "val/acc", "val/ppl"):
+        if key not in ref_rec["history"][-1]:
+            continue
         assert rec["history"][-1][key] == pytest.approx(ref_rec["history"][-1][key], rel=1e-5, abs=1e-6), key
     assert rec["history"][-1]["val/n_samples"] == rec["test"]["test/n_samples"] == 150
     assert rec["history"][-1]["samples_seen"] == ref_rec["history"][-1]["samples_seen"]
@@ -275,9 +299,9 @@ def test_every_strategy_reaches_the_one_process_parameters(runs, setup):
 
 @pytest.mark.slow
 def test_the_comparison_can_fail(runs):
-    """Negative control: one optimizer step fewer lands measurably elsewhere."""
-    _, out = runs
-    assert max_diff(out["negative"][0], out["single"][0]) > 1e-3
+    """Negative control: one optimizer step fewer lands far outside the tolerance of the comparison."""
+    model, out = runs
+    assert max_diff(out["negative"][0], out["single"][0]) > 30 * ATOL.get(model, 1e-5)
 
 
 @pytest.mark.slow
@@ -307,7 +331,7 @@ def test_records_name_the_strategy(runs):
         if setup in ("pipeline", "hybrid"):
             stages = s["stages"]
             assert [st["ranks"] for st in stages] == ([[0], [1]] if setup == "pipeline" else [[0, 2], [1, 3]])
-            assert stages[1]["first"] in ("3", "6") and stages[0]["first"] == "0"
+            assert stages[1]["first"] in ("3", "6", "ln_f") and stages[0]["first"] in ("0", "embed")
             assert sum(st["params"] for st in stages) == out[setup][1]["model_info"]["params"]
             assert all(len({shas[r] for r in st["ranks"]}) == 1 for st in stages)  # replicas of a stage agree
             assert len(set(shas)) == 2  # ... and the two stages hold different parameters

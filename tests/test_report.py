@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import launcher
+
 REPO = Path(__file__).resolve().parent.parent
 REPORT = REPO / "bench" / "report.py"
 BATCH = REPO / "docs" / "results" / "2026-11-29" / "quick-run1"
@@ -172,7 +174,7 @@ def test_readme_is_a_front_page():
         "make report",
     ):
         assert must in text, must
-    for script in ("mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"):
+    for script in launcher.builtin_scripts():
         assert f"scripts/{script}.py" in text, script
 
 

@@ -46,6 +46,13 @@ SCRIPTS = {
         100,
         ["val/ppl", "test/ppl", "test/bleu"],
     ),
+    "transformer_lm": (
+        "multi30k",
+        ["--limit_train", 640, "--max_steps", 6, "--batch_size", 32],
+        452,
+        439,
+        ["val/ppl", "test/ppl"],
+    ),
 }
 SETUPS = {"cpu_1proc": 1, "cpu_2proc": 2}
 

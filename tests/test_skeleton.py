@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.launcher import builtin_scripts
+
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"]
+SCRIPTS = builtin_scripts()  # every script in scripts/, the six and the Transformer LM
 # the top-level names every script defines, in this order (others, e.g. model classes, may sit between)
 ORDER = [
     "Config",

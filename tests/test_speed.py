@@ -150,7 +150,7 @@ def test_seq2seq_segmented_decoder_equals_the_stepwise_one():
     assert sum(coins) not in (0, len(coins))  # the last pattern mixed forced and free steps
 
 
-@pytest.mark.parametrize("model", ["mlp", "conv_autoencoder", "cnn", "vgg11", "nbow", "seq2seq"])
+@pytest.mark.parametrize("model", [m for m in launcher.builtin_scripts() if m != "transformer_lm"])
 def test_speed_presets_are_valid_configs_with_a_larger_batch(model):
 
     from shared.config import parse_config
