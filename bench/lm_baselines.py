@@ -88,10 +88,14 @@ def main(argv=None) -> int:
     except Exception as e:  # no Multi30k under --data_dir: one line
         print(f"error: {e} (--data_dir {args.data_dir}; make data)", file=sys.stderr)
         return 2
-    print(f"Multi30k English, {len(train):,} training tokens, {len(test):,} test tokens, vocabulary {vocab:,}")
+    print(
+        f"Multi30k English, {len(train):,} training tokens, {len(test):,} test tokens, vocabulary {vocab:,}"
+    )
     print(f"unigram (add-one): test perplexity {unigram_perplexity(train, test, vocab):.1f}")
     for order in (2, 3):
-        print(f"Kneser-Ney {order}-gram: test perplexity {KneserNey(train, vocab, order).perplexity(test):.1f}")
+        print(
+            f"Kneser-Ney {order}-gram: test perplexity {KneserNey(train, vocab, order).perplexity(test):.1f}"
+        )
     return 0
 
 

@@ -254,6 +254,49 @@ def peak_memory_gib(acc: Accelerator) -> tuple[float, float]:
     return float(every.max()), float(every.sum())
 
 
+def training_memory_base(acc: Accelerator) -> float | None:
+    """Start counting the memory training adds, after the data is loaded and before the model is built: on CUDA
+    the bytes allocated now, with the allocator's peak reset; on Linux the process's own (anonymous) resident
+    memory now, with the kernel's peak ("high water mark") reset (/proc/self/clear_refs). None where neither
+    can be read."""
+    if acc.device.type == "cuda":
+        for d in _cuda_devices(acc):
+            torch.cuda.reset_peak_memory_stats(d)
+        return sum(torch.cuda.memory_allocated(d) for d in _cuda_devices(acc)) / 2**30
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _proc_status_gib("RssAnon")
+    except OSError:
+        return None
+
+
+def training_memory_now(acc: Accelerator, base: float | None) -> float | None:
+    """This rank's peak above its `base` (training_memory_base) so far, in GiB: read before evaluating, the
+    parameters, gradients, optimizer state, activations and the wrapper's buffers of training (what
+    shared/projection.py predicts per device), and what the runtime allocated for them."""
+    if base is None:
+        return None
+    if acc.device.type == "cuda":
+        return sum(torch.cuda.max_memory_allocated(d) for d in _cuda_devices(acc)) / 2**30 - base
+    # the resident peak counts the library code training paged in (file-backed, hundreds of MB of libtorch):
+    # the peak of the process's own (anonymous) memory is the peak less the file and shared pages resident now
+    return _proc_status_gib("VmHWM") - _proc_status_gib("RssFile") - _proc_status_gib("RssShmem") - base
+
+
+def training_memory_gib(acc: Accelerator, local: float | None) -> float | None:
+    """The largest of the ranks' training_memory_now; None where it cannot be read (then on every rank)."""
+    if local is None:
+        return None
+    return float(acc.gather(torch.tensor([local], device=acc.device, dtype=torch.float64)).max())
+
+
+def _proc_status_gib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 2**20  # kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

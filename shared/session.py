@@ -68,6 +68,9 @@ from shared.runtime import (
     reset_peak_memory,
     shutdown,
     synced_clock,
+    training_memory_base,
+    training_memory_gib,
+    training_memory_now,
 )
 
 _OPEN: list[Session] = []  # closed by run() once main() has returned and dropped the model
@@ -86,7 +89,7 @@ class Session:
         set_seed(cfg.seed)  # every rank builds the same full model; pipeline stages are cut out of it
         # Per-rank augmentation draws, seeded by the data shard (the stages of a pipeline replica agree).
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.data_rank)
-        self.log = self.progress = self.model = self.train_loader = None
+        self.log = self.progress = self.model = self.train_loader = self.memory_base = None
         self.data, self.data_path, self.best = None, None, BestCheckpoint(getattr(cfg, "select_best", False))
         self._epoch_done = False
         self.profiler = None
@@ -130,6 +133,8 @@ class Session:
             make_loader(split, cfg.eval_batch_size, False, cfg.seed, collate_fn, pin)
             for split in (data.val, data.test)
         ]
+        # what training adds from here on (the model, its state, activations) is what the projection predicts
+        self.memory_base = training_memory_base(self.accelerator)
         return (train, *evals)
 
     def prepare(self, model, optimizer, *loaders, inputs=None, loss_fn=None):
@@ -261,7 +266,9 @@ class Session:
     def evaluating(self):
         """Time an evaluation pass apart from training (clocks read after a device sync and a barrier)."""
         t0 = synced_clock(self.accelerator)
-        self._t.setdefault("trained", t0)
+        if "trained" not in self._t:  # the first evaluation of the epoch: training's memory peak so far
+            self._t["trained"] = t0
+            self._t["train_memory"] = training_memory_now(self.accelerator, self.memory_base)
         yield
         self._t["eval_s"] = self._t.get("eval_s", 0.0) + synced_clock(self.accelerator) - t0
 
@@ -282,6 +289,13 @@ class Session:
         }
         row["throughput/samples_per_s"] = n_train / train_s
         row["memory/peak_gib"], row["memory/all_ranks_gib"] = peak_memory_gib(self.accelerator)
+        local = (
+            t["train_memory"]
+            if "train_memory" in t
+            else training_memory_now(self.accelerator, self.memory_base)
+        )
+        if (trained := training_memory_gib(self.accelerator, local)) is not None:
+            row["memory/train_gib"] = trained
         self.log.log_epoch(row)
         self._epoch_done = p.epoch_done(n_train)  # True once max_steps is reached
 
