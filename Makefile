@@ -25,7 +25,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 test: venv
-	DISTBENCH_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	DISTBENCH_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # the fast tier while editing: everything but real launches and the browser (marked slow), about a minute
 .PHONY: test-fast

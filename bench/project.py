@@ -468,6 +468,9 @@ def validate(args, rec: dict, hw: dict, models: list[str], profiles) -> tuple[li
                 samples.append(profiles.now(model))
             profiles.pool(model, samples)
     cells: dict[tuple, list] = {}
+    memory: dict[
+        tuple, list
+    ] = {}  # per cell, each run's training memory (memory/train_gib, its largest epoch)
     failed = []
     for f in sorted(glob.glob(str(where / "*.json"))):
         try:
@@ -488,6 +491,9 @@ def validate(args, rec: dict, hw: dict, models: list[str], profiles) -> tuple[li
         n = len(s.get("stages") or []) if strategy == "model_split" else s["num_processes"]
         key = (r["model"], strategy, n, s["global_batch_size"], s.get("microbatches") or 4)
         cells.setdefault(key, []).append(steady["step_s"])
+        trained = [h["memory/train_gib"] for h in r.get("history", []) if "memory/train_gib" in h]
+        if trained:
+            memory.setdefault(key, []).append(max(trained))
     out = []
     for (model, strategy, n, batch, micro), times in sorted(cells.items()):
         prof = rec["models"][model]
@@ -500,15 +506,40 @@ def validate(args, rec: dict, hw: dict, models: list[str], profiles) -> tuple[li
             prof, {**hw, **around}, strategy, n, batch=batch, microbatches=micro, cores=os.cpu_count()
         )
         measured = statistics.median(times)
+        mem = memory.get((model, strategy, n, batch, micro))
         out.append({"model": model, "strategy": strategy, "devices": n, "global_batch": batch,
                     "measured_step_s": measured, "measured_runs": times, "predicted_step_s": p["step_s"],
                     "error": (p["step_s"] - measured) / measured, "oversubscribed": p["oversubscribed"],
-                    "bottleneck": p["bottleneck"], "assumed": p["assumed"]})  # fmt: skip
+                    "bottleneck": p["bottleneck"], "assumed": p["assumed"],
+                    "predicted_memory_gib": p["memory_gib_per_device"],
+                    "measured_memory_gib": max(mem) if mem else None})  # fmt: skip
     if args.validate_from:
         return out, failed
     setups = [n for s in yaml.safe_load((REPO / "bench/strategies.yaml").read_text())["setups"] for n in s]
     ran = {c[:2] for c in cells}
     return out, [f"{m} {s}" for m in validated(models) for s in setups if (m, s) not in ran]
+
+
+# what a measured training memory may exceed its prediction by: the runtime's own first-step allocations (thread
+# pools, autograd's engine, modules imported on first use, the malloc arenas of the threads; 50-150 MiB
+# measured on this CPU) and the allocator's rounding
+MEMORY_TOLERANCE = {"below": 0.9, "above": 1.5, "slack_gib": 0.25,
+                    "text": "0.9 x predicted <= measured <= 1.5 x predicted + 0.25 GiB"}  # fmt: skip
+
+
+def memory_within(predicted: float, measured: float) -> bool:
+    t = MEMORY_TOLERANCE
+    return t["below"] * predicted <= measured <= t["above"] * predicted + t["slack_gib"]
+
+
+def memory_rows(check: list[dict]) -> list[dict]:
+    """The validated cells with a measured training memory: predicted and measured GiB per device, and whether
+    the measured one is within MEMORY_TOLERANCE."""
+    return [
+        {**c, "predicted_gib": c["predicted_memory_gib"], "measured_gib": c["measured_memory_gib"],
+         "within": "yes" if memory_within(c["predicted_memory_gib"], c["measured_memory_gib"]) else "NO"}
+        for c in check if c.get("measured_memory_gib") is not None
+    ]  # fmt: skip
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
@@ -604,6 +635,11 @@ def report(
                                        "predicted_ms", "error", "oversubscribed"]))  # fmt: skip
         print(f"validation: mean |error| {summary['mean_abs_error']:.1%}, max {summary['max_abs_error']:.1%} "
               f"over {len(errs)} cells")  # fmt: skip
+        if mem := memory_rows(check):
+            print(f"memory per device, predicted vs measured above what the process held before the model "
+                  f"(memory/train_gib; tolerance: {MEMORY_TOLERANCE['text']}):")  # fmt: skip
+            print(table(mem, ["model", "strategy", "devices", "global_batch", "predicted_gib", "measured_gib",
+                              "within"]))  # fmt: skip
     for name in models:  # the answer, last: what to do per N, and why
         print("\n".join(recommendation_lines(name, hw["name"], [p for p in preds if p["model"] == name])))
     return verdicts, summary

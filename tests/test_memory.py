@@ -1,0 +1,48 @@
+"""Memory you can trust before you launch: the projection's memory per device against what real runs held.
+
+The Transformer LM (the suite's largest activations per parameter) profiled on one process, then trained for a
+few steps with every data-parallel strategy and a pipeline; each run records memory/train_gib (what the most
+loaded rank held above its memory before the model was built, read before evaluating). `make project
+--validate_from` prices each run's cell and must find it within bench/project.py's MEMORY_TOLERANCE."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bench.project import MEMORY_TOLERANCE, memory_within
+from tests.conftest import REPO, child_env, explain, launch, require_dataset
+
+pytestmark = pytest.mark.slow  # real launches
+
+PROFILE = REPO / "docs/results/2026-12-07/out-of-sample/profile-vm-0921.json"  # its collectives, not re-timed
+SETUPS = {"cpu_1proc": [], "cpu_2proc": [], "cpu_2proc_fsdp": [], "cpu_2proc_pipeline": ["--strategy", "pipeline"]}  # fmt: skip
+
+
+def test_predicted_memory_per_device_holds_for_every_strategy(tmp_path):
+    data = require_dataset("multi30k")
+    runs = tmp_path / "runs"
+    for config, extra in SETUPS.items():
+        proc = launch(config, "transformer_lm", "--data_dir", data, "--runs_dir", runs, "--batch_size", 32,
+                      "--limit_train", 640, "--max_steps", 8, "--limit_eval", 64, "--epochs", 1, *extra)  # fmt: skip
+        assert proc.returncode == 0, explain(proc)
+    profile = tmp_path / "profile.json"
+    shutil.copy(PROFILE, profile)
+    out = tmp_path / "projection.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.project", "--model", "transformer_lm", "--batch_size", 32, "--devices", "1,2",
+         "--profile", profile, "--validate_from", runs, "--data_dir", data, "--runs_dir", tmp_path / "p", "--out", out],
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert MEMORY_TOLERANCE["text"] in proc.stdout
+    cells = json.loads(out.read_text())["validation"]
+    assert {c["strategy"] for c in cells} == {"single", "ddp", "fsdp", "pipeline"}
+    for c in cells:
+        measured, predicted = c["measured_memory_gib"], c["predicted_memory_gib"]
+        assert measured and memory_within(predicted, measured), (c["strategy"], predicted, measured)
+    # FSDP shards the state: the projection and the runs both put less on a device than DDP does
+    by = {c["strategy"]: c for c in cells}
+    assert by["fsdp"]["predicted_memory_gib"] < by["ddp"]["predicted_memory_gib"]
