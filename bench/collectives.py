@@ -13,7 +13,8 @@ Median, mean and range per size go in FILE. Sizes follow nccl-tests
 reduce_scatter reduces S. The fit is t = latency + c * S / busbw with c = 2(N-1)/N for all_reduce, (N-1)/N for
 all_gather and reduce_scatter, 1 for send/recv (one way: half a round trip), weighted by 1/t^2 so every size
 counts alike; its error (median and worst relative residual) is reported with it. Every call's time is kept:
-the projection pools the calls of the latency-bound sizes into one latency (shared/projection.py `latency`).
+the projection pools the calls of the latency-bound sizes into one latency (shared/collective_time.py
+`latency`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-from shared.projection import FACTOR, fit_alpha_beta, latency
+from shared.collective_time import FACTOR, fit_alpha_beta, latency
 
 SIZES = [1024 * 4**k for k in range(10)]  # 1 KB ... 256 MB
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")

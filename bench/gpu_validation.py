@@ -32,7 +32,8 @@ from bench.project import REPO, UsageError, load_hardware, profile_one
 from bench.report import write_replace
 from shared.optrace import OpTrace
 from shared.overheads import host_s_per_op
-from shared.projection import load_residuals, project, with_range
+from shared.projection import project
+from shared.verdicts import load_residuals, with_range
 
 DLE = "NVIDIA/DeepLearningExamples"
 RN50 = f"{DLE} PyTorch/Classification/ConvNets/resnet50v1.5/README.md @5843f4e5 (pytorch-21.03), training performance"

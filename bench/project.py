@@ -38,20 +38,11 @@ import yaml
 from bench import launcher
 from bench.launcher import run_group
 from shared import nccl_tests
+from shared.collective_time import latency, pool_collectives
 from shared.datasets import MODEL_DATA, missing_files
-from shared.projection import (
-    PROFILE_VERSION,
-    STRATEGIES,
-    latency,
-    load_residuals,
-    pool_collectives,
-    project,
-    recommendation_lines,
-    sentence,
-    verdict_lines,
-    with_range,
-)  # fmt: skip
+from shared.projection import PROFILE_VERSION, STRATEGIES, project
 from shared.record import git_commit
+from shared.verdicts import load_residuals, recommendation_lines, sentence, verdict_lines, with_range
 
 REPO = launcher.REPO
 
@@ -352,7 +343,7 @@ class Profiles:
 
 def latencies(collectives: dict) -> dict:
     """Per process count and op, the pooled latency of the latency-bound sizes, after compute and back to back
-    (shared/projection.py `latency`), with its interval: what the projection prices a small message at."""
+    (shared/collective_time.py `latency`), with its interval: what the projection prices a small message at."""
     return {
         n: {op: {"after_compute": latency(t), "back_to_back": latency(t.get("back_to_back", {}))}
             for op, t in ops.items()}

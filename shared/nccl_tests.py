@@ -2,7 +2,7 @@
 
 nccl-tests (github.com/NVIDIA/nccl-tests) prints, per message size, the out-of-place and in-place time and bus
 bandwidth of one collective over every rank it ran on. This reads that console text as the table the
-projection prices collectives from at that rank count (shared/projection.py `collective_s`: the measured
+projection prices collectives from at that rank count (shared/collective_time.py `collective_s`: the measured
 sizes interpolated, the smallest sizes' latency pooled), instead of the hardware file's link figures.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shared.projection import FACTOR, fit_alpha_beta
+from shared.collective_time import FACTOR, fit_alpha_beta
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter")
 REDOPS = {"sum", "prod", "max", "min", "avg", "none", "mulsum"}

@@ -1,5 +1,6 @@
 """The modelled GPU step (shared/optrace.py, shared/roofline.py), measured vs modelled compute, ranges and
-verdicts (shared/projection.py), and the published points' meta-device profiles (bench/gpu_validation.py)."""
+verdicts (shared/projection.py, shared/verdicts.py), and the published points' meta-device profiles
+(bench/gpu_validation.py)."""
 
 import json
 from pathlib import Path
@@ -10,8 +11,9 @@ import torch
 from bench.gpu_validation import PUBLISHED, bucket_layout, meta_profile
 from bench.project import load_hardware
 from shared.optrace import OpTrace
-from shared.projection import load_residuals, project, verdict_lines, with_range
+from shared.projection import project
 from shared.roofline import gpu_step, kernel_s, peak_flops
+from shared.verdicts import load_residuals, verdict_lines, with_range
 from tests.test_projection import HW, toy_profile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,7 +260,7 @@ def test_committed_gpu_projections_are_never_more_than_linear_without_a_cause():
 def test_ddp_and_fsdp_cost_their_own_copies_and_kernels_on_a_modelled_gpu(monkeypatch):
     """A modelled GPU is charged DDP's bucket copies and kernels, and FSDP2's gather/scatter copies and kernels
     (shared/roofline.py), not the CPU's one-rank figures and not nothing."""
-    from shared import projection, roofline
+    from shared import pricing, roofline
 
     h100 = load_hardware("h100-nvlink")
     prof = toy_profile(8)
@@ -269,8 +271,8 @@ def test_ddp_and_fsdp_cost_their_own_copies_and_kernels_on_a_modelled_gpu(monkey
     assert own >= 3 * 2 * prof["grad_bytes"] / bw and own > 0
     assert ddp["parts_s"]["compute"] == pytest.approx(single + own, rel=0.01)
     fsdp = project(prof, h100, "fsdp", 2, batch=8)["parts_s"]["compute"]
-    units = projection._fsdp_units(prof, 100_000)
-    calls = projection._fsdp_unit_calls(prof, 100_000)
+    units = pricing._fsdp_units(prof, 100_000)
+    calls = pricing._fsdp_unit_calls(prof, 100_000)
     fsdp_own = roofline.fsdp_wrapper_s(prof, h100, units, calls, 2)
     monkeypatch.setattr(roofline, "fsdp_wrapper_s", lambda *a: 0.0)
     assert fsdp_own > 0 and fsdp == pytest.approx(

@@ -16,19 +16,9 @@ import yaml
 
 import bench.project as bp
 from bench import launcher
-from shared.projection import (
-    PROFILE_VERSION,
-    Model,
-    _fsdp_units,
-    balanced_cuts,
-    bubble_fraction,
-    collective_s,
-    fit_alpha_beta,
-    latency,
-    pipeline_makespan,
-    pool_collectives,
-    project,
-)
+from shared.collective_time import collective_s, fit_alpha_beta, latency, pool_collectives
+from shared.pricing import _fsdp_units, bubble_fraction, pipeline_makespan
+from shared.projection import PROFILE_VERSION, Model, balanced_cuts, project
 from tests.conftest import child_env, require_dataset
 
 REPO = Path(__file__).resolve().parent.parent
