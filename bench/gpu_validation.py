@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from bench.project import REPO, UsageError, load_hardware, profile_one
+from bench.profile_record import UsageError, profile_one
+from bench.project import REPO, load_hardware
 from bench.report import write_replace
 from shared.optrace import OpTrace
 from shared.overheads import host_s_per_op
@@ -136,7 +137,7 @@ def published(residuals: dict) -> list[dict]:
 
 
 def study_profiles(args, work: Path) -> dict:
-    """Each script profiled on one CPU process at the study's settings (bench/project.py's profile_one)."""
+    """Each script profiled on one CPU process at the study's settings (bench/profile_record.py's profile_one)."""
     work.mkdir(parents=True, exist_ok=True)
     out = {}
     for model, spec in STUDY.items():

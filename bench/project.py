@@ -4,29 +4,26 @@
                             [--nodes 1] [--batch_size B] [--scaling strong|weak|both] [--validate]
                             [--validate_rounds 2] [--out FILE]
 
-1. Profile (cached): each script runs one process through `accelerate launch` with --profile_out
-   (shared/profiling.py), and bench/collectives.py times gloo collectives on 2 processes (4 only where there
-   are 4 cores). Both go into one profile record, runs/profiles/profile-<host>.json; later projections
-   reuse it unless --reprofile or the scripts' settings changed.
+1. Profile (cached; bench/profile_record.py): each script runs one process through `accelerate launch` with
+   --profile_out (shared/profiling.py), and bench/collectives.py times gloo collectives on 2 processes (4 only
+   where there are 4 cores). Both go into one profile record, runs/profiles/profile-<host>.json; later
+   projections reuse it unless --reprofile or the scripts' settings changed.
 2. Project (instant): shared/projection.py per model, strategy, N and scaling, on the hardware asked for.
-3. --validate: per model of `make bench-strategies`, its real multi-process runs in --validate_rounds rounds,
-   the model profiled and the small collectives timed before each round and after the last; the mean of the
-   profiles and the pooled collectives (a shared host drifts; a measurement predicts the machine of its own
-   minutes) predict each cell, compared with its measured step time (relative error; table printed and kept
-   in the record's `validation`; cells whose runs did not finish are named, exit status 1).
+3. --validate (bench/validation.py): per model of `make bench-strategies`, its real multi-process runs in
+   --validate_rounds rounds, the model profiled and the small collectives timed before each round and after
+   the last; the mean of the profiles and the pooled collectives (a shared host drifts; a measurement predicts
+   the machine of its own minutes) predict each cell, compared with its measured step time (relative error;
+   table printed and kept in the record's `validation`; cells whose runs did not finish are named, exit
+   status 1).
 The projection record (runs/projection-*.json) holds `predictions`, `validation` and where each input came from.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime as dt
-import glob
 import json
 import os
-import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,76 +33,17 @@ from pathlib import Path
 import yaml
 
 from bench import launcher
-from bench.launcher import run_group
+from bench.profile_record import MODELS, UsageError, model_flags, own_scripts, profile_record, script_settings
+from bench.validation import MEMORY_TOLERANCE, memory_rows, validate, validated
 from shared import nccl_tests
-from shared.collective_time import latency, pool_collectives
-from shared.datasets import MODEL_DATA, missing_files
-from shared.projection import PROFILE_VERSION, STRATEGIES, project
+from shared.collective_time import latency
+from shared.projection import STRATEGIES, project
 from shared.record import git_commit
 from shared.verdicts import load_residuals, recommendation_lines, sentence, verdict_lines, with_range
 
 REPO = launcher.REPO
 
-MODELS = list(MODEL_DATA)
 PIPELINED = {"pipeline", "pipeline_1f1b", "hybrid"}
-
-
-class UsageError(Exception):
-    pass
-
-
-def model_flags() -> dict:
-    """Per model, the settings the profile (and the validation runs) use: bench-strategies' for the image models,
-    the quick profile's for the text models."""
-    strategies = yaml.safe_load((REPO / "bench/strategies.yaml").read_text())["profiles"]["strategies"]
-    quick = yaml.safe_load((REPO / "bench/matrix.yaml").read_text())["profiles"]["quick"]
-    flags = {}
-    for name in MODELS:
-        prof = strategies if name in strategies["models"] else quick
-        flags[name] = {**prof["common"], **prof["models"][name]}
-    return flags
-
-
-def script_batch(path: Path) -> int:
-    """The default `batch_size` of a script's Config, read from its source (this process stays torch-free)."""
-    try:
-        tree = ast.parse(path.read_text())
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UsageError(f"--script {path}: not a readable Python script ({type(e).__name__})") from None
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Config":
-            for item in node.body:
-                if (isinstance(item, ast.AnnAssign) and getattr(item.target, "id", "") == "batch_size"
-                        and isinstance(item.value, ast.Constant) and isinstance(item.value.value, int)):  # fmt: skip
-                    return item.value.value
-    raise UsageError(
-        f"--script {path}: no `batch_size: int = N` in its Config (docs/scripts.md); give --batch_size"
-    )
-
-
-def own_scripts(text: str, batch_size: int) -> dict[str, dict]:
-    """--script a.py,b.py: per model name (the file's stem), its path and the settings it is profiled with:
-    the quick bench's common settings at its Config's batch (or --batch_size), 12 steps of training rows."""
-    quick = yaml.safe_load((REPO / "bench/matrix.yaml").read_text())["profiles"]["quick"]["common"]
-    out = {}
-    for item in filter(None, text.split(",")):
-        path = Path(item).expanduser().resolve()
-        if path.suffix != ".py" or not path.is_file():
-            raise UsageError(f"--script {item}: no such Python script")
-        name = path.stem
-        if name in MODELS and path != (REPO / "scripts" / f"{name}.py").resolve():
-            raise UsageError(f"--script {item}: {name} is a built-in model's name; rename your script")
-        if name in out:
-            raise UsageError(f"--script {text}: two scripts named {name}")
-        batch = batch_size or script_batch(path)
-        out[name] = {"path": str(path), "flags": {**quick, "batch_size": batch, "limit_train": 12 * batch}}
-    return out
-
-
-def model_flags_strategies() -> list[str]:
-    return list(
-        yaml.safe_load((REPO / "bench/strategies.yaml").read_text())["profiles"]["strategies"]["models"]
-    )
 
 
 def load_hardware(name: str) -> dict:
@@ -148,197 +86,10 @@ def load_hardware(name: str) -> dict:
     return hw
 
 
-def launch(cmd: list[str], log: Path, timeout: float = 900) -> None:
-    """One job (bench/launcher.py's command), one thread per process (a process is one core, like one device);
-    one line naming the log if it fails or times out."""
-    what = " ".join(Path(x).name for x in cmd if x.endswith(".py"))
-    with open(log, "w") as f:
-        try:
-            rc = run_group(
-                cmd, timeout, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
-            )
-        except subprocess.TimeoutExpired:
-            raise UsageError(f"{what} timed out after {timeout:.0f} s; log {log}") from None
-    if rc:
-        tail = log.read_text().strip().splitlines()[-1:] or [""]
-        raise UsageError(f"{what} failed (exit {rc}): {tail[0][:200]}; log {log}")
-
-
-def settings(name: str, flags: dict, args) -> dict:
-    """The script flags a model is profiled with: its bench settings, at --batch_size when given (with enough
-    training rows for the profile's steps at that batch: a smaller --limit_train would cut the batch short)."""
-    fl = {**flags[name], **script_settings(getattr(args, "set", ""))}
-    if args.batch_size:
-        fl["batch_size"] = args.batch_size
-        if fl.get("limit_train"):
-            fl["limit_train"] = max(int(fl["limit_train"]), 12 * args.batch_size)
-    return fl
-
-
-def script_settings(text: str) -> dict:
-    """--set "image_size=224,freeze=true": any of the script's own flags, for every model profiled."""
-    out = {}
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip() or not value.strip() or key.strip() == "batch_size":
-            raise UsageError(f"--set {text}: expected key=value pairs of script flags, comma-separated "
-                             "(e.g. image_size=224,freeze=true; the batch is --batch_size)")  # fmt: skip
-        out[key.strip().lstrip("-")] = value.strip()
-    return out
-
-
-def ladder(batch: int) -> list[int]:
-    """The batch sizes a model is profiled at: B, B/2, B/4, B/8 (the per-device batch of N = 1-8 devices, or a
-    pipeline micro-batch; the validated cells use all four), at least 2 rows (BatchNorm needs 2). Smaller
-    batches extend the ladder's last segment linearly (shared/projection.py)."""
-    return sorted({max(min(2, batch), batch // 2**k) for k in range(4)}, reverse=True)
-
-
 def cuda_available() -> bool:
     """Whether torch sees a CUDA device here (asked in a child: this process stays torch-free)."""
     probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
-
-
-def profile_config(device: str) -> str:
-    """The Accelerate config of one profiling process: on the GPU (`gpu_1`, its data path, precision and fused
-    optimizer as a run has them, the clock synchronised with the device) or on one CPU core."""
-    return "gpu_1" if device == "cuda" else "cpu_1proc"
-
-
-def profile_one(name: str, fl: dict, args, work: Path, steps_only: bool = False) -> dict:
-    """One process of the script with --profile_out at fl's batch size (shared/profiling.py), on args.device."""
-    f = work / f"{name}-{fl['batch_size']}.json"
-    flags = ["--data_dir", args.data_dir, "--runs_dir", work / "runs", "--profile_out", f,
-             "--profile_steps_only", str(steps_only).lower(), "--progress", "false",
-             *[x for k, v in fl.items() for x in (f"--{k}", v)]]  # fmt: skip
-    device = getattr(args, "device", "cpu")
-    script = getattr(args, "scripts", {}).get(name, {}).get("path", name)  # a script of your own, or scripts/
-    cmd = launcher.command(
-        script, flags, config=profile_config(device), threads=None if device == "cuda" else 1
-    )
-    launch(cmd, work / f"{name}-{fl['batch_size']}.log")
-    return json.loads(f.read_text())
-
-
-class Profiles:
-    """This host's profile record (runs/profiles/profile-<host>.json, or --profile): read when cached (unless
-    --reprofile), measured where missing or stale, and rewritten whole after each measurement, so a later
-    failure keeps what was measured. `rec` is the record; `now(model)` measures one model and the small
-    collectives again, `pool(model, samples)` keeps the mean of such measurements (validation)."""
-
-    def __init__(self, args, flags: dict):
-        self.args, self.flags = args, flags
-        self.path = Path(
-            args.profile or Path(args.runs_dir) / "profiles" / f"profile-{socket.gethostname()}.json"
-        )
-        if args.profile and not self.path.is_file():
-            raise UsageError(f"--profile {self.path}: no such file")
-        self.cached = self.path.is_file() and not args.reprofile
-        self.rec = self.read() if self.cached else {"kind": "distbench-profile-record", "models": {}}
-        self.rec.setdefault("collectives", {})
-        self.work = Path(args.runs_dir) / "profiles" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        # measure_s, the seconds all of the record's measurements took: those before, plus this process's
-        self.earlier_s, self.started = 0.0, 0.0
-
-    def read(self) -> dict:
-        try:
-            rec = json.loads(self.path.read_text())
-            assert rec.get("kind") == "distbench-profile-record"
-        except (OSError, ValueError, AttributeError, AssertionError):
-            raise UsageError(
-                f"--profile {self.path}: not a profile record (written by make project)"
-            ) from None
-        return rec
-
-    def stale(self, models: list[str]) -> list[str]:
-        """The models whose cached profile is missing, was measured with other settings or by another version
-        of shared/profiling.py."""
-        return [
-            m
-            for m in models
-            if self.rec["models"].get(m, {}).get("flags") != settings(m, self.flags, self.args)
-            or self.rec["models"][m].get("version") != PROFILE_VERSION
-        ]
-
-    def save(self, kind: str, key: str, value) -> None:
-        rec = self.rec
-        rec[kind][key] = value
-        rec.update(
-            measured_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            measure_s=self.earlier_s + time.perf_counter() - self.started,
-            hostname=socket.gethostname(),
-            machine=next(
-                (v["device_name"] for v in rec["models"].values() if v.get("device_name")),
-                f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
-            ),
-            git_commit=git_commit(),
-            threads_per_process=1,
-        )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.with_suffix(".part").write_text(json.dumps(rec, indent=1))
-        os.replace(self.path.with_suffix(".part"), self.path)
-
-    def measure(self, models: list[str], collectives: bool) -> None:
-        """Profile each model on one process, and (`collectives`) the collectives on 2 processes (4 where the
-        cores allow); saved after each."""
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.earlier_s, self.started = self.rec.get("measure_s", 0.0), time.perf_counter()
-        if collectives:
-            for n, ops in self.collectives(self.args.collective_max_mb).items():
-                self.save("collectives", n, ops)
-        for name in models:
-            t0 = time.perf_counter()
-            fl = settings(name, self.flags, self.args)
-            full, *smaller = ladder(int(fl["batch_size"]))
-            prof = profile_one(name, fl, self.args, self.work)
-            if prof["batch_size"] != int(
-                fl["batch_size"]
-            ):  # what is projected is what was asked, or one line
-                raise UsageError(
-                    f"{name}: asked for batch {fl['batch_size']}, but its loader's batches have {prof['batch_size']} "
-                    f"rows (the training split after --limit_train {fl.get('limit_train', '-')} is smaller)"
-                )
-            for b in smaller:  # each size in a process of its own, as a run at that batch is
-                prof["sizes"] |= profile_one(
-                    name, {**fl, "batch_size": b}, self.args, self.work, steps_only=True
-                )["sizes"]
-            self.save("models", name, {**prof, "flags": fl})
-            print(f"profiled {name} at batch {', '.join(map(str, (full, *smaller)))}: "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
-
-    def collectives(self, max_mb: float) -> dict:
-        """bench/collectives.py on 2 processes (4 where the cores allow), messages up to `max_mb`."""
-        self.work.mkdir(parents=True, exist_ok=True)
-        out = {}
-        for n in [k for k in (2, 4) if k <= (os.cpu_count() or 1)]:
-            t0 = time.perf_counter()
-            f = self.work / f"collectives-{n}-{dt.datetime.now().strftime('%H%M%S')}.json"
-            cmd = launcher.command(REPO / "bench/collectives.py", ["--out", f, "--max_mb", max_mb],
-                                   config="cpu_2proc", num_processes=n, threads=1)  # fmt: skip
-            launch(cmd, f.with_suffix(".log"))
-            out[str(n)] = collectives_of(json.loads(f.read_text()))
-            print(
-                f"collectives on {n} processes, up to {max_mb:g} MB: {time.perf_counter() - t0:.0f} s",
-                flush=True,
-            )
-        return out
-
-    def now(self, model: str) -> tuple[dict, dict]:
-        """`model`'s profile and the latency-bound collectives (up to 1 MB), measured again now."""
-        self.measure([model], collectives=False)
-        return self.rec["models"][model], self.collectives(max_mb=1)
-
-    def pool(self, model: str, samples: list[tuple[dict, dict]]) -> None:
-        """Keep the mean of `model`'s profiles taken around its runs (on a shared host that drifts by 10-30%
-        within minutes, a profile taken before a run predicts the host of then, not the run), and the calls of
-        the small collectives timed alongside them pooled (the record's larger sizes kept): what its runs met."""
-        profiles = [p for p, _ in samples]
-        full = str(profiles[0]["batch_size"])
-        self.save("models", model, {
-            **mean_of(*profiles), "bracketed_step_s": [p["sizes"][full]["step_s"] for p in profiles],
-            "collectives_around_runs": pool_collectives([c for _, c in samples], rest=self.rec["collectives"]),
-        })  # fmt: skip
 
 
 def latencies(collectives: dict) -> dict:
@@ -349,53 +100,6 @@ def latencies(collectives: dict) -> dict:
             for op, t in ops.items()}
         for n, ops in collectives.items()
     }  # fmt: skip
-
-
-def collectives_of(result: dict) -> dict:
-    """bench/collectives.py's output as the record keeps it: per op the after-compute table (what a step pays
-    after computing), with the back-to-back one (after a barrier: a collective right after another)."""
-    return {op: {**t, "back_to_back": result["barrier"][op]} for op, t in result["ops"].items()}
-
-
-def profile_record(args, models: list[str], flags: dict, later: tuple[str, ...] = ()) -> Profiles:
-    """The profile record, measured where missing or stale (or all of it with --reprofile). Models in `later`
-    are left for `Profiles.now` (validation profiles each model around its runs)."""
-    profiles = Profiles(args, flags)
-    todo = profiles.stale(models)
-    missing = [  # a script of your own checks its own data, in one line
-        f"{MODEL_DATA[m]} (for {m})"
-        for m in sorted({*todo, *later})
-        if m in MODEL_DATA and missing_files(args.data_dir, MODEL_DATA[m])
-    ]
-    if missing:
-        raise UsageError(
-            f"no local copy under --data_dir {args.data_dir} of: {', '.join(missing)} (make data)"
-        )
-    todo = [m for m in todo if m not in later]
-    if profiles.cached and not todo and profiles.rec["collectives"]:
-        print(
-            f"profile record {profiles.path} (measured {profiles.rec['measured_at']}; --reprofile to measure again)"
-        )
-        return profiles
-    profiles.measure(todo, collectives=not profiles.rec["collectives"])
-    print(f"profile record {profiles.path} ({profiles.rec['measure_s']:.0f} s)")
-    return profiles
-
-
-def mean_of(*profiles):
-    """The element-wise mean of profiles of one model: numbers averaged, anything else (names, layouts) taken
-    from the first; a figure only some of them have is the mean of those."""
-    have = [p for p in profiles if p is not None]
-    if not have:
-        return None
-    a = have[0]
-    if isinstance(a, dict):
-        return {k: mean_of(*(p.get(k) if isinstance(p, dict) else None for p in have)) for k in a}
-    if isinstance(a, list) and all(isinstance(p, list) and len(p) == len(a) for p in have):
-        return [mean_of(*xs) for xs in zip(*have, strict=True)]
-    if isinstance(a, float) and all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in have):
-        return sum(have) / len(have)
-    return a
 
 
 def supported(profile: dict, strategy: str) -> bool:
@@ -430,107 +134,6 @@ def predictions(rec: dict, hw: dict, models, devices, nodes, scalings, cores) ->
     for note in sorted(skipped):
         print(f"not projected: {note}")
     return rows
-
-
-def validated(models: list[str]) -> list[str]:
-    """The models of bench-strategies: those a validation runs for real."""
-    return [m for m in models if m in model_flags_strategies()]
-
-
-def validate(args, rec: dict, hw: dict, models: list[str], profiles) -> tuple[list[dict], list[str]]:
-    """Run bench-strategies now (or read --validate_from) and compare each cell with its prediction; also what
-    did not validate: run now, the cells with no finished run ("model setup"); read, the unfinished records.
-    Run now, each model's launches go in --validate_rounds rounds (one launch per cell each), and the model is
-    profiled, with the latency-bound collectives, before each round and after the last: their mean predicts
-    (Profiles.pool). The noise of one launch on this host (about 10%) is thus averaged on both sides."""
-    if args.validate_from:
-        where = Path(args.validate_from)
-    else:
-        where = Path(args.runs_dir) / "validation" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        for model in validated(models):
-            samples = [profiles.now(model)]
-            for k in range(args.validate_rounds):
-                cmd = [sys.executable, "-m", "bench.run", "--matrix", str(REPO / "bench/strategies.yaml"),
-                       "--profile", "strategies", "--data_dir", args.data_dir, "--runs_dir", str(where),
-                       "--models", model, "--repeats", "1"]  # fmt: skip
-                print(f"validation of {model}, round {k + 1} of {args.validate_rounds}: the real runs of "
-                      f"make bench-strategies, now: {' '.join(cmd)}", flush=True)  # fmt: skip
-                run_group(cmd)
-                samples.append(profiles.now(model))
-            profiles.pool(model, samples)
-    cells: dict[tuple, list] = {}
-    memory: dict[
-        tuple, list
-    ] = {}  # per cell, each run's training memory (memory/train_gib, its largest epoch)
-    failed = []
-    for f in sorted(glob.glob(str(where / "*.json"))):
-        try:
-            r = json.loads(Path(f).read_text())
-            steady = r.get("timing", {}).get("steady")
-        except (OSError, ValueError, AttributeError):
-            failed.append(f"{Path(f).name}: not a run record")
-            continue
-        if r.get("model") not in rec["models"] or not isinstance(r.get("setup"), dict):
-            continue
-        s = r["setup"]
-        strategy = {"pipeline": "pipeline_1f1b" if s.get("schedule") == "1f1b" else "pipeline"}.get(
-            s.get("strategy"), s.get("strategy")
-        )
-        if r.get("status") != "finished" or not steady:
-            failed.append(f"{r['model']} {strategy} ({Path(f).name}: {r.get('status')})")
-            continue
-        n = len(s.get("stages") or []) if strategy == "model_split" else s["num_processes"]
-        key = (r["model"], strategy, n, s["global_batch_size"], s.get("microbatches") or 4)
-        cells.setdefault(key, []).append(steady["step_s"])
-        trained = [h["memory/train_gib"] for h in r.get("history", []) if "memory/train_gib" in h]
-        if trained:
-            memory.setdefault(key, []).append(max(trained))
-    out = []
-    for (model, strategy, n, batch, micro), times in sorted(cells.items()):
-        prof = rec["models"][model]
-        around = (
-            {"measured_collectives": prof["collectives_around_runs"]}
-            if "collectives_around_runs" in prof
-            else {}
-        )
-        p = project(
-            prof, {**hw, **around}, strategy, n, batch=batch, microbatches=micro, cores=os.cpu_count()
-        )
-        measured = statistics.median(times)
-        mem = memory.get((model, strategy, n, batch, micro))
-        out.append({"model": model, "strategy": strategy, "devices": n, "global_batch": batch,
-                    "measured_step_s": measured, "measured_runs": times, "predicted_step_s": p["step_s"],
-                    "error": (p["step_s"] - measured) / measured, "oversubscribed": p["oversubscribed"],
-                    "bottleneck": p["bottleneck"], "assumed": p["assumed"],
-                    "predicted_memory_gib": p["memory_gib_per_device"],
-                    "measured_memory_gib": max(mem) if mem else None})  # fmt: skip
-    if args.validate_from:
-        return out, failed
-    setups = [n for s in yaml.safe_load((REPO / "bench/strategies.yaml").read_text())["setups"] for n in s]
-    ran = {c[:2] for c in cells}
-    return out, [f"{m} {s}" for m in validated(models) for s in setups if (m, s) not in ran]
-
-
-# what a measured training memory may exceed its prediction by: the runtime's own first-step allocations (thread
-# pools, autograd's engine, modules imported on first use, the malloc arenas of the threads; 50-150 MiB
-# measured on this CPU) and the allocator's rounding
-MEMORY_TOLERANCE = {"below": 0.9, "above": 1.5, "slack_gib": 0.25,
-                    "text": "0.9 x predicted <= measured <= 1.5 x predicted + 0.25 GiB"}  # fmt: skip
-
-
-def memory_within(predicted: float, measured: float) -> bool:
-    t = MEMORY_TOLERANCE
-    return t["below"] * predicted <= measured <= t["above"] * predicted + t["slack_gib"]
-
-
-def memory_rows(check: list[dict]) -> list[dict]:
-    """The validated cells with a measured training memory: predicted and measured GiB per device, and whether
-    the measured one is within MEMORY_TOLERANCE."""
-    return [
-        {**c, "predicted_gib": c["predicted_memory_gib"], "measured_gib": c["measured_memory_gib"],
-         "within": "yes" if memory_within(c["predicted_memory_gib"], c["measured_memory_gib"]) else "NO"}
-        for c in check if c.get("measured_memory_gib") is not None
-    ]  # fmt: skip
 
 
 def table(rows: list[dict], cols: list[str]) -> str:

@@ -3,7 +3,7 @@
 The Transformer LM (the suite's largest activations per parameter) profiled on one process, then trained for a
 few steps with every data-parallel strategy and a pipeline; each run records memory/train_gib (what the most
 loaded rank held above its memory before the model was built, read before evaluating). `make project
---validate_from` prices each run's cell and must find it within bench/project.py's MEMORY_TOLERANCE."""
+--validate_from` prices each run's cell and must find it within bench/validation.py's MEMORY_TOLERANCE."""
 
 import json
 import shutil
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from bench.project import MEMORY_TOLERANCE, memory_within
+from bench.validation import MEMORY_TOLERANCE, memory_within
 from tests.conftest import REPO, child_env, explain, launch, require_dataset
 
 pytestmark = pytest.mark.slow  # real launches

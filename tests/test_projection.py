@@ -14,7 +14,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+import bench.profile_record as pr
 import bench.project as bp
+import bench.validation as bv
 from bench import launcher
 from shared.collective_time import collective_s, fit_alpha_beta, latency, pool_collectives
 from shared.pricing import _fsdp_units, bubble_fraction, pipeline_makespan
@@ -350,7 +352,7 @@ def test_a_profile_of_another_version_or_settings_is_measured_again():
         "vgg11": {"flags": {"batch_size": 8}, "version": PROFILE_VERSION},  # other settings
     }}  # fmt: skip
     me = SimpleNamespace(rec=rec, flags=flags, args=args)
-    assert bp.Profiles.stale(me, ["mlp", "cnn", "vgg11", "nbow"]) == ["cnn", "vgg11", "nbow"]
+    assert pr.Profiles.stale(me, ["mlp", "cnn", "vgg11", "nbow"]) == ["cnn", "vgg11", "nbow"]
 
 
 @pytest.mark.parametrize(
@@ -481,7 +483,7 @@ def test_a_live_validation_names_every_cell_without_a_finished_run(tmp_path, mon
     not merely fewer cells averaged. The model is profiled before each round of launches and after the last,
     and the mean of those profiles is what predicts."""
     launched = []
-    monkeypatch.setattr(bp, "run_group", lambda cmd, *a, **k: launched.append(cmd) or 1)
+    monkeypatch.setattr(bv, "run_group", lambda cmd, *a, **k: launched.append(cmd) or 1)
     args = SimpleNamespace(validate_from="", runs_dir=str(tmp_path), data_dir="unused", validate_rounds=3)
     calls = []
 
@@ -493,7 +495,7 @@ def test_a_live_validation_names_every_cell_without_a_finished_run(tmp_path, mon
         def pool(self, model, samples):
             calls.append(("pool", model, [k for k, _ in samples]))
 
-    check, missing = bp.validate(args, {"models": {"mlp": toy_profile(8)}}, {"kind": "measured"}, ["mlp", "nbow"],
+    check, missing = bv.validate(args, {"models": {"mlp": toy_profile(8)}}, {"kind": "measured"}, ["mlp", "nbow"],
                                  Profiles())  # fmt: skip
     setups = [n for s in yaml.safe_load((REPO / "bench/strategies.yaml").read_text())["setups"] for n in s]
     assert check == [] and missing == [f"mlp {s}" for s in setups] and len(setups) == 7
@@ -507,9 +509,9 @@ def test_two_profiles_of_a_model_average_its_numbers_only():
         s["step_s"] *= 3
         s["ready_s"] = [None, 0.5]
     b["optimizer_contention"], a["optimizer_contention"] = 1.5, None
-    m = bp.mean_of(a, b)
+    m = pr.mean_of(a, b)
     assert m["sizes"]["8"]["step_s"] == pytest.approx(2 * a["sizes"]["8"]["step_s"])
-    assert bp.mean_of(a, b, b)["sizes"]["8"]["step_s"] == pytest.approx(7 / 3 * a["sizes"]["8"]["step_s"])
+    assert pr.mean_of(a, b, b)["sizes"]["8"]["step_s"] == pytest.approx(7 / 3 * a["sizes"]["8"]["step_s"])
     assert m["optimizer_contention"] == 1.5 and m["ddp_buckets"] == a["ddp_buckets"]
     ready = a["sizes"]["8"]["ready_s"]
     assert m["sizes"]["8"]["ready_s"] == [ready[0], pytest.approx((0.5 + ready[1]) / 2)]
@@ -527,8 +529,8 @@ def test_a_bad_hardware_file_is_one_line(text, tmp_path):
 
 def test_the_profiled_ladder_covers_the_validated_batches():
     # B (single, model split), B/2 (DDP, FSDP), B/4 (GPipe / 1F1B micro-batch), B/8 (2 x 2 hybrid micro-batch)
-    assert bp.ladder(256) == [256, 128, 64, 32] and bp.ladder(16) == [16, 8, 4, 2]
-    assert bp.ladder(3) == [3, 2] and bp.ladder(1) == [1]  # never below 2 rows unless the batch is 1
+    assert pr.ladder(256) == [256, 128, 64, 32] and pr.ladder(16) == [16, 8, 4, 2]
+    assert pr.ladder(3) == [3, 2] and pr.ladder(1) == [1]  # never below 2 rows unless the batch is 1
 
 
 def test_validating_from_a_folder_names_what_is_not_a_run_record(tmp_path):
@@ -538,7 +540,7 @@ def test_validating_from_a_folder_names_what_is_not_a_run_record(tmp_path):
         json.dumps({"model": "nbow", "setup": {}})
     )  # not this profile's model
     args = SimpleNamespace(validate_from=str(tmp_path))
-    check, missing = bp.validate(
+    check, missing = bv.validate(
         args, {"models": {"mlp": toy_profile(8)}}, {"kind": "measured"}, ["mlp"], None
     )
     assert check == [] and missing == ["list.json: not a run record", "torn.json: not a run record"]
@@ -593,7 +595,7 @@ def test_a_file_that_is_not_nccl_tests_output_is_one_line(text, says, tmp_path):
 
 def test_what_is_asked_is_what_is_profiled():
     args = SimpleNamespace(batch_size=512, set="image_size=224,freeze=true")
-    fl = bp.settings("vgg11", {"vgg11": {"batch_size": 16, "limit_train": 192, "image_size": 32}}, args)
+    fl = pr.settings("vgg11", {"vgg11": {"batch_size": 16, "limit_train": 192, "image_size": 32}}, args)
     # the batch asked for, enough rows for the profile's steps at it, and the script's own flags
     assert fl == {"batch_size": 512, "limit_train": 6144, "image_size": "224", "freeze": "true"}
 
