@@ -1,5 +1,5 @@
 """A bench cell's result, its speedup over the baseline with an interval and flags, and the printed summary
-(used by bench/run.py)."""
+(used by bench/batch.py, the batch bench/run.py runs)."""
 
 from __future__ import annotations
 

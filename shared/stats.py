@@ -33,7 +33,7 @@ CONTENDED_SHARE = 0.10
 # of the median says little), or when its warm-up took longer than all its steady steps together.
 MIN_STEADY_STEPS = 8
 # Launches of one cell whose median steps differ by more than this (this machine's launches spread about
-# +-10%): the runner launches the cell again (bench/run.py) and the cell is flagged.
+# +-10%): the runner launches the cell again (bench/batch.py) and the cell is flagged.
 LAUNCH_SPREAD = 0.15
 WINDOW_S = 0.25  # steps at least this long are timed one per window
 FLAGS = {

@@ -206,10 +206,10 @@ def test_one_launcher_builds_every_launch_command():
     (no sys.path tricks), and no other file spells the launcher's command line or loads a script by hand."""
     import ast
 
-    from bench import launcher, project, run
+    from bench import batch, launcher, project
     from tests import conftest
 
-    assert run.launcher is launcher and project.launcher is launcher and conftest.launcher is launcher
+    assert batch.launcher is launcher and project.launcher is launcher and conftest.launcher is launcher
     cmd = launcher.command("mlp", ["--epochs", 1], config="cpu_2proc", threads=1, port=29555)
     assert cmd[: len(launcher.ACCELERATE_LAUNCH)] == launcher.ACCELERATE_LAUNCH
     assert cmd[len(launcher.ACCELERATE_LAUNCH) :] == [

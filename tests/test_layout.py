@@ -7,8 +7,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MAX_FILE_LINES = 450
 MAX_FUNCTION_LINES = 80
-# known exceptions, to be split later: neither limit is checked in them
-NOT_YET = {"bench/run.py"}
+# known exceptions, to be split later (none now): neither limit is checked in them
+NOT_YET: set[str] = set()
 
 
 def product_files() -> list[str]:
