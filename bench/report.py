@@ -119,7 +119,7 @@ def answer(batches: list[Batch], spec: dict, base: Path | None) -> str:
         f"| model | step, 1 device [95% CI] | best strategy | its speedup [95% CI] | {head} | records |",
         "|---|---|---|---|---|---|",
     ]
-    gain, lose, unsure = [], [], []
+    gain, lose, unsure, once = [], [], [], []
     for model in b.summary["plan"]["models"]:
         v = mine.get(model) or {}
         if "speedup" not in v:
@@ -138,8 +138,12 @@ def answer(batches: list[Batch], spec: dict, base: Path | None) -> str:
             f"| {model} | {ci(base_cell.get('step_s'), base_cell.get('step_s_ci95'))} | {name} | {interval}{flags} "
             f"| {shown} | {records} |"
         )
-        same = all((t.get(model) or {}).get("verdict") == v["verdict"] for t in theirs)
+        seen = [t[model] for t in theirs if t.get(model)]  # the other runs that ran this model
+        same = all(s.get("verdict") == v["verdict"] for s in seen)
         item = f"{model} ({name}, x{sig(v['speedup'])})"
+        if others and not seen:
+            once.append(f"{item}: {v['verdict']}")
+            continue
         (gain if v["verdict"] == "pays off" and same else lose if v["verdict"] == "does not pay off" and same
          else unsure).append(item)  # fmt: skip
     recs = [r for c in b.cells.values() for _, r in b.recs(c)]
@@ -150,6 +154,7 @@ def answer(batches: list[Batch], spec: dict, base: Path | None) -> str:
         f"On {where}, a second device pays off {runs} for "
         f"{', '.join(gain) or 'no model'}; it does not for {', '.join(lose) or 'no model'}"
         + (f"; the runs cannot tell for {', '.join(unsure)}" if unsure else "")
+        + (f"; in the first run only (the others did not run it): {', '.join(once)}" if once else "")
         + "."
     )
     env = recs[0]["environment"] if recs else {}
