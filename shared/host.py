@@ -51,3 +51,13 @@ def steady_malloc() -> dict:
         else "glibc mallopt refused: default"
     )
     return STATE
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the kernel (glibc's malloc_trim), so that what the process holds
+    afterwards is what it uses: memory it freed before and reuses later would otherwise never show in its
+    resident set (shared/runtime.py training_memory_base). Not glibc: nothing."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -19,7 +19,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from shared.config import RunConfig, UserError
-from shared.host import steady_malloc
+from shared.host import steady_malloc, trim_heap
 from shared.plan import (
     SetupError,
     adopt_named_strategy,
@@ -263,6 +263,7 @@ def training_memory_base(acc: Accelerator) -> float | None:
         for d in _cuda_devices(acc):
             torch.cuda.reset_peak_memory_stats(d)
         return sum(torch.cuda.memory_allocated(d) for d in _cuda_devices(acc)) / 2**30
+    trim_heap()  # freed memory the heap kept would be reused by training without showing
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return _proc_status_gib("RssAnon")
@@ -278,9 +279,14 @@ def training_memory_now(acc: Accelerator, base: float | None) -> float | None:
         return None
     if acc.device.type == "cuda":
         return sum(torch.cuda.max_memory_allocated(d) for d in _cuda_devices(acc)) / 2**30 - base
-    # the resident peak counts the library code training paged in (file-backed, hundreds of MB of libtorch):
-    # the peak of the process's own (anonymous) memory is the peak less the file and shared pages resident now
-    return _proc_status_gib("VmHWM") - _proc_status_gib("RssFile") - _proc_status_gib("RssShmem") - base
+    # The process's own (anonymous) memory at its peak, bounded from below two ways: what it holds now (blocks up
+    # to 32 MiB stay on the heap once freed: shared/host.py), and the resident peak less the file-backed pages
+    # resident now (the library code training paged in, hundreds of MB of libtorch; larger blocks are returned
+    # to the kernel when freed, so only the peak saw them). The second reads low when code is paged in after
+    # the peak; the first misses freed large blocks.
+    held = _proc_status_gib("RssAnon")
+    peak = _proc_status_gib("VmHWM") - _proc_status_gib("RssFile") - _proc_status_gib("RssShmem")
+    return max(held, peak) - base
 
 
 def training_memory_gib(acc: Accelerator, local: float | None) -> float | None:
