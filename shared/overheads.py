@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from shared.runtime import optimizer_like
+
 FSDP_MIN_PARAMS = 100_000  # accelerate_configs/*_fsdp.yaml: fsdp_min_num_params
 
 
@@ -149,7 +151,7 @@ def wrapper_overheads(
                 for unit in size_based_units(model):  # the copy's, never the trained model's
                     fully_shard(unit, mesh=mesh)
                 fully_shard(model, mesh=mesh)
-            opt = type(optimizer)(model.parameters(), **optimizer.defaults)
+            opt = optimizer_like(optimizer, model.parameters())
             for _ in range(2):  # warm-up: DDP builds its buckets in step 1 and rebuilds them after it
                 _surrogate_step(model, opt, args, kwargs)
             kinds[kind] = (model, opt)

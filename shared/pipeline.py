@@ -13,7 +13,6 @@ wrong (measured; docs/strategies.md).
 from __future__ import annotations
 
 import gc
-import inspect
 import os
 
 import torch
@@ -23,6 +22,7 @@ from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import gather_object
 
 from shared.plan import Plan
+from shared.runtime import optimizer_like
 from shared.stages import cut, stage_module, stage_summary
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool)
@@ -81,10 +81,7 @@ class Pipeline:
             }
             for g in optimizer.param_groups
         ]
-        # defaults the constructor takes (AdamW's include Adam's `decoupled_weight_decay`, which AdamW refuses)
-        accepted = inspect.signature(type(optimizer)).parameters
-        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-        optimizer = type(optimizer)([g for g in groups if g["params"]], **defaults)
+        optimizer = optimizer_like(optimizer, [g for g in groups if g["params"]])
         loaders = [self._loader(dl, drop_last=first_is_train and i == 0) for i, dl in enumerate(loaders)]
         return (PipelineModel(mine, self), optimizer, *loaders)
 

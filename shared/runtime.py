@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import inspect
 import math
 import os
 import resource
@@ -301,6 +302,13 @@ def _proc_status_gib(field: str) -> float:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 2**20  # kB
     raise OSError(f"no {field} in /proc/self/status")
+
+
+def optimizer_like(optimizer: torch.optim.Optimizer, params) -> torch.optim.Optimizer:
+    """A new optimizer of `optimizer`'s class and options over `params` (tensors or param groups): its defaults
+    that the constructor takes (AdamW's include Adam's `decoupled_weight_decay`, which AdamW refuses)."""
+    accepted = inspect.signature(type(optimizer)).parameters
+    return type(optimizer)(params, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
 
 
 def count_params(model: torch.nn.Module) -> int:
