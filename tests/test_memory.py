@@ -32,8 +32,9 @@ def test_predicted_memory_per_device_holds_for_every_strategy(tmp_path):
     shutil.copy(PROFILE, profile)
     out = tmp_path / "projection.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.project", "--model", "transformer_lm", "--batch_size", 32, "--devices", "1,2",
-         "--profile", profile, "--validate_from", runs, "--data_dir", data, "--runs_dir", tmp_path / "p", "--out", out],
+        [str(a) for a in (sys.executable, "-m", "bench.project", "--model", "transformer_lm", "--batch_size", 32,
+         "--devices", "1,2", "--profile", profile, "--validate_from", runs, "--data_dir", data, "--runs_dir",
+         tmp_path / "p", "--out", out)],
         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
