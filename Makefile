@@ -95,7 +95,8 @@ bench-strategies: venv
 	$(BIN)/python -m bench.run --matrix bench/strategies.yaml --profile strategies --data_dir $(DATA_DIR) \
 		--runs_dir $(RUNS_DIR) $(if $(RESUME),--resume $(RESUME))
 
-# a new training script from templates/model.py (scripts/$(NAME).py, or DEST=path/x.py), then its smoke test
+# a new training script scripts/$(NAME).py (or DEST=path/x.py) from scripts/mlp.py with the parts to replace
+# marked, then its smoke test
 .PHONY: new-model
 new-model: venv
 	$(BIN)/python -m bench.new_model --name "$(NAME)" $(if $(DEST),--dest "$(DEST)") --data_dir $(DATA_DIR)
