@@ -87,6 +87,12 @@ def with_range(pred: dict, residuals: dict) -> dict:
             "range_source": r.get("source", "no validation of this kind: no range")}  # fmt: skip
 
 
+def simplest_fast(preds: list[dict]) -> dict:
+    """The simplest strategy within 5% of the fastest: FSDP or a pipeline only where the figures say so."""
+    top = max(p["speedup"] for p in preds)
+    return min((p for p in preds if p["speedup"] >= 0.95 * top), key=lambda p: SIMPLEST.index(p["strategy"]))
+
+
 def verdict_lines(model: str, hw_name: str, preds: list[dict]) -> list[str]:
     """Per N > 1, one line: the strategy with the highest speedup (a batch that does not fit is no option),
     its speedup and range, the verdict, whether compute was measured or modelled, and the bottleneck."""
@@ -101,11 +107,7 @@ def verdict_lines(model: str, hw_name: str, preds: list[dict]) -> list[str]:
             if not mine:
                 out.append(f"{model} on {hw_name}, N = {n} ({scaling}): no strategy fits in memory")
                 continue
-            top = max(p["speedup"] for p in mine)
-            # the simplest strategy within 5% of the fastest: FSDP or a pipeline only where the figures say so
-            best = min(
-                (p for p in mine if p["speedup"] >= 0.95 * top), key=lambda p: SIMPLEST.index(p["strategy"])
-            )
+            best = simplest_fast(mine)
             rng = best.get("speedup_range")
             band = f" [{rng[0]:.2f}-{rng[1]:.2f}]" if rng else ""
             verdict = best.get("verdict", "cannot tell")
@@ -145,10 +147,7 @@ def recommendation_lines(model: str, hw_name: str, preds: list[dict]) -> list[st
                 f"  N = {n}: no strategy fits this batch in a device's memory: a smaller batch, or more memory"
             )
             continue
-        top = max(p["speedup"] for p in fit)
-        best = min(
-            (p for p in fit if p["speedup"] >= 0.95 * top), key=lambda p: SIMPLEST.index(p["strategy"])
-        )
+        best = simplest_fast(fit)
         rng = best.get("speedup_range")
         # the range first: where measured speedups fell against predictions of this kind (it may lie wholly
         # below the point, where validations found the model optimistic)
