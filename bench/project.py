@@ -233,7 +233,7 @@ def report(
             print(f"memory per device, predicted vs measured above what the process held before the model "
                   f"(memory/train_gib; tolerance: {MEMORY_TOLERANCE['text']}):")  # fmt: skip
             print(table(mem, ["model", "strategy", "devices", "global_batch", "predicted_gib", "measured_gib",
-                              "within"]))  # fmt: skip
+                              "in_use_gib", "within"]))  # fmt: skip
     for name in models:  # the answer, last: what to do per N, and why
         print("\n".join(recommendation_lines(name, hw["name"], [p for p in preds if p["model"] == name])))
     return verdicts, summary

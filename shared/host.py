@@ -53,6 +53,23 @@ def steady_malloc() -> dict:
     return STATE
 
 
+class _Mallinfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
+    _fields_ = [(f, ctypes.c_size_t) for f in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]  # fmt: skip
+
+
+def heap_free_gib() -> float | None:
+    """The freed memory glibc's heaps keep (mallinfo2 `fordblks`, every arena), in GiB: memory the process
+    holds but does not use, which its resident set counts as its own. None where it cannot be read (not
+    glibc, or one older than 2.33)."""
+    try:
+        info = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    info.restype = _Mallinfo2
+    return info().fordblks / 2**30
+
+
 def trim_heap() -> None:
     """Give the heap's free pages back to the kernel (glibc's malloc_trim), so that what the process holds
     afterwards is what it uses: memory it freed before and reuses later would otherwise never show in its

@@ -295,7 +295,7 @@ class Session:
             else training_memory_now(self.accelerator, self.memory_base)
         )
         if (trained := training_memory_gib(self.accelerator, local)) is not None:
-            row["memory/train_gib"] = trained
+            row["memory/train_gib"], row["memory/train_in_use_gib"] = trained
         self.log.log_epoch(row)
         self._epoch_done = p.epoch_done(n_train)  # True once max_steps is reached
 

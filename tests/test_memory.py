@@ -5,6 +5,8 @@ few steps with every data-parallel strategy and a pipeline; each run records mem
 loaded rank held above its memory before the model was built, read before evaluating). `make project
 --validate_from` prices each run's cell and must find it within bench/validation.py's MEMORY_TOLERANCE."""
 
+import ctypes
+import ctypes.util
 import json
 import shutil
 import subprocess
@@ -12,16 +14,16 @@ import sys
 
 import pytest
 
-from bench.validation import MEMORY_TOLERANCE, memory_within
+from bench.validation import MEMORY_TOLERANCE, memory_rows, memory_within
+from shared.host import heap_free_gib, trim_heap
 from tests.conftest import REPO, child_env, explain, launch, require_dataset
-
-pytestmark = pytest.mark.slow  # real launches
 
 # the Transformer profiled at bench-strategies' batch (64) on this machine, with its collectives: nothing re-measured
 PROFILE = REPO / "docs/results/2026-12-07/transformer-lm/validate/profile-vm.json"
 SETUPS = {"cpu_1proc": [], "cpu_2proc": [], "cpu_2proc_fsdp": [], "cpu_2proc_pipeline": ["--strategy", "pipeline"]}  # fmt: skip
 
 
+@pytest.mark.slow  # real launches
 def test_predicted_memory_per_device_holds_for_every_strategy(tmp_path):
     data = require_dataset("multi30k")
     runs = tmp_path / "runs"
@@ -47,8 +49,48 @@ def test_predicted_memory_per_device_holds_for_every_strategy(tmp_path):
     cells = rec["validation"]
     assert {c["strategy"] for c in cells} == {"single", "ddp", "fsdp", "pipeline"}
     for c in cells:
-        measured, predicted = c["measured_memory_gib"], c["predicted_memory_gib"]
-        assert measured and memory_within(predicted, measured), (c["strategy"], predicted, measured)
+        measured, predicted, in_use = (
+            c["measured_memory_gib"],
+            c["predicted_memory_gib"],
+            c["in_use_memory_gib"],
+        )
+        assert measured and in_use is not None and in_use <= measured, (c["strategy"], measured, in_use)
+        assert memory_within(predicted, measured, in_use), (c["strategy"], predicted, measured, in_use)
     # FSDP shards the state: the projection and the runs both put less on a device than DDP does
     by = {c["strategy"]: c for c in cells}
     assert by["fsdp"]["predicted_memory_gib"] < by["ddp"]["predicted_memory_gib"]
+
+
+def test_the_freed_memory_the_heap_keeps_is_read():
+    """Blocks freed in the middle of the heap stay there (glibc returns only its top): heap_free_gib must see
+    them, and malloc_trim gives their pages back without changing what is free."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    trim_heap()
+    before = heap_free_gib()
+    assert before is not None  # this machine's glibc has mallinfo2
+    blocks = [
+        libc.malloc(64 * 2**10) for _ in range(400)
+    ]  # 25 MiB of 64 KiB blocks, under any mmap threshold
+    for b in blocks[::2]:
+        libc.free(b)  # every other one: holes the heap cannot return
+    kept = heap_free_gib() - before
+    for b in blocks[1::2]:
+        libc.free(b)
+    assert 11 / 1024 < kept < 14 / 1024, kept  # 200 blocks of 64 KiB = 12.5 MiB
+
+
+def test_the_tolerance_judges_what_was_held_and_what_was_in_use():
+    lo, hi = MEMORY_TOLERANCE["below"], MEMORY_TOLERANCE["above"]
+    slack = MEMORY_TOLERANCE["slack_gib"]
+    assert memory_within(1.0, 1.0) and memory_within(1.0, hi + slack)
+    assert not memory_within(1.0, lo - 0.01)  # held less than predicted: the prediction is no floor
+    assert not memory_within(1.0, hi + slack + 0.01)  # no in-use figure: what it held must be within
+    # freed memory the heap kept (gloo's buffers): the upper bound applies to what was in use
+    assert memory_within(0.26, 1.08, in_use=0.2) and not memory_within(0.26, 1.08, in_use=0.7)
+    assert not memory_within(0.26, 0.2, in_use=0.2)  # in use or not, it held less than predicted
+    rows = memory_rows([{"predicted_memory_gib": 0.26, "measured_memory_gib": 1.08, "in_use_memory_gib": 0.2},
+                        {"predicted_memory_gib": 0.26, "measured_memory_gib": 1.08},
+                        {"predicted_memory_gib": 0.26, "measured_memory_gib": None}])  # fmt: skip
+    assert [r["within"] for r in rows] == ["yes", "NO"]
