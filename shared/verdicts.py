@@ -93,17 +93,21 @@ def simplest_fast(preds: list[dict]) -> dict:
     return min((p for p in preds if p["speedup"] >= 0.95 * top), key=lambda p: SIMPLEST.index(p["strategy"]))
 
 
+def candidates(preds: list[dict], n: int, scaling: str) -> list[dict]:
+    """The predictions to choose from at N devices: those whose batch fits a device's memory, model_split only
+    when nothing else fits (it runs one device at a time: never faster than one device)."""
+    fit = [p for p in preds if p["devices"] == n and p["scaling"] == scaling and p["bottleneck"] != "memory"]
+    return [p for p in fit if p["strategy"] != "model_split"] or fit
+
+
 def verdict_lines(model: str, hw_name: str, preds: list[dict]) -> list[str]:
-    """Per N > 1, one line: the strategy with the highest speedup (a batch that does not fit is no option),
+    """Per N > 1, one line: the simplest strategy within 5% of the fastest (a batch that does not fit is no option;
+    model_split only when nothing else fits, as in recommendation_lines),
     its speedup and range, the verdict, whether compute was measured or modelled, and the bottleneck."""
     out = []
     for scaling in ("strong", "weak"):
         for n in sorted({p["devices"] for p in preds if p["devices"] > 1 and p["scaling"] == scaling}):
-            mine = [
-                p
-                for p in preds
-                if p["devices"] == n and p["scaling"] == scaling and p["bottleneck"] != "memory"
-            ]
+            mine = candidates(preds, n, scaling)
             if not mine:
                 out.append(f"{model} on {hw_name}, N = {n} ({scaling}): no strategy fits in memory")
                 continue
@@ -138,10 +142,7 @@ def recommendation_lines(model: str, hw_name: str, preds: list[dict]) -> list[st
     scaling = "weak" if any(p["scaling"] == "weak" for p in preds) else "strong"
     out = [f"{model} on {hw_name}, what to do ({scaling} scaling):"]
     for n in sorted({p["devices"] for p in preds if p["devices"] > 1 and p["scaling"] == scaling}):
-        fit = [
-            p for p in preds if p["devices"] == n and p["scaling"] == scaling and p["bottleneck"] != "memory"
-        ]
-        fit = [p for p in fit if p["strategy"] != "model_split"] or fit
+        fit = candidates(preds, n, scaling)
         if not fit:
             out.append(
                 f"  N = {n}: no strategy fits this batch in a device's memory: a smaller batch, or more memory"

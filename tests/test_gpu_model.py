@@ -13,7 +13,7 @@ from bench.project import load_hardware
 from shared.optrace import OpTrace
 from shared.projection import project
 from shared.roofline import gpu_step, kernel_s, peak_flops
-from shared.verdicts import load_residuals, verdict_lines, with_range
+from shared.verdicts import load_residuals, recommendation_lines, verdict_lines, with_range
 from tests.test_projection import HW, toy_profile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,13 +234,24 @@ def test_more_than_linear_only_with_a_named_cause():
 def test_the_verdict_names_the_simplest_strategy_within_five_percent():
     res = load_residuals()
     base = {"devices": 2, "step_s": 1.0, "compute_source": "modelled from x", "scaling": "strong",
-            "bottleneck": "compute"}  # fmt: skip
+            "bottleneck": "compute", "parts_s": {"compute": 0.9}}  # fmt: skip
     preds = [
         with_range({**base, "strategy": s, "speedup": v}, res) for s, v in (("fsdp", 1.9), ("ddp", 1.85))
     ]
     assert ": ddp x1.85" in verdict_lines("m", "x", preds)[0]
     preds = [with_range({**base, "strategy": s, "speedup": v}, res) for s, v in (("fsdp", 1.9), ("ddp", 1.5))]
     assert ": fsdp x1.90" in verdict_lines("m", "x", preds)[0]
+    # a model split (one device at a time, x1.00) is never the verdict's choice while anything else fits:
+    # the verdict and the recommendation name the same strategy
+    preds = [
+        with_range({**base, "strategy": s, "speedup": v}, res)
+        for s, v in (("model_split", 1.0), ("ddp", 0.6))
+    ]
+    line = verdict_lines("m", "x", preds)[0]
+    assert "does not pay off" in line and "best: ddp x0.60" in line, line
+    assert "(best: ddp" in recommendation_lines("m", "x", preds)[1]
+    only = [with_range({**base, "strategy": "model_split", "speedup": 1.0}, res)]
+    assert "model_split x1.00" in verdict_lines("m", "x", only)[0]
 
 
 def test_committed_gpu_projections_are_never_more_than_linear_without_a_cause():
