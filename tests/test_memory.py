@@ -63,16 +63,16 @@ def test_predicted_memory_per_device_holds_for_every_strategy(tmp_path):
 
 def test_the_freed_memory_the_heap_keeps_is_read():
     """Blocks freed in the middle of the heap stay there (glibc returns only its top): heap_free_gib must see
-    them, and malloc_trim gives their pages back without changing what is free."""
+    them."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     trim_heap()
-    before = heap_free_gib()
-    assert before is not None  # this machine's glibc has mallinfo2
     blocks = [
         libc.malloc(64 * 2**10) for _ in range(400)
     ]  # 25 MiB of 64 KiB blocks, under any mmap threshold
+    before = heap_free_gib()  # after the blocks took what the heap had free
+    assert before is not None  # this machine's glibc has mallinfo2
     for b in blocks[::2]:
         libc.free(b)  # every other one: holes the heap cannot return
     kept = heap_free_gib() - before
