@@ -94,3 +94,23 @@ def test_the_tolerance_judges_what_was_held_and_what_was_in_use():
                         {"predicted_memory_gib": 0.26, "measured_memory_gib": 1.08},
                         {"predicted_memory_gib": 0.26, "measured_memory_gib": None}])  # fmt: skip
     assert [r["within"] for r in rows] == ["yes", "NO"]
+
+
+def test_on_cuda_both_figures_are_the_allocators(monkeypatch):
+    """The CUDA path (no GPU here): the base is the bytes allocated, the training memory the allocator's peak above
+    it, and the in-use figure the same (its cached free blocks are not counted)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from shared import runtime
+
+    acc = SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(runtime, "_cuda_devices", lambda acc: [0])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 2 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 5 * 2**30)
+    base = runtime.training_memory_base(acc)
+    assert base == {"held": 2.0}
+    assert runtime.training_memory_now(acc, base) == (3.0, 3.0)
+    assert runtime.training_memory_now(acc, None) is None
