@@ -96,14 +96,14 @@ def validate(args, rec: dict, hw: dict, models: list[str], profiles) -> tuple[li
             prof, {**hw, **around}, strategy, n, batch=batch, microbatches=micro, cores=os.cpu_count()
         )
         measured = statistics.median(times)
-        mem = memory.get((model, strategy, n, batch, micro))
+        # the run that held the most, and what it had in use
+        held, in_use = max(memory.get((model, strategy, n, batch, micro), [(None, None)]))
         out.append({"model": model, "strategy": strategy, "devices": n, "global_batch": batch,
                     "measured_step_s": measured, "measured_runs": times, "predicted_step_s": p["step_s"],
                     "error": (p["step_s"] - measured) / measured, "oversubscribed": p["oversubscribed"],
                     "bottleneck": p["bottleneck"], "assumed": p["assumed"],
                     "predicted_memory_gib": p["memory_gib_per_device"],
-                    "measured_memory_gib": max(mem)[0] if mem else None,
-                    "in_use_memory_gib": max(mem)[1] if mem else None})  # fmt: skip
+                    "measured_memory_gib": held, "in_use_memory_gib": in_use})  # fmt: skip
     if args.validate_from:
         return out, failed
     setups = [n for s in yaml.safe_load((REPO / "bench/strategies.yaml").read_text())["setups"] for n in s]

@@ -21,12 +21,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 TRIM_THRESHOLD = 2**30
 STATE: dict = {"allocator": "not set"}
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (find_library runs ldconfig in a subprocess); None where it cannot be."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def steady_malloc() -> dict:
@@ -38,10 +48,8 @@ def steady_malloc() -> dict:
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")):
         STATE.update(allocator="as the environment set it (MALLOC_*_THRESHOLD_ or LD_PRELOAD)")
         return STATE
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         STATE.update(allocator="not glibc: left as it is")
         return STATE
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
@@ -62,9 +70,8 @@ def heap_free_gib() -> float | None:
     """The freed memory glibc's heaps keep (mallinfo2 `fordblks`, every arena), in GiB: memory the process
     holds but does not use, which its resident set counts as its own. None where it cannot be read (not
     glibc, or one older than 2.33)."""
-    try:
-        info = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    info = getattr(_libc(), "mallinfo2", None)
+    if info is None:
         return None
     info.restype = _Mallinfo2
     return info().fordblks / 2**30
@@ -74,7 +81,5 @@ def trim_heap() -> None:
     """Give the heap's free pages back to the kernel (glibc's malloc_trim), so that what the process holds
     afterwards is what it uses: memory it freed before and reuses later would otherwise never show in its
     resident set (shared/runtime.py training_memory_base). Not glibc: nothing."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if (trim := getattr(_libc(), "malloc_trim", None)) is not None:
+        trim(0)
